@@ -1,0 +1,32 @@
+# The two set-up commands of the README are `make run` and `make test`; both create .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint protos
+
+# Reinstalls only when pyproject.toml changes, so a second `make run` starts in seconds.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/streamflow bootstrap
+	exec $(BIN)/streamflow serve
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+test: install lint
+	$(BIN)/pytest -q
+
+# Regenerates client/generated from protos/ (tests/test_contract.py fails when it is stale).
+protos: install
+	$(BIN)/python protos/generate.py

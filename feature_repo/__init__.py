@@ -1,0 +1,1 @@
+"""The Feast feature repository of StreamFlow (both profiles share these definitions)."""

@@ -1,0 +1,1 @@
+"""StreamFlow Serving: shared settings and the `streamflow` command."""

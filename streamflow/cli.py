@@ -1,0 +1,40 @@
+"""The `streamflow` command: one entry point whose subcommands each package registers itself."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from streamflow.errors import StreamflowError
+from streamflow.settings import load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with every package's subcommands."""
+    # Imported here so `streamflow --help` does not pay for the imports of the packages it does not run.
+    from server import cli as server_cli
+    from training import cli as training_cli
+
+    parser = argparse.ArgumentParser(prog="streamflow", description="StreamFlow churn pipeline and server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in (training_cli.register, server_cli.register):
+        register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; expected failures exit 1 with one sentence on stderr and no traceback."""
+    args = build_parser().parse_args(argv)
+    settings = load_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args, settings) or 0)
+    except StreamflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

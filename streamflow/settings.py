@@ -1,0 +1,143 @@
+"""The one settings object of StreamFlow Serving, read from ``STREAMFLOW_*`` environment variables.
+
+Every field documents its default here; the README's settings table is this file in prose.
+``MLFLOW_TRACKING_URI`` keeps MLflow's own name because every MLflow tool already reads it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Profile(StrEnum):
+    """Where features, registry and models live."""
+
+    EMBEDDED = "embedded"  # local files and SQLite, no server needed
+    PRODUCTION = "production"  # Feast on PostgreSQL + Redis, MLflow tracking server over HTTP
+
+
+class Settings(BaseSettings):
+    """StreamFlow settings; each field is ``STREAMFLOW_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="STREAMFLOW_", extra="ignore", frozen=True)
+
+    profile: Profile = Profile.EMBEDDED
+    """`embedded` (local files + SQLite) or `production` (PostgreSQL, Redis, MLflow server)."""
+
+    home: Path = Path(".streamflow")
+    """Working folder of the embedded profile: demo data, Feast registry and online store, MLflow store."""
+
+    # --- data and features -------------------------------------------------------------------------
+    users: int = Field(default=7043, ge=1)
+    """Number of demo users `bootstrap` and `generate` create."""
+
+    seed: int = 42
+    """Seed of the demo-data generator and of every random step of training."""
+
+    feature_repo: Path = Path(__file__).resolve().parent.parent / "feature_repo"
+    """Folder of the Feast feature repository (definitions and `feature_store*.yaml`)."""
+
+    postgres_dsn: str = "postgresql://postgres@127.0.0.1:5432/streamflow"
+    """Production profile: PostgreSQL database for the snapshot tables, Feast offline store and registry."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Production profile: Redis online store."""
+
+    redis_key_prefix: str = "streamflow"
+    """Production profile: Feast project name, which namespaces every Redis key and registry row."""
+
+    staleness_reference: Literal["now"] | datetime = datetime(2024, 3, 7, tzinfo=UTC)
+    """Clock a feature's age is measured against for FEATURES_STALE: an ISO timestamp or `now`.
+    The default is the demo's clock, a week after its last monthly snapshot; a live deployment sets `now`."""
+
+    # --- training and registry ---------------------------------------------------------------------
+    mlflow_tracking_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "STREAMFLOW_MLFLOW_TRACKING_URI")
+    )
+    """MLflow tracking/registry URI (`MLFLOW_TRACKING_URI`). Unset: `sqlite:///<home>/mlflow/mlflow.db` in the
+    embedded profile, `http://127.0.0.1:5000` in the production profile."""
+
+    model_name: str = "streamflow_churn"
+    """Registered model name in the MLflow registry."""
+
+    n_estimators: int = Field(default=300, ge=1)
+    """Trees in the RandomForest."""
+
+    # --- serving -----------------------------------------------------------------------------------
+    host: str = "0.0.0.0"
+    """Address the gRPC server listens on."""
+
+    port: int = Field(default=50051, ge=0, le=65535)
+    """Port the gRPC server listens on (0 picks a free port)."""
+
+    model_uri: str = "models:/streamflow_churn/Production"
+    """Model the server serves and follows; the alias form `models:/streamflow_churn@production` works too."""
+
+    poll_interval_s: float = Field(default=5.0, gt=0)
+    """Seconds between two looks at the registry for a new Production version."""
+
+    registry_timeout_s: float = Field(default=5.0, gt=0)
+    """Timeout of one registry HTTP request made by the poller."""
+
+    max_batch_size: int = Field(default=1000, ge=1)
+    """Most user ids one BatchPredict request may carry."""
+
+    reflection: bool = True
+    """Serve gRPC server reflection (grpcurl `list` / `describe`)."""
+
+    threads: int = Field(default=16, ge=1)
+    """Thread pool size of one server process."""
+
+    max_concurrent_rpcs: int = Field(default=256, ge=1)
+    """RPCs one process runs or queues at once; beyond it callers get RESOURCE_EXHAUSTED."""
+
+    workers: int = Field(default=0, ge=0)
+    """Server processes sharing the port; 0 means one per CPU core."""
+
+    grace_s: float = Field(default=10.0, ge=0)
+    """Seconds in-flight calls get to finish on SIGTERM."""
+
+    log_level: str = "INFO"
+    """Python log level of the server and the CLI."""
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI in force for this profile."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        if self.profile is Profile.PRODUCTION:
+            return "http://127.0.0.1:5000"
+        return f"sqlite:///{(self.home / 'mlflow' / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> Path:
+        """Where the embedded profile's MLflow experiment keeps its artifacts."""
+        return (self.home / "mlflow" / "artifacts").resolve()
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the embedded profile keeps the demo snapshot tables (Parquet)."""
+        return (self.home / "data").resolve()
+
+    @property
+    def feast_dir(self) -> Path:
+        """Where the embedded profile keeps the Feast registry and SQLite online store."""
+        return (self.home / "feast").resolve()
+
+    def staleness_clock(self) -> datetime:
+        """The instant feature ages are measured against."""
+        if self.staleness_reference == "now":
+            return datetime.now(UTC)
+        ref = self.staleness_reference
+        return ref if ref.tzinfo else ref.replace(tzinfo=UTC)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with explicit overrides (used by the CLI and tests)."""
+    return Settings(**overrides)  # type: ignore[arg-type]

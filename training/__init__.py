@@ -1,0 +1,1 @@
+"""Training: demo data, point-in-time training set, MLflow logging, registry promotion."""
