@@ -1,0 +1,1 @@
+"""StreamFlow Serving test suite."""
