@@ -1,1 +1,53 @@
-"""Typed Python client of the StreamFlow PredictionService and its CLI."""
+"""Typed Python client of the StreamFlow PredictionService and its CLI (`streamflow-client`).
+
+from client import ChurnClient, EntityNotFoundError
+
+with ChurnClient("localhost:50051") as churn:
+    print(churn.predict("7590-VHVEG").churn_probability)
+"""
+
+from client.churn_client import ChurnClient
+from client.errors import (
+    ChurnServiceError,
+    DeadlineExceededError,
+    EntityNotFoundError,
+    FeaturesUnavailableError,
+    FieldViolation,
+    InvalidArgumentError,
+    PreconditionViolation,
+    ServiceUnavailableError,
+)
+from client.results import (
+    BatchResult,
+    ChurnLabel,
+    FeatureSchema,
+    FeatureType,
+    FeatureValue,
+    ModelInfo,
+    ModelRef,
+    Prediction,
+    ReloadFailure,
+    Runtime,
+)
+
+__all__ = [
+    "BatchResult",
+    "ChurnClient",
+    "ChurnLabel",
+    "ChurnServiceError",
+    "DeadlineExceededError",
+    "EntityNotFoundError",
+    "FeatureSchema",
+    "FeatureType",
+    "FeatureValue",
+    "FeaturesUnavailableError",
+    "FieldViolation",
+    "InvalidArgumentError",
+    "ModelInfo",
+    "ModelRef",
+    "PreconditionViolation",
+    "Prediction",
+    "ReloadFailure",
+    "Runtime",
+    "ServiceUnavailableError",
+]

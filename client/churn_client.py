@@ -1,0 +1,126 @@
+"""`ChurnClient`: the typed Python client of `streamflow.serving.v1.PredictionService`.
+
+Every call has a deadline (the client's default unless given per call). UNAVAILABLE, and only it, is
+retried by gRPC itself through the channel's service config, with exponential backoff inside that same
+deadline: every RPC of the service is a read, so a repeat is harmless, while any other code means a retry
+would get the same answer. Failures raise the typed errors of `client.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from client.errors import error_from_rpc_error
+from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
+from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
+from client.results import (
+    BatchResult,
+    ModelInfo,
+    Prediction,
+    batch_result_from_proto,
+    model_info_from_proto,
+    prediction_from_proto,
+)
+
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_MAX_ATTEMPTS = 4
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
+# gRPC caps maxAttempts at 5, whatever the service config asks for.
+_GRPC_MAX_ATTEMPTS = 5
+
+_Response = TypeVar("_Response", bound=Message)
+
+
+def service_config(max_attempts: int) -> str:
+    """The channel's service config: retry UNAVAILABLE up to `max_attempts` calls in all (1 = no retry)."""
+    if not 1 <= max_attempts <= _GRPC_MAX_ATTEMPTS:
+        raise ValueError(f"max_attempts must be between 1 and {_GRPC_MAX_ATTEMPTS}, got {max_attempts}")
+    method_config: dict[str, Any] = {"name": [{"service": SERVICE_NAME}]}
+    if max_attempts > 1:
+        method_config["retryPolicy"] = {
+            "maxAttempts": max_attempts,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return json.dumps({"methodConfig": [method_config]})
+
+
+class ChurnClient:
+    """A channel to one PredictionService; use it as a context manager, or call `close()`."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """Open an insecure channel to `target` (`host:port`).
+
+        `timeout` is the default deadline of a call in seconds, retries included; `max_attempts` bounds the
+        calls made for one request when the server answers UNAVAILABLE; `options` are extra gRPC channel
+        arguments, e.g. `("grpc.max_receive_message_length", ...)`.
+        """
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        self._timeout = timeout
+        self._channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", service_config(max_attempts)),
+                *options,
+            ],
+        )
+        self._stub = pb_grpc.PredictionServiceStub(self._channel)
+
+    def predict(self, user_id: str, *, timeout: float | None = None) -> Prediction:
+        """Score one user; raises a `ChurnServiceError` subclass when the user cannot be scored."""
+        response = self._call(self._stub.Predict, pb.PredictRequest(user_id=user_id), timeout)
+        return prediction_from_proto(response.prediction)
+
+    def batch_predict(self, user_ids: Iterable[str], *, timeout: float | None = None) -> list[BatchResult]:
+        """Score many users: one result per id, in order, each a `Prediction` or a typed error.
+
+        A malformed batch as a whole (empty, over the server's limit, a malformed id) raises
+        `InvalidArgumentError`.
+        """
+        request = pb.BatchPredictRequest(user_ids=list(user_ids))
+        response = self._call(self._stub.BatchPredict, request, timeout)
+        return [batch_result_from_proto(result) for result in response.results]
+
+    def model_info(self, *, timeout: float | None = None) -> ModelInfo:
+        """Describe the model now answering."""
+        response = self._call(self._stub.ModelInfo, pb.ModelInfoRequest(), timeout)
+        return model_info_from_proto(response)
+
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> ChurnClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, method: Callable[..., _Response], request: Message, timeout: float | None) -> _Response:
+        try:
+            return method(request, timeout=self._timeout if timeout is None else timeout)
+        except grpc.RpcError as error:
+            raise error_from_rpc_error(error) from error

@@ -1,0 +1,94 @@
+"""`streamflow-client`: call the PredictionService from a shell and print JSON.
+
+Results go to stdout. A failed call prints its typed error (code, reason, metadata, violations) as JSON on
+stderr and exits 1. In `batch`, a user that cannot be scored is a result with an `error`, not a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+import grpc
+
+from client.churn_client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, ChurnClient
+from client.errors import ChurnServiceError
+from client.results import Prediction
+
+
+def _positive_seconds(text: str) -> float:
+    seconds = float(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return seconds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamflow-client", description=__doc__)
+    parser.add_argument(
+        "--target", default=DEFAULT_TARGET, help=f"server host:port (default {DEFAULT_TARGET})"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=DEFAULT_TIMEOUT_S,
+        help=f"deadline of the call in seconds, retries included (default {DEFAULT_TIMEOUT_S})",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    predict = commands.add_parser("predict", help="score one user")
+    predict.add_argument("user_id", metavar="USER_ID")
+    batch = commands.add_parser("batch", help="score many users, in order")
+    batch.add_argument(
+        "user_ids", metavar="USER_ID", nargs="*", help="ids to score; none (or -) reads them from stdin"
+    )
+    commands.add_parser("info", help="describe the model now answering")
+    return parser
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, grpc.StatusCode):
+        return value.name
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default, indent=2)
+
+
+def _run(client: ChurnClient, args: argparse.Namespace) -> Any:
+    """The JSON-ready result of the chosen command."""
+    if args.command == "predict":
+        return asdict(client.predict(args.user_id))
+    if args.command == "batch":
+        user_ids = args.user_ids if args.user_ids not in ([], ["-"]) else sys.stdin.read().split()
+        return [
+            {
+                "user_id": result.user_id,
+                "prediction" if isinstance(result.outcome, Prediction) else "error": asdict(result.outcome),
+            }
+            for result in client.batch_predict(user_ids)
+        ]
+    return asdict(client.model_info())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with ChurnClient(args.target, timeout=args.timeout) as client:
+        try:
+            output = _run(client, args)
+        except ChurnServiceError as error:
+            print(_dumps(asdict(error)), file=sys.stderr)
+            return 1
+    print(_dumps(output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

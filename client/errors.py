@@ -1,0 +1,149 @@
+"""Typed errors of the PredictionService, decoded from the `google.rpc.Status` the server sends.
+
+The server follows AIP-193: one `ErrorInfo` (reason, domain, metadata) plus a `BadRequest` or a
+`PreconditionFailure` where they help. Each canonical code a caller handles differently gets its own class;
+every other code (INTERNAL, RESOURCE_EXHAUSTED, ...) is a plain `ChurnServiceError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid request field, e.g. `user_ids[3]`, and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+@dataclass(frozen=True)
+class PreconditionViolation:
+    """One unusable piece of state, e.g. a feature (`subject`) that is null or stale (`type`)."""
+
+    type: str
+    subject: str
+    description: str
+
+
+@dataclass(eq=False)
+class ChurnServiceError(Exception):
+    """A failed call: the canonical code, the server's message and its decoded details."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    domain: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    field_violations: tuple[FieldViolation, ...] = ()
+    precondition_violations: tuple[PreconditionViolation, ...] = ()
+
+    def __str__(self) -> str:
+        reason = f" ({self.reason})" if self.reason else ""
+        return f"{self.code.name}{reason}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready view of the error, as the CLI prints it."""
+        return {
+            "code": self.code.name,
+            "message": self.message,
+            "reason": self.reason,
+            "domain": self.domain,
+            "metadata": dict(self.metadata),
+            "field_violations": [vars(v) for v in self.field_violations],
+            "precondition_violations": [vars(v) for v in self.precondition_violations],
+        }
+
+
+class InvalidArgumentError(ChurnServiceError):
+    """The request is malformed (INVALID_ARGUMENT); `field_violations` names each bad field."""
+
+    @property
+    def violations(self) -> tuple[FieldViolation, ...]:
+        """The invalid fields, e.g. `user_id` or `user_ids[3]`."""
+        return self.field_violations
+
+
+class EntityNotFoundError(ChurnServiceError):
+    """The online store knows nothing of the user (NOT_FOUND, reason `ENTITY_NOT_FOUND`)."""
+
+    @property
+    def user_id(self) -> str:
+        """The unknown user."""
+        return self.metadata.get("userId", "")
+
+    @property
+    def missing_features(self) -> tuple[str, ...]:
+        """The features the store had no value for: all of the model's features."""
+        return tuple(v.subject for v in self.precondition_violations)
+
+
+class FeaturesUnavailableError(ChurnServiceError):
+    """Some features are missing, stale or out of range (FAILED_PRECONDITION, reason `FEATURES_*`)."""
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The failing features, one per `PreconditionFailure` violation."""
+        return tuple(v.subject for v in self.precondition_violations)
+
+
+class ServiceUnavailableError(ChurnServiceError):
+    """No model loaded yet, the feature store down, or the server unreachable (UNAVAILABLE); retryable."""
+
+
+class DeadlineExceededError(ChurnServiceError):
+    """The call did not finish within its deadline (DEADLINE_EXCEEDED)."""
+
+
+_ERROR_CLASSES: dict[grpc.StatusCode, type[ChurnServiceError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: EntityNotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: FeaturesUnavailableError,
+    grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+}
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def error_from_status(status: status_pb2.Status) -> ChurnServiceError:
+    """The typed error of a `google.rpc.Status`: a failed call's or one BatchPredict result's."""
+    code = _CODES_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN)
+    info = error_details_pb2.ErrorInfo()
+    bad_request = error_details_pb2.BadRequest()
+    precondition = error_details_pb2.PreconditionFailure()
+    for detail in status.details:
+        # Details of other types are skipped: AIP-193 lets servers add more without breaking clients.
+        for message in (info, bad_request, precondition):
+            if detail.Is(message.DESCRIPTOR):
+                detail.Unpack(message)
+    return _ERROR_CLASSES.get(code, ChurnServiceError)(
+        code=code,
+        message=status.message,
+        reason=info.reason,
+        domain=info.domain,
+        metadata=dict(info.metadata),
+        field_violations=tuple(FieldViolation(v.field, v.description) for v in bad_request.field_violations),
+        precondition_violations=tuple(
+            PreconditionViolation(v.type, v.subject, v.description) for v in precondition.violations
+        ),
+    )
+
+
+def error_from_rpc_error(error: grpc.RpcError) -> ChurnServiceError:
+    """The typed error of a failed call, with the details the server put in its trailers."""
+    call = cast(grpc.Call, error)  # a unary call's RpcError is also its grpc.Call
+    try:
+        status = rpc_status.from_call(call)
+    except ValueError:  # trailers disagree with the call's status: trust the call
+        status = None
+    if status is None:
+        # Failures without rich details: raised by the channel itself (deadline, connection refused) or
+        # by a server or proxy that does not send them.
+        status = status_pb2.Status(code=call.code().value[0], message=call.details() or "")
+    return error_from_status(status)
