@@ -1,0 +1,122 @@
+"""The compiled inference runtime: the training pipeline exported to ONNX, run by onnxruntime.
+
+Training logs the export next to the model (`onnx/` in the version's run) with a parity report and a sample of
+validation rows. The server serves it only when parity holds again at load time on that sample against the
+scikit-learn pipeline of the same version; otherwise it keeps the pipeline. Both runtimes expose the same
+`predict_proba(frame)`, so the rest of the server never knows which one answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_DIR = "onnx"
+"""Folder of the version's run holding the export."""
+MODEL_FILE = "model.onnx"
+PARITY_FILE = "parity.json"
+SAMPLE_FILE = "parity_sample.parquet"
+PARITY_TAG = "onnx_parity"
+"""Model-version tag set by training: `ok` or `failed`."""
+PROBABILITY_TOLERANCE = 1e-5
+"""Largest accepted |probability difference| between the ONNX export and the pipeline."""
+PROBABILITIES_OUTPUT = "probabilities"
+
+# ONNX input element type -> the numpy dtype a frame column is converted to. Floats go in as float32 because
+# scikit-learn's trees compare float32 features too: feeding float64 flips splits that lie between the two.
+_INPUT_DTYPES: dict[str, Any] = {
+    "tensor(int64)": np.int64,
+    "tensor(float)": np.float32,
+    "tensor(bool)": np.bool_,
+    "tensor(string)": object,
+}
+
+
+class ProbabilityModel(Protocol):
+    """What the server scores with: a frame of feature columns in, class probabilities (n, 2) out."""
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray: ...
+
+
+class OnnxModel:
+    """An ONNX export of the pipeline with one input per feature column, named as the column."""
+
+    def __init__(self, model: bytes) -> None:
+        options = ort.SessionOptions()
+        # One thread per call: the server already runs calls (and processes) in parallel, and a thread pool
+        # per call costs more than it saves for the row counts served here.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self._inputs = [(i.name, _INPUT_DTYPES[i.type]) for i in self._session.get_inputs()]
+        self._outputs = [PROBABILITIES_OUTPUT]
+
+    @property
+    def columns(self) -> list[str]:
+        """The feature columns the model reads."""
+        return [name for name, _ in self._inputs]
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        """Class probabilities (n, 2) for the rows of `frame`, like the pipeline's `predict_proba`."""
+        feed = {name: frame[name].to_numpy(dtype=dtype).reshape(-1, 1) for name, dtype in self._inputs}
+        probabilities: np.ndarray = self._session.run(self._outputs, feed)[0]
+        return probabilities
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How closely the ONNX export reproduces the pipeline on a set of rows."""
+
+    rows: int
+    label_agreement: float
+    max_abs_probability_diff: float
+    tolerance: float = PROBABILITY_TOLERANCE
+
+    @property
+    def ok(self) -> bool:
+        """Identical labels and probabilities within the tolerance."""
+        close = self.max_abs_probability_diff <= self.tolerance
+        return self.rows > 0 and self.label_agreement == 1.0 and close
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "ok": self.ok}, indent=2)
+
+
+def measure_parity(
+    reference: ProbabilityModel, candidate: ProbabilityModel, frame: pd.DataFrame
+) -> ParityReport:
+    """Compare two models on `frame`: share of equal labels (argmax, as `predict`), max |Δ probability|."""
+    if frame.empty:
+        return ParityReport(rows=0, label_agreement=0.0, max_abs_probability_diff=float("inf"))
+    expected = reference.predict_proba(frame)
+    actual = candidate.predict_proba(frame)
+    return ParityReport(
+        rows=len(frame),
+        label_agreement=float(np.mean(expected.argmax(axis=1) == actual.argmax(axis=1))),
+        max_abs_probability_diff=float(np.abs(expected - actual).max()),
+    )
+
+
+def load_verified_onnx(export_dir: Path, pipeline: ProbabilityModel) -> OnnxModel:
+    """The ONNX model in `export_dir` if it matches `pipeline` on the logged sample, else raise ValueError.
+
+    Raises OSError when files are missing and whatever onnxruntime raises for an unreadable model.
+    """
+    model = OnnxModel((export_dir / MODEL_FILE).read_bytes())
+    sample = pd.read_parquet(export_dir / SAMPLE_FILE)
+    report = measure_parity(pipeline, model, sample)
+    if not report.ok:
+        raise ValueError(
+            f"ONNX parity fails on {report.rows} sample rows: label agreement {report.label_agreement:.4f}, "
+            f"max |Δp| {report.max_abs_probability_diff:.2e} (tolerance {report.tolerance:.0e})"
+        )
+    return model
