@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint protos
+.PHONY: install run test lint protos mlflow-server
 
 # Reinstalls only when pyproject.toml changes, so a second `make run` starts in seconds.
 $(STAMP): pyproject.toml
@@ -30,3 +30,8 @@ test: install lint
 # Regenerates client/generated from protos/ (tests/test_contract.py fails when it is stale).
 protos: install
 	$(BIN)/python protos/generate.py
+
+# Production profile: MLflow tracking server on MLFLOW_TRACKING_URI's address (default 127.0.0.1:5000) with a
+# PostgreSQL backend store (created if missing) and served artifacts; returns once /health answers.
+mlflow-server: install
+	$(BIN)/python -m streamflow.mlflow_server
