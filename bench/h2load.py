@@ -1,0 +1,98 @@
+"""Drives gRPC (HTTP/2) and REST (HTTP/1.1) endpoints with h2load: no Python client's GIL in the load path.
+
+A unary gRPC call is an HTTP/2 POST whose body is one gRPC frame (flag byte 0, 4-byte big-endian length, the
+serialized request). h2load only sees the HTTP status, so callers check the grpc-status of the same request
+separately. Latency percentiles come from h2load's per-request log; throughput from its own summary.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
+JSON_HEADERS = ("content-type: application/json",)
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One uncompressed gRPC length-prefixed message."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What one h2load run measured."""
+
+    requests: int
+    failed: int
+    throughput: float
+    """Completed requests per second over the measured period."""
+    latencies_ms: np.ndarray
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q))
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A URL to POST one fixed body to."""
+
+    url: str
+    body: bytes
+    headers: tuple[str, ...]
+    http1: bool = False
+
+
+def require_h2load() -> str:
+    """The h2load executable (Debian package nghttp2-client; `make bench` installs it)."""
+    path = shutil.which("h2load")
+    if path is None:
+        raise SystemExit("h2load not found: install the Debian package nghttp2-client (make bench does).")
+    return path
+
+
+def run(endpoint: Endpoint, concurrency: int, duration_s: float, warm_up_s: float = 1.0) -> LoadResult:
+    """POST `endpoint` from `concurrency` connections, one request in flight on each, for `duration_s`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        body = Path(tmp) / "body"
+        body.write_bytes(endpoint.body)
+        log = Path(tmp) / "log.tsv"
+        args = [
+            require_h2load(),
+            "--clients",
+            str(concurrency),
+            "--max-concurrent-streams",
+            "1",
+            "--threads",
+            "1",
+            f"--duration={duration_s:g}",
+            f"--warm-up-time={warm_up_s:g}",
+            f"--data={body}",
+            f"--log-file={log}",
+        ]
+        for header in endpoint.headers:
+            args += ["--header", header]
+        if endpoint.http1:
+            args.append("--h1")
+        out = subprocess.run([*args, endpoint.url], capture_output=True, text=True, check=True).stdout
+        rows = [line.split("\t") for line in log.read_text().splitlines() if line]
+    throughput = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    counts = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", out)
+    if throughput is None or counts is None:
+        raise RuntimeError(f"unexpected h2load output:\n{out}")
+    ok = [int(duration) / 1000 for _, status, duration in rows if status == "200"]
+    if not ok:
+        raise RuntimeError(f"no successful request against {endpoint.url}:\n{out}")
+    done, succeeded = int(counts.group(2)), int(counts.group(3))
+    return LoadResult(
+        requests=done,
+        failed=done - succeeded,
+        throughput=float(throughput.group(1)),
+        latencies_ms=np.array(ok),
+    )

@@ -1,0 +1,94 @@
+"""Starts, probes, measures and stops the services the benchmark compares, each in its own process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Service:
+    """A running service under test."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+
+    def memory_mb(self) -> tuple[float, float]:
+        """(total RSS of the process and its children, largest single-process RSS), in MB.
+
+        Forked workers share copy-on-write pages, so the total counts shared pages once per process.
+        """
+        parent = psutil.Process(self.process.pid)
+        rss = [p.memory_info().rss for p in [parent, *parent.children(recursive=True)]]
+        return sum(rss) / 2**20, max(rss) / 2**20
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def start(
+    name: str, args: list[str], env: dict[str, str], ready: Callable[[int], bool], port: int, log: Path
+) -> Service:
+    """Start `args` in a new process group and wait (up to 3 minutes) until `ready(port)`."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    service = Service(name, port, process)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}; see {log}")
+        if ready(port):
+            return service
+        time.sleep(0.5)
+    service.stop()
+    raise RuntimeError(f"{name} was not ready within 3 minutes; see {log}")
+
+
+def grpc_serving(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def http_ok(path: str) -> Callable[[int], bool]:
+    def probe(port: int) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+
+    return probe
