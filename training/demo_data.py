@@ -41,6 +41,7 @@ import json
 import logging
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -245,16 +246,15 @@ def write_tables(settings: Settings, tables: dict[str, pd.DataFrame], users: int
     return fingerprint
 
 
-def written_fingerprint(settings: Settings, users: int, seed: int) -> str | None:
-    """Fingerprint of the Parquet tables in settings.data_dir if they were made with these parameters."""
+def written_manifest(settings: Settings) -> dict[str, Any] | None:
+    """The manifest of the complete set of Parquet tables in settings.data_dir, or None if there is none."""
     try:
-        manifest = json.loads((settings.data_dir / MANIFEST_NAME).read_text())
+        manifest: dict[str, Any] = json.loads((settings.data_dir / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
         return None
-    expected = {"users": users, "seed": seed, "generator": GENERATOR_VERSION}
-    if any(manifest.get(key) != value for key, value in expected.items()):
-        return None
     tables = [spec.table for spec in VIEW_SPECS] + [LABELS_TABLE]
-    if not all(table_path(settings, table).is_file() for table in tables):
+    if manifest.get("generator") != GENERATOR_VERSION or not all(
+        table_path(settings, table).is_file() for table in tables
+    ):
         return None
-    return str(manifest["fingerprint"])
+    return manifest
