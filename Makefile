@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint protos mlflow-server
+.PHONY: install run test lint protos mlflow-server constraints
 
 # Reinstalls only when pyproject.toml changes, so a second `make run` starts in seconds.
 $(STAMP): pyproject.toml
@@ -35,3 +35,9 @@ protos: install
 # PostgreSQL backend store (created if missing) and served artifacts; returns once /health answers.
 mlflow-server: install
 	$(BIN)/python -m streamflow.mlflow_server
+
+# Pins the Docker images to the versions of the tested venv (tests/test_deploy.py fails when it is stale).
+constraints: install
+	{ echo "# The tested environment, pinned: every image installs with these versions (-c)."; \
+	  echo "# Regenerate after changing pyproject.toml: make constraints"; \
+	  $(BIN)/pip freeze --exclude-editable; } > deploy/constraints.txt

@@ -171,9 +171,8 @@ def _address(settings: Settings) -> tuple[str, int]:
     return "127.0.0.1", 5000
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`make mlflow-server`: start (or find running) the tracking server and report where it is."""
-    settings = load_settings()
+def build_parser(settings: Settings) -> argparse.ArgumentParser:
+    """The command line of `python -m streamflow.mlflow_server` (docker-compose.yml runs it too)."""
     default_host, default_port = _address(settings)
     parser = argparse.ArgumentParser(prog="python -m streamflow.mlflow_server", description=__doc__)
     parser.add_argument("--host", default=default_host, help="interface to listen on (default: %(default)s)")
@@ -186,7 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="server worker processes (default: 2)")
     parser.add_argument("--allowed-hosts", help="Host headers to accept beyond localhost and private IPs")
     parser.add_argument("--foreground", action="store_true", help="run in this process (containers)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`make mlflow-server`: start (or find running) the tracking server and report where it is."""
+    settings = load_settings()
+    args = build_parser(settings).parse_args(argv)
 
     backend_dsn = backend_store_dsn(settings)
     url = f"http://{args.host}:{args.port}"

