@@ -10,12 +10,9 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-import shlex
 import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,72 +27,16 @@ from server.app import SERVICE_NAME
 from streamflow import mlflow_server
 from streamflow.cli import build_parser as streamflow_parser
 from streamflow.settings import Settings
+from tests.fixtures.deploy import (
+    DEPLOY,
+    ROOT,
+    dockerfile_stages,
+    requirement_lines,
+    serving_closure,
+    serving_image,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
-
-
-@dataclass
-class Stage:
-    """One build stage of the Dockerfile: its base and instructions (continuations joined)."""
-
-    name: str
-    base: str
-    instructions: list[tuple[str, str]] = field(default_factory=list)
-
-    def all(self, keyword: str) -> list[str]:
-        return [args for key, args in self.instructions if key == keyword]
-
-    def last(self, keyword: str) -> str:
-        values = self.all(keyword)
-        assert values, f"stage {self.name} has no {keyword}"
-        return values[-1]
-
-    def env(self) -> dict[str, str]:
-        pairs: dict[str, str] = {}
-        for args in self.all("ENV"):
-            for item in shlex.split(args):
-                key, _, value = item.partition("=")
-                pairs[key] = value
-        return pairs
-
-
-def dockerfile_stages(path: Path = ROOT / "Dockerfile") -> list[Stage]:
-    """The Dockerfile's stages in order (the last one is what `docker build .` produces)."""
-    text = re.sub(
-        r"\\\n", " ", "\n".join(line for line in path.read_text().splitlines() if not line.startswith("#"))
-    )
-    stages: list[Stage] = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        keyword, _, args = line.strip().partition(" ")
-        args = " ".join(args.split())
-        if keyword.upper() == "FROM":
-            base, _, name = args.partition(" AS ")
-            stages.append(Stage(name=name.strip(), base=base.strip()))
-        else:
-            stages[-1].instructions.append((keyword.upper(), args))
-    return stages
-
-
-def exec_form(args: str) -> list[str]:
-    """An instruction's JSON (exec) form, e.g. ENTRYPOINT ["streamflow", "serve"]."""
-    value = json.loads(args)
-    assert isinstance(value, list) and all(isinstance(part, str) for part in value), args
-    return value
-
-
-def serving_image_commands() -> tuple[list[str], list[str], dict[str, str]]:
-    """The serving image's ENTRYPOINT, HEALTHCHECK command and ENV, as the Dockerfile declares them."""
-    serving = dockerfile_stages()[-1]
-    healthcheck = serving.last("HEALTHCHECK")
-    return (
-        exec_form(serving.last("ENTRYPOINT")),
-        exec_form(healthcheck[healthcheck.index(" CMD ") + 5 :]),
-        serving.env(),
-    )
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -121,7 +62,8 @@ def test_dockerfile_passes_hadolint() -> None:
 def test_serving_image_is_slim_non_root_and_serves_with_a_grpc_healthcheck() -> None:
     stages = dockerfile_stages()
     serving = stages[-1]
-    entrypoint, healthcheck, env = serving_image_commands()
+    image = serving_image()
+    entrypoint, healthcheck, env = image.entrypoint, image.healthcheck, image.env
 
     assert serving.name == "serving"
     base = next(stage for stage in stages if stage.name == serving.base)
@@ -140,13 +82,8 @@ def test_serving_image_is_slim_non_root_and_serves_with_a_grpc_healthcheck() -> 
     assert any("--no-deps /tmp/src" in run for run in runs)
 
 
-def _requirement_lines(path: Path) -> list[Requirement]:
-    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
-    return [Requirement(line) for line in lines if line]
-
-
 def _pins(path: Path) -> dict[str, str]:
-    return {canonicalize_name(r.name): str(r.specifier).removeprefix("==") for r in _requirement_lines(path)}
+    return {canonicalize_name(r.name): str(r.specifier).removeprefix("==") for r in requirement_lines(path)}
 
 
 def test_constraints_pin_exactly_what_pyproject_pins() -> None:
@@ -162,33 +99,12 @@ def test_constraints_pin_exactly_what_pyproject_pins() -> None:
     assert stale == {}, "deploy/constraints.txt is stale: run `make constraints`"
 
 
-def _closure(requirements: list[Requirement]) -> set[str]:
-    """Every installed distribution these requirements pull in, following extras and markers."""
-    seen: set[str] = set()
-    pending = [(r, tuple(r.extras)) for r in requirements]
-    # A dependency's marker refers to the extras its parent was asked for (`extra == "postgres"`).
-    while pending:
-        requirement, extras = pending.pop()
-        name = canonicalize_name(requirement.name)
-        key = f"{name}[{','.join(sorted(extras))}]"
-        if key in seen:
-            continue
-        seen.add(key)
-        for child in metadata.requires(name) or []:
-            child_req = Requirement(child)
-            if child_req.marker is None or any(
-                child_req.marker.evaluate({"extra": extra}) for extra in (*requirement.extras, "")
-            ):
-                pending.append((child_req, tuple(child_req.extras)))
-    return {key.split("[")[0] for key in seen}
-
-
 def test_serving_requirements_are_pinned_and_leave_training_and_dev_tools_out() -> None:
-    serving = _requirement_lines(DEPLOY / "serving-requirements.txt")
+    serving = requirement_lines(DEPLOY / "serving-requirements.txt")
     pins = _pins(DEPLOY / "constraints.txt")
 
     assert all(not r.specifier for r in serving), "versions belong in constraints.txt"
-    closure = _closure(serving)
+    closure = serving_closure()
     assert sorted(closure - set(pins)) == [], "every serving dependency is pinned"
     # The heavy or unneeded parts of the full environment stay out of the serving image.
     # (Feast itself requires gunicorn and SQLAlchemy[mypy], so those two cannot be left out.)
@@ -229,7 +145,7 @@ def compose() -> dict[str, Any]:
 def test_compose_runs_the_whole_stack_in_order(compose: dict[str, Any]) -> None:
     services = compose["services"]
     stages = {stage.name for stage in dockerfile_stages()}
-    _, _, image_env = serving_image_commands()
+    image_env = serving_image().env
 
     assert set(services) == {"postgres", "redis", "mlflow", "bootstrap", "server"}
     assert services["server"]["build"]["target"] == "serving"
@@ -296,7 +212,7 @@ def test_deployment_probes_resources_and_termination() -> None:
     (container,) = pod["containers"]
     env = {item["name"]: item.get("value") for item in container["env"]}
     grpc_port = next(p for p in container["ports"] if p["name"] == "grpc")["containerPort"]
-    _, _, image_env = serving_image_commands()
+    image_env = serving_image().env
 
     assert grpc_port == int(env["STREAMFLOW_PORT"]) == int(image_env["STREAMFLOW_PORT"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
