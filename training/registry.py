@@ -136,7 +136,7 @@ def promote(settings: Settings, version: int | str, stage: str, force: bool = Fa
         log.info("%s version %d is now in %s", name, number, target)
         return Promotion(number, target, None, None)
 
-    if production is not None and production.version == candidate.version:
+    if production is not None and int(production.version) == number:
         _move(client, name, candidate, target)  # already there; re-asserting repairs a drifted alias
         return Promotion(number, target, None, None)
     checked = None

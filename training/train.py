@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import date
 from importlib.metadata import version
@@ -248,10 +249,15 @@ def train(settings: Settings, as_of: date) -> TrainingResult:
         _log_plots(pipeline, validation, importances)
 
         example = validation[list(FEATURE_NAMES)].head(5)
+        with warnings.catch_warnings():
+            # MLflow's hint that integer columns cannot hold missing values: the server refuses missing
+            # features before the model sees them, so integers are the right schema.
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+            signature = infer_signature(example, pipeline.predict(example))
         model_info = mlflow.sklearn.log_model(
             pipeline,
             name="model",
-            signature=infer_signature(example, pipeline.predict(example)),
+            signature=signature,
             input_example=example,
             skops_trusted_types=SKOPS_TRUSTED_TYPES,
             # Stated, not inferred: inference re-imports the model in a subprocess and costs seconds per run.

@@ -1,0 +1,123 @@
+"""Promotion through the stages with aliases in step, the Production gate, rollback, and refused inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from feature_repo.definitions import SNAPSHOT_DATES
+from streamflow.errors import StreamflowError
+from streamflow.settings import Settings
+from tests.fixtures.training import registry_state
+from training.registry import PromotionRefused, current, gate, promote, rollback
+from training.train import mlflow_client, train
+
+JAN = SNAPSHOT_DATES[0]
+
+
+def _stages(settings: Settings) -> dict[str, str]:
+    versions, _ = registry_state(settings)
+    return {number: stage for number, stage, _ in versions}
+
+
+def _aliases(settings: Settings) -> dict[str, str]:
+    return registry_state(settings)[1]
+
+
+def test_stage_and_alias_move_together(fresh_embedded_settings: Settings) -> None:
+    settings = fresh_embedded_settings
+    assert train(settings, JAN).version == 2
+
+    promote(settings, 2, "Staging")
+    assert _stages(settings) == {"1": "Production", "2": "Staging"}
+    assert _aliases(settings) == {"production": "1", "staging": "2"}
+
+    done = promote(settings, "2", "production")  # stage names are case-insensitive, as in MLflow
+    assert (done.version, done.stage, done.previous_production) == (2, "Production", 1)
+    # Same data, same seed: the same forest, so the gate sees equal AUCs and lets it through.
+    assert done.gate is not None and done.gate.passed
+    assert done.gate.candidate_auc == done.gate.production_auc
+    assert _stages(settings) == {"1": "Archived", "2": "Production"}
+    assert _aliases(settings) == {"production": "2"}
+
+    promote(settings, 2, "Archived")
+    promote(settings, 1, "None")
+    assert _stages(settings) == {"1": "None", "2": "Archived"}
+    assert _aliases(settings) == {}
+
+
+def test_gate_refuses_a_worse_candidate_unless_forced(fresh_embedded_settings: Settings) -> None:
+    settings = fresh_embedded_settings
+    worse = train(settings.model_copy(update={"n_estimators": 1}), JAN)
+    client = mlflow_client(settings)
+    production = current(client, settings.model_name, "Production")
+    assert production is not None
+    checked = gate(settings, client.get_model_version(settings.model_name, str(worse.version)), production)
+    assert checked.candidate_auc < checked.production_auc  # one tree is worse than the forest
+
+    before = registry_state(settings)
+    with pytest.raises(PromotionRefused) as refusal:
+        promote(settings, worse.version, "Production")
+    assert str(refusal.value) == (
+        f"Version 2 scores AUC {checked.candidate_auc:.4f} on the 2024-01-31 validation split, below "
+        f"Production version 1's {checked.production_auc:.4f}; pass --force to promote it anyway."
+    )
+    assert registry_state(settings) == before
+
+    forced = promote(settings, worse.version, "Production", force=True)
+    assert (forced.version, forced.previous_production, forced.gate) == (2, 1, None)
+    assert _stages(settings) == {"1": "Archived", "2": "Production"}
+    assert _aliases(settings) == {"production": "2"}
+
+
+def test_rollback_restores_the_previous_production(fresh_embedded_settings: Settings) -> None:
+    settings = fresh_embedded_settings
+    promote(settings, train(settings, JAN).version, "Production")
+    assert _aliases(settings) == {"production": "2"}
+
+    done = rollback(settings)
+    assert (done.version, done.previous_production) == (1, 2)
+    assert _stages(settings) == {"1": "Production", "2": "Archived"}
+    assert _aliases(settings) == {"production": "1"}
+
+    before = registry_state(settings)
+    with pytest.raises(StreamflowError) as error:
+        rollback(settings)
+    assert str(error.value) == (
+        "Production version 1 of streamflow_churn replaced no earlier version, "
+        "so there is nothing to roll back to."
+    )
+    assert registry_state(settings) == before
+
+
+@pytest.mark.parametrize(
+    ("version", "stage", "message"),
+    [
+        ("99", "Production", "Model streamflow_churn has no version 99."),
+        ("abc", "Production", "'abc' is not a model version; versions are positive numbers like 1 or 2."),
+        ("1", "Prod", "There is no stage 'Prod'; use one of None, Staging, Production, Archived."),
+    ],
+)
+def test_unknown_version_or_stage_changes_nothing(
+    fresh_embedded_settings: Settings, version: str, stage: str, message: str
+) -> None:
+    before = registry_state(fresh_embedded_settings)
+    with pytest.raises(StreamflowError) as error:
+        promote(fresh_embedded_settings, version, stage)
+    assert str(error.value) == message
+    assert registry_state(fresh_embedded_settings) == before
+
+
+def test_rollback_without_a_production_version(fresh_embedded_settings: Settings) -> None:
+    settings = fresh_embedded_settings
+    promote(settings, 1, "Archived")
+    assert _aliases(settings) == {}
+    with pytest.raises(StreamflowError) as error:
+        rollback(settings)
+    assert str(error.value) == "Model streamflow_churn has no Production version to roll back."
+
+
+def test_promoting_the_production_version_again_changes_nothing(fresh_embedded_settings: Settings) -> None:
+    before = registry_state(fresh_embedded_settings)
+    done = promote(fresh_embedded_settings, 1, "Production")
+    assert (done.version, done.previous_production, done.gate) == (1, None, None)
+    assert registry_state(fresh_embedded_settings) == before
