@@ -1,0 +1,124 @@
+"""Builds and runs the gRPC server: PredictionService, health, reflection, and the registry watcher.
+
+`create_server` starts a server (port 0 picks a free port, as tests do) and returns a handle that stops the
+server, its health and its watcher together; `serve` runs one until SIGTERM or SIGINT, draining calls in
+flight.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+
+import grpc
+from google.rpc import error_details_pb2  # noqa: F401 - puts the detail types in the pool reflection serves
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
+from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
+from server.model_loader import LoadedModel
+from server.model_watcher import ModelWatcher
+from server.predictor import Predictor
+from server.servicer import PredictionServicer
+from streamflow.errors import StreamflowError
+from streamflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
+"""`streamflow.serving.v1.PredictionService`, the name health and reflection report."""
+HEALTH_SERVICES = ("", SERVICE_NAME)
+"""Health names the server reports: the whole server and the prediction service."""
+
+
+@dataclass(frozen=True)
+class PredictionServer:
+    """A started server and what must stop with it."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    predictor: Predictor
+
+    def stop(self, grace: float | None) -> None:
+        """Report NOT_SERVING, refuse new calls, give calls in flight `grace` s, stop the watcher."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.predictor.watcher.stop()
+
+
+def create_server(
+    settings: Settings, predictor: Predictor | None = None, reuse_port: bool = False
+) -> PredictionServer:
+    """Start a server on `settings.host:settings.port` and its registry watcher; NOT_SERVING until a model.
+
+    `reuse_port` lets several worker processes share the port; off, a port in use is an error. Raises
+    StreamflowError when the port cannot be bound (grpc returns port 0 instead of raising).
+    """
+    if predictor is None:
+        predictor = Predictor(settings, ModelWatcher(settings))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="grpc"),
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        # grpc turns SO_REUSEPORT on by default, so a second server would silently share the port.
+        options=[("grpc.so_reuseport", int(reuse_port))],
+    )
+    pb_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(predictor), server)
+    health_servicer = health.HealthServicer()
+    for name in HEALTH_SERVICES:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    address = f"{host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise StreamflowError(f"cannot listen on {address}: the port is in use or the address is not local")
+    server.start()
+
+    def serving(model: LoadedModel) -> None:
+        for name in HEALTH_SERVICES:
+            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    predictor.watcher.subscribe(serving)
+    predictor.watcher.start()
+    log.info("listening on %s:%d for %s", settings.host, port, settings.model_uri)
+    return PredictionServer(server, port, health_servicer, predictor)
+
+
+def bound_registry_calls(settings: Settings) -> None:
+    """Keep a slow or absent MLflow server from stalling the watcher for minutes (MLflow's defaults: 120 s
+    timeout, 7 retries). Process-wide, so only `serve` sets them; an operator's own values win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(math.ceil(settings.registry_timeout_s)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    # A progress bar per model download is noise in a server log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def serve(settings: Settings) -> int:
+    """Serve until SIGTERM or SIGINT, then drain calls in flight for up to `settings.grace_s`; returns 0."""
+    bound_registry_calls(settings)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("%s received, draining for up to %.0f s", signal.Signals(signum).name, settings.grace_s)
+        stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    running = create_server(settings)
+    print(f"streamflow serve: listening on {settings.host}:{running.port}", flush=True)
+    stopping.wait()
+    running.stop(settings.grace_s)
+    log.info("stopped")
+    return 0

@@ -1,0 +1,89 @@
+"""Plain types the server works with; protobuf stays in `converters.py`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+FeatureScalar = int | float | bool | str
+
+
+class FeatureType(StrEnum):
+    """Value type of a served feature (the Feast types the contract can carry)."""
+
+    INT64 = "int64"
+    DOUBLE = "double"
+    BOOL = "bool"
+    STRING = "string"
+
+
+class Runtime(StrEnum):
+    """Inference engine that scores requests."""
+
+    SKLEARN = "sklearn"
+    ONNX = "onnx"
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """One feature of a model: its short name, value type and Feast feature view."""
+
+    name: str
+    type: FeatureType
+    feature_view: str
+
+
+@dataclass(frozen=True)
+class FeatureValue:
+    """One typed feature value read from the online store, with the event time of its row."""
+
+    name: str
+    value: FeatureScalar
+    event_time: datetime
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A registered model version."""
+
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One user's churn score and what produced it."""
+
+    user_id: str
+    churn: bool
+    churn_probability: float
+    model: ModelRef
+    features: tuple[FeatureValue, ...]
+
+
+@dataclass(frozen=True)
+class ReloadFailure:
+    """A model version the server refused to serve, and why."""
+
+    model_version: str
+    reason: str
+    failed_at: datetime
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ModelInfo reports: the model answering now and the last version refused since it was loaded."""
+
+    model: ModelRef
+    stage: str
+    aliases: tuple[str, ...]
+    run_id: str
+    model_uri: str
+    training_as_of: str
+    feature_service: str
+    features: tuple[FeatureSchema, ...]
+    metrics: dict[str, float]
+    loaded_at: datetime
+    runtime: Runtime
+    last_reload_failure: ReloadFailure | None

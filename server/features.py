@@ -1,0 +1,251 @@
+"""Reads a model's features from the Feast online store and decides whether they can be scored.
+
+A `FeatureReader` is built once per model load: it resolves the model's FeatureService, its features' types
+and their views' time-to-live then, so a request only reads rows and classifies them. Each requested user
+comes back either as a `FeatureRow` or as the `FeatureError` that keeps it from being scored, checked in this
+order:
+
+1. every feature null (the store has no row of any view for the user): `EntityNotFound`;
+2. some features null: `FeaturesMissing`;
+3. staleness: a feature whose event time is older than its view's TTL, measured against
+   `settings.staleness_clock()`, is stale (`FeaturesStale`). Feast's online reads do not enforce TTLs, so the
+   server does. The clock is `STREAMFLOW_STALENESS_REFERENCE`: an instant (the demo default, a week after the
+   last demo snapshot, so the demo's 2024 data is judged as of its own time) or `now` for a live deployment.
+   A view without a TTL never goes stale, and an event time in the future is not stale;
+4. a value outside `VALID_RANGES` / `VALID_CATEGORIES`, or a non-finite float: `FeaturesInvalid`.
+
+Only the first failing check is reported, with every feature that fails it.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pandas as pd
+import redis.exceptions
+import sqlalchemy.exc
+from feast import FeatureService, FeatureStore
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.types import Bool, FeastType, Float32, Float64, Int32, Int64, String
+
+from server.domain import FeatureScalar, FeatureSchema, FeatureType, FeatureValue
+from server.errors import (
+    EntityNotFound,
+    FeatureError,
+    FeatureProblem,
+    FeaturesInvalid,
+    FeaturesMissing,
+    FeaturesStale,
+    FeatureStoreUnavailable,
+)
+from streamflow.errors import StreamflowError
+from streamflow.settings import Settings
+
+JOIN_KEY = "user_id"
+
+VALID_RANGES: dict[str, tuple[float, float]] = {
+    "months_active": (0, math.inf),
+    "monthly_fee": (0, math.inf),
+    "watch_hours_30d": (0, 30 * 24),  # hours in 30 days
+    "avg_session_mins_7d": (0, 7 * 24 * 60),  # minutes in 7 days
+    "unique_devices_30d": (0, math.inf),
+    "skips_7d": (0, math.inf),
+    "rebuffer_events_7d": (0, math.inf),
+    "failed_payments_90d": (0, math.inf),
+    "support_tickets_90d": (0, math.inf),
+    "ticket_avg_resolution_hrs_90d": (0, 90 * 24),  # hours in 90 days
+}
+"""Inclusive valid range of each numeric feature; a feature not listed accepts any finite value."""
+
+VALID_CATEGORIES: dict[str, frozenset[str]] = {
+    "net_service": frozenset({"DSL", "Fiber optic", "No"}),
+}
+"""Accepted values of each string feature; a feature not listed accepts any string."""
+
+# Feast dtype -> served type. Narrower Feast types widen losslessly into the contract's 64-bit types.
+_TYPES: dict[FeastType, FeatureType] = {
+    Int64: FeatureType.INT64,
+    Int32: FeatureType.INT64,
+    Float64: FeatureType.DOUBLE,
+    Float32: FeatureType.DOUBLE,
+    Bool: FeatureType.BOOL,
+    String: FeatureType.STRING,
+}
+# Served type -> the ValueProto fields that may hold it, and the pandas dtype the model's frame column gets.
+_VALUE_FIELDS: dict[FeatureType, tuple[str, ...]] = {
+    FeatureType.INT64: ("int64_val", "int32_val"),
+    FeatureType.DOUBLE: ("double_val", "float_val"),
+    FeatureType.BOOL: ("bool_val",),
+    FeatureType.STRING: ("string_val",),
+}
+_FRAME_DTYPES: dict[FeatureType, str] = {
+    FeatureType.INT64: "int64",
+    FeatureType.DOUBLE: "float64",
+    FeatureType.BOOL: "bool",
+    FeatureType.STRING: "object",
+}
+
+# What an unreachable online store raises, per store: SQLite (file cannot be opened, locked), Redis, SQL
+# registries behind SQLAlchemy, and sockets in general.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    sqlite3.OperationalError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    sqlalchemy.exc.OperationalError,
+    OSError,
+)
+
+
+class FeatureServiceError(StreamflowError):
+    """A model's FeatureService cannot be served (missing in Feast, an unsupported type, a duplicate name)."""
+
+
+@dataclass(frozen=True)
+class FeatureRow:
+    """One user's usable feature values, in the model's feature order."""
+
+    user_id: str
+    values: tuple[FeatureValue, ...]
+
+
+class FeatureReader:
+    """Reads and classifies the features of one FeatureService; built once per model load."""
+
+    def __init__(self, store: FeatureStore, feature_service: str, settings: Settings) -> None:
+        try:
+            service: FeatureService = store.get_feature_service(feature_service)
+        except Exception as exc:  # Feast raises its own not-found type, registries raise theirs
+            raise FeatureServiceError(
+                f"FeatureService {feature_service!r} does not resolve in Feast: {exc}"
+            ) from exc
+        schema: list[FeatureSchema] = []
+        ttls: dict[str, timedelta | None] = {}
+        for projection in service.feature_view_projections:
+            view_name = projection.name_to_use()
+            view = store.get_feature_view(projection.name)
+            ttls[view_name] = view.ttl if view.ttl and view.ttl > timedelta(0) else None
+            for field in projection.features:
+                if field.dtype not in _TYPES:
+                    raise FeatureServiceError(
+                        f"feature {field.name!r} of {view_name} has type {field.dtype}, which the server "
+                        f"cannot serve; use one of {', '.join(str(t) for t in _TYPES)}"
+                    )
+                schema.append(FeatureSchema(field.name, _TYPES[field.dtype], view_name))
+        names = [f.name for f in schema]
+        if len(set(names)) != len(names) or JOIN_KEY in names:
+            raise FeatureServiceError(f"FeatureService {feature_service!r} repeats a feature name: {names}")
+        self.feature_service = feature_service
+        self.schema: tuple[FeatureSchema, ...] = tuple(schema)
+        self._service = service
+        self._store = store
+        self._store_type = str(store.config.online_store.type)
+        self._ttls = ttls
+        self._clock = settings.staleness_clock
+
+    def read(self, user_ids: Sequence[str]) -> list[FeatureRow | FeatureError]:
+        """Each user's row or the reason it cannot be scored, in request order, from one online-store read."""
+        try:
+            response = self._store.get_online_features(
+                features=self._service, entity_rows={JOIN_KEY: list(user_ids)}
+            ).proto
+        except _UNREACHABLE as exc:
+            raise FeatureStoreUnavailable(self._store_type) from exc
+        columns = {name: i for i, name in enumerate(response.metadata.feature_names.val)}
+        vectors = [response.results[columns[f.name]] for f in self.schema]
+        clock = self._clock()
+        return [
+            self._classify(
+                user_id,
+                [
+                    (f, vector.values[row], vector.event_timestamps[row].ToDatetime(tzinfo=UTC))
+                    for f, vector in zip(self.schema, vectors, strict=True)
+                ],
+                clock,
+            )
+            for row, user_id in enumerate(user_ids)
+        ]
+
+    def frame(self, rows: Sequence[FeatureRow]) -> pd.DataFrame:
+        """The model's input: one column per feature, in FeatureService order, typed as Feast declares it."""
+        return pd.DataFrame(
+            {
+                f.name: pd.Series([row.values[i].value for row in rows], dtype=_FRAME_DTYPES[f.type])
+                for i, f in enumerate(self.schema)
+            }
+        )
+
+    def _classify(
+        self, user_id: str, cells: list[tuple[FeatureSchema, ValueProto, datetime]], clock: datetime
+    ) -> FeatureRow | FeatureError:
+        values = [(f, _typed(f, proto), event_time) for f, proto, event_time in cells]
+        missing = [
+            FeatureProblem(f.name, f.feature_view, f"no value in feature view {f.feature_view}")
+            for f, value, _ in values
+            if value is None
+        ]
+        if len(missing) == len(values):
+            return EntityNotFound(user_id, missing)
+        if missing:
+            return FeaturesMissing(user_id, missing)
+        stale = [
+            problem
+            for f, _, event_time in values
+            if (problem := self._staleness(f, event_time, clock)) is not None
+        ]
+        if stale:
+            return FeaturesStale(user_id, stale)
+        invalid = [problem for f, value, _ in values if (problem := _invalidity(f, value)) is not None]
+        if invalid:
+            return FeaturesInvalid(user_id, invalid)
+        return FeatureRow(
+            user_id,
+            tuple(
+                FeatureValue(f.name, value, event_time)
+                for f, value, event_time in values
+                if value is not None
+            ),
+        )
+
+    def _staleness(
+        self, feature: FeatureSchema, event_time: datetime, clock: datetime
+    ) -> FeatureProblem | None:
+        ttl = self._ttls[feature.feature_view]
+        if ttl is None or clock - event_time <= ttl:
+            return None
+        age_days = (clock - event_time) / timedelta(days=1)
+        return FeatureProblem(
+            feature.name,
+            feature.feature_view,
+            f"event time {event_time.isoformat()} is {age_days:.1f} days before {clock.isoformat()}; "
+            f"feature view {feature.feature_view} trusts values for {ttl / timedelta(days=1):g} days",
+        )
+
+
+def _typed(feature: FeatureSchema, proto: ValueProto) -> FeatureScalar | None:
+    """The Python value of a stored cell, or None when null; a value of another type is a bug upstream."""
+    kind = proto.WhichOneof("val")
+    if kind is None or kind == "null_val":
+        return None
+    if kind not in _VALUE_FIELDS[feature.type]:
+        raise TypeError(f"online store holds a {kind} for {feature.type} feature {feature.name!r}")
+    value: FeatureScalar = getattr(proto, kind)
+    return value
+
+
+def _invalidity(feature: FeatureSchema, value: FeatureScalar | None) -> FeatureProblem | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return FeatureProblem(feature.name, feature.feature_view, f"{value} is not a finite number")
+    if feature.name in VALID_RANGES and isinstance(value, int | float) and not isinstance(value, bool):
+        low, high = VALID_RANGES[feature.name]
+        if not low <= value <= high:
+            return FeatureProblem(
+                feature.name, feature.feature_view, f"{value} is outside the valid range [{low:g}, {high:g}]"
+            )
+    if feature.name in VALID_CATEGORIES and value not in VALID_CATEGORIES[feature.name]:
+        allowed = ", ".join(sorted(VALID_CATEGORIES[feature.name]))
+        return FeatureProblem(feature.name, feature.feature_view, f"{value!r} is not one of: {allowed}")
+    return None

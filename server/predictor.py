@@ -1,0 +1,103 @@
+"""The domain service behind the RPCs: validate ids, read features, score, describe the model.
+
+It knows nothing of gRPC. Each call reads the watcher's current model once, so a swap in the middle of a call
+cannot mix two models in one answer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from server.domain import ModelInfo, Prediction
+from server.errors import FeatureError, FieldViolation, InvalidBatch, InvalidUserId, ModelNotLoaded
+from server.features import FeatureRow
+from server.model_loader import CHURN_CLASS, LoadedModel
+from server.model_watcher import ModelWatcher
+from streamflow.settings import Settings
+
+USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_USER_ID_LENGTH = 64
+
+
+def user_id_problem(user_id: str) -> str | None:
+    """What is wrong with a user id, or None when it is well-formed."""
+    if not user_id:
+        return "must not be empty"
+    if len(user_id) > MAX_USER_ID_LENGTH:
+        return f"has {len(user_id)} characters, more than {MAX_USER_ID_LENGTH}"
+    if not USER_ID_PATTERN.fullmatch(user_id):
+        return "holds characters outside [A-Za-z0-9_-]"
+    return None
+
+
+class Predictor:
+    """Scores users with the watcher's current model."""
+
+    def __init__(self, settings: Settings, watcher: ModelWatcher) -> None:
+        self.settings = settings
+        self.watcher = watcher
+
+    def predict(self, user_id: str) -> Prediction:
+        """Score one user, or raise the `ServingError` that explains why not."""
+        problem = user_id_problem(user_id)
+        if problem is not None:
+            raise InvalidUserId(user_id, problem)
+        (result,) = self._score(self._model(), [user_id])
+        if isinstance(result, FeatureError):
+            raise result
+        return result
+
+    def batch_predict(self, user_ids: Sequence[str]) -> list[Prediction | FeatureError]:
+        """Score many users with one feature read and one inference call; results keep request order."""
+        limit = self.settings.max_batch_size
+        violations = [
+            FieldViolation(f"user_ids[{i}]", problem)
+            for i, user_id in enumerate(user_ids)
+            if (problem := user_id_problem(user_id)) is not None
+        ]
+        if not user_ids:
+            violations.insert(0, FieldViolation("user_ids", "must hold at least one user id"))
+        elif len(user_ids) > limit:
+            violations.insert(0, FieldViolation("user_ids", f"holds {len(user_ids)} ids, more than {limit}"))
+        if violations:
+            raise InvalidBatch(violations, len(user_ids), limit)
+        return self._score(self._model(), user_ids)
+
+    def model_info(self) -> ModelInfo:
+        """The model answering now and the last version refused since it was loaded."""
+        return self._model().info(self.watcher.last_failure)
+
+    def _model(self) -> LoadedModel:
+        model = self.watcher.current
+        if model is None:
+            raise ModelNotLoaded(self.settings.model_uri)
+        return model
+
+    @staticmethod
+    def _score(model: LoadedModel, user_ids: Sequence[str]) -> list[Prediction | FeatureError]:
+        read = model.reader.read(user_ids)
+        rows = [r for r in read if isinstance(r, FeatureRow)]
+        probabilities = (
+            model.model.predict_proba(model.reader.frame(rows))[:, CHURN_CLASS] if rows else np.empty(0)
+        )
+        scored = iter(zip(rows, probabilities, strict=True))
+        results: list[Prediction | FeatureError] = []
+        for item in read:
+            if isinstance(item, FeatureError):
+                results.append(item)
+                continue
+            row, probability = next(scored)
+            results.append(
+                Prediction(
+                    user_id=row.user_id,
+                    # As the pipeline's `predict`: the first class wins a tie, so 0.5 means stay.
+                    churn=bool(probability > 0.5),
+                    churn_probability=float(probability),
+                    model=model.ref,
+                    features=row.values,
+                )
+            )
+        return results
