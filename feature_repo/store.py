@@ -75,12 +75,11 @@ def materialize(settings: Settings, data_fingerprint: str | None = None) -> None
     started = time.monotonic()
     store = open_store(settings)
     start, end = materialization_window()
+    registered = {view.name for view in store.list_feature_views()}
+    if any(view.name not in registered for view in build_views(settings)):
+        raise StreamflowError("The feature views are not registered; run `streamflow apply` first.")
     log.info("materializing snapshots %s to the online store", ", ".join(str(day) for day in SNAPSHOT_DATES))
-    try:
-        # Feast prints a progress bar per feature view.
-        store.materialize(start_date=start, end_date=end)
-    except FeastObjectNotFoundException as exc:
-        raise StreamflowError("The feature views are not registered; run `streamflow apply` first.") from exc
+    store.materialize(start_date=start, end_date=end)  # Feast prints a progress bar per feature view
     project = store.get_project(store.project)
     tags = dict(project.tags)
     if data_fingerprint is None:

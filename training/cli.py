@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import warnings
 from datetime import date
 
 from feature_repo.definitions import SNAPSHOT_DATES
@@ -18,6 +19,8 @@ _NOISY_LOGGERS = ("feast", "alembic")
 def _quiet() -> None:
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow's own use of deprecated SQLAlchemy options is not something a user of this CLI can act on.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow\.")
 
 
 def _users(text: str) -> int:
