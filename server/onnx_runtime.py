@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import mlflow.artifacts
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
+
+from server.domain import Runtime
+from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +47,14 @@ _INPUT_DTYPES: dict[str, Any] = {
 }
 
 
-class ProbabilityModel(Protocol):
-    """What the server scores with: a frame of feature columns in, class probabilities (n, 2) out."""
+Columns = Mapping[str, Any]
+"""Feature columns by name, one value per row (numpy arrays on the request path; a DataFrame fits too)."""
 
-    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray: ...
+
+class ProbabilityModel(Protocol):
+    """What the server scores with: feature columns in, class probabilities (n, 2) out."""
+
+    def predict_proba(self, columns: Columns) -> np.ndarray: ...
 
 
 class OnnxModel:
@@ -65,9 +75,9 @@ class OnnxModel:
         """The feature columns the model reads."""
         return [name for name, _ in self._inputs]
 
-    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
-        """Class probabilities (n, 2) for the rows of `frame`, like the pipeline's `predict_proba`."""
-        feed = {name: frame[name].to_numpy(dtype=dtype).reshape(-1, 1) for name, dtype in self._inputs}
+    def predict_proba(self, columns: Columns) -> np.ndarray:
+        """Class probabilities (n, 2) for the rows of `columns`, like the pipeline's `predict_proba`."""
+        feed = {name: np.asarray(columns[name], dtype=dtype).reshape(-1, 1) for name, dtype in self._inputs}
         probabilities: np.ndarray = self._session.run(self._outputs, feed)[0]
         return probabilities
 
@@ -94,14 +104,14 @@ class ParityReport:
 def measure_parity(
     reference: ProbabilityModel, candidate: ProbabilityModel, frame: pd.DataFrame
 ) -> ParityReport:
-    """Compare two models on `frame`: share of equal labels (argmax, as `predict`), max |Δ probability|."""
+    """Compare two models on `frame`: share of equal labels (churn when p > 0.5, as served), max |Δp|."""
     if frame.empty:
         return ParityReport(rows=0, label_agreement=0.0, max_abs_probability_diff=float("inf"))
     expected = reference.predict_proba(frame)
     actual = candidate.predict_proba(frame)
     return ParityReport(
         rows=len(frame),
-        label_agreement=float(np.mean(expected.argmax(axis=1) == actual.argmax(axis=1))),
+        label_agreement=float(np.mean((expected[:, 1] > 0.5) == (actual[:, 1] > 0.5))),
         max_abs_probability_diff=float(np.abs(expected - actual).max()),
     )
 
@@ -120,3 +130,23 @@ def load_verified_onnx(export_dir: Path, pipeline: ProbabilityModel) -> OnnxMode
             f"max |Δp| {report.max_abs_probability_diff:.2e} (tolerance {report.tolerance:.0e})"
         )
     return model
+
+
+def choose_runtime(
+    settings: Settings, run_id: str, pipeline: ProbabilityModel
+) -> tuple[Runtime, ProbabilityModel]:
+    """The ONNX export logged in `run_id` when it loads and holds parity with `pipeline`, else the pipeline.
+
+    Every reason to fall back is logged; none is an error, since the pipeline is the model of record.
+    """
+    with tempfile.TemporaryDirectory(prefix="streamflow-onnx-") as tmp:
+        try:
+            export_dir = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=ARTIFACT_DIR, dst_path=tmp, tracking_uri=settings.tracking_uri
+            )
+            model = load_verified_onnx(Path(export_dir), pipeline)
+        except Exception as exc:  # absent, unreadable or not faithful: all mean "serve the pipeline"
+            log.warning("serving run %s with scikit-learn: no usable ONNX export (%s)", run_id, exc)
+            return Runtime.SKLEARN, pipeline
+    log.info("serving run %s with the ONNX export (parity holds on its sample)", run_id)
+    return Runtime.ONNX, model
