@@ -42,10 +42,17 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 class PredictionServer:
     """A started server and what must stop with it."""
 
+    settings: Settings
     server: grpc.Server
     port: int
     health: health.HealthServicer
     predictor: Predictor
+
+    @property
+    def local_address(self) -> str:
+        """Where a client on this machine dials the server, e.g. `127.0.0.1:50051`."""
+        host = "[::1]" if ":" in self.settings.host else "127.0.0.1"
+        return f"{host}:{self.port}"
 
     def stop(self, grace: float | None) -> None:
         """Report NOT_SERVING, refuse new calls, give calls in flight `grace` s, stop the watcher."""
@@ -93,7 +100,7 @@ def create_server(
     predictor.watcher.subscribe(serving)
     predictor.watcher.start()
     log.info("listening on %s:%d for %s", settings.host, port, settings.model_uri)
-    return PredictionServer(server, port, health_servicer, predictor)
+    return PredictionServer(settings, server, port, health_servicer, predictor)
 
 
 def bound_registry_calls(settings: Settings) -> None:
