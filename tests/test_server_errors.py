@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
-import pandas as pd
 import pytest
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
@@ -23,13 +22,20 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from feature_repo import store
-from feature_repo.definitions import FEATURE_NAMES, JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
+from feature_repo.definitions import FEATURE_NAMES, JOIN_KEY, VIEW_SPECS
 from server.app import PredictionServer
 from server.errors import ERROR_TABLE
 from streamflow.settings import Settings
-from tests.fixtures.serving import WireError, prediction_stub, start_server, wire_error, write_user_features
+from tests.fixtures.serving import (
+    WireError,
+    departed_users,
+    prediction_stub,
+    start_server,
+    wire_error,
+    write_user_features,
+)
 from tests.fixtures.training import relocate_home
-from training.demo_data import FIRST_USER_ID, table_path
+from training.demo_data import FIRST_USER_ID
 
 UNKNOWN_USER = "9999-99999"
 NEWCOMER = "NEW-0001"  # only a subscription profile so far: its aggregates were never computed
@@ -39,15 +45,6 @@ BAD_TYPE = "BADTYPE-0001"  # monthly_fee stored as a string: the store disagrees
 MAX_BATCH = 8
 PROFILE_FEATURES = [name for name, _ in VIEW_SPECS[0].features]
 AGGREGATE_FEATURES = [name for spec in VIEW_SPECS[1:] for name, _ in spec.features]
-
-
-def leavers(settings: Settings) -> list[str]:
-    """Users of the first snapshot absent from the last: their aggregates stay a month older than the rest."""
-    table = pd.read_parquet(table_path(settings, VIEW_SPECS[0].table))
-    dates = table[TIMESTAMP_FIELD].dt.date
-    first = set(table.loc[dates == SNAPSHOT_DATES[0], JOIN_KEY])
-    last = set(table.loc[dates == SNAPSHOT_DATES[-1], JOIN_KEY])
-    return sorted(first - last)
 
 
 def private_home(source: Settings, home: Path) -> Settings:
@@ -197,7 +194,7 @@ def test_some_null_features_are_features_missing(
 def test_features_older_than_their_view_ttl_are_stale(
     stub: pb_grpc.PredictionServiceStub, error_settings: Settings
 ) -> None:
-    leaver = leavers(error_settings)[0]
+    leaver = departed_users(error_settings)[0]
 
     error = predict_error(stub, leaver)
 
@@ -246,7 +243,7 @@ def test_unexpected_failure_is_internal_with_a_request_id_and_no_internals(
 def test_batch_results_keep_order_and_carry_the_status_predict_returns(
     stub: pb_grpc.PredictionServiceStub, error_settings: Settings
 ) -> None:
-    leaver = leavers(error_settings)[0]
+    leaver = departed_users(error_settings)[0]
     user_ids = [FIRST_USER_ID, UNKNOWN_USER, leaver, NEWCOMER, NEGATIVE, FIRST_USER_ID]
 
     response = stub.BatchPredict(pb.BatchPredictRequest(user_ids=user_ids))
