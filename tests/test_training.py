@@ -11,11 +11,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from feature_repo import store
 from feature_repo.definitions import FEATURE_NAMES, FEATURE_SERVICE_NAME, LABELS_TABLE, SNAPSHOT_DATES
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 from tests.fixtures.training import FIXTURE_TREES
 from training import demo_data
+from training.bootstrap import load_demo_data
 from training.dataset import FEATURE_DTYPES, LABEL, training_set
 from training.train import mlflow_client, train, validation_frame
 
@@ -112,6 +114,25 @@ def test_a_registered_version_carries_the_serving_contract(embedded_settings: Se
 def test_no_snapshot_at_as_of(embedded_settings: Settings) -> None:
     with pytest.raises(StreamflowError) as error:
         training_set(embedded_settings, date(2024, 3, 31))
+    assert str(error.value) == (
+        "There is no snapshot dated 2024-03-31; the snapshots are dated: 2024-01-31, 2024-02-29."
+    )
+
+
+@pytest.mark.production
+def test_postgres_training_set_equals_the_embedded_one(
+    embedded_settings: Settings, production_settings: Settings
+) -> None:
+    """The production profile reads the same snapshots from PostgreSQL through Feast's PostgreSQL store."""
+    settings = production_settings.model_copy(
+        update={"users": embedded_settings.users, "seed": embedded_settings.seed}
+    )
+    load_demo_data(settings, settings.users, settings.seed)
+    store.apply(settings)
+
+    pd.testing.assert_frame_equal(training_set(settings, JAN), training_set(embedded_settings, JAN))
+    with pytest.raises(StreamflowError) as error:
+        training_set(settings, date(2024, 3, 31))
     assert str(error.value) == (
         "There is no snapshot dated 2024-03-31; the snapshots are dated: 2024-01-31, 2024-02-29."
     )

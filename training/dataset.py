@@ -120,9 +120,11 @@ def training_set(settings: Settings, as_of: date) -> pd.DataFrame:
         raise StreamflowError(f"Feast found no features for the {len(entities)} labelled users of {as_of}.")
     if len(complete) < len(frame):
         log.warning("dropped %d users of %s with missing features", len(frame) - len(complete), as_of)
-    frame = complete.rename(columns={"event_timestamp": TIMESTAMP_FIELD})
+    # Every row is as of the snapshot; stated once so each offline store (file: UTC nanoseconds, PostgreSQL:
+    # naive microseconds) gives the same column.
+    frame = complete.assign(**{TIMESTAMP_FIELD: snapshot_timestamp(as_of)})
     frame = frame[[JOIN_KEY, TIMESTAMP_FIELD, *FEATURE_NAMES, LABEL]].astype(
-        {**FEATURE_DTYPES, LABEL: "bool"}
+        {TIMESTAMP_FIELD: "datetime64[ns, UTC]", **FEATURE_DTYPES, LABEL: "bool"}
     )
     frame = frame.sort_values(JOIN_KEY, kind="mergesort").reset_index(drop=True)
     log.info("training set of %s: %d rows in %.1f s", as_of, len(frame), time.monotonic() - started)

@@ -90,9 +90,10 @@ def _experiment_id(client: MlflowClient, settings: Settings) -> str:
     experiment = client.get_experiment_by_name(settings.model_name)
     if experiment is not None:
         return str(experiment.experiment_id)
-    # A tracking server chooses where artifacts go; the embedded store keeps them in the home folder.
-    local = settings.profile is Profile.EMBEDDED and settings.mlflow_tracking_uri is None
-    location = settings.artifact_root.as_uri() if local else None
+    # A tracking server chooses where artifacts go. A database URI has no such server: MLflow would default to
+    # ./mlruns of whatever folder the command runs in, so artifacts go to the home folder instead.
+    served = settings.tracking_uri.startswith(("http://", "https://"))
+    location = None if served else settings.artifact_root.as_uri()
     return str(client.create_experiment(settings.model_name, artifact_location=location))
 
 
