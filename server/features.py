@@ -1,7 +1,10 @@
 """Reads a model's features from the Feast online store and decides whether they can be scored.
 
-A `FeatureReader` is built once per model load: it resolves the model's FeatureService, its features' types
-and their views' time-to-live then, so a request only reads rows and classifies them. Each requested user
+A `FeatureReader` is built once per model load: it resolves the model's FeatureService, its views, their
+features' types and time-to-live and the online store then, so a request only reads rows and classifies them.
+Rows come from one bulk `online_read` per feature view through Feast's own online store (the registry and the
+store stay the source of truth; the SDK's `get_online_features` would re-resolve all of that per call and
+costs several times more per user), and equal what that SDK call returns. Each requested user
 comes back either as a `FeatureRow` or as the `FeatureError` that keeps it from being scored, checked in this
 order:
 
@@ -25,10 +28,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-import pandas as pd
+import numpy as np
 import redis.exceptions
 import sqlalchemy.exc
-from feast import FeatureService, FeatureStore
+from feast import FeatureService, FeatureStore, FeatureView
+from feast.infra.provider import get_provider
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Bool, FeastType, Float32, Float64, Int32, Int64, String
 
@@ -75,7 +80,7 @@ _TYPES: dict[FeastType, FeatureType] = {
     Bool: FeatureType.BOOL,
     String: FeatureType.STRING,
 }
-# Served type -> the ValueProto fields that may hold it, and the pandas dtype the model's frame column gets.
+# Served type -> the ValueProto fields that may hold it, and the numpy dtype of the model's input column.
 _VALUE_FIELDS: dict[FeatureType, tuple[str, ...]] = {
     FeatureType.INT64: ("int64_val", "int32_val"),
     FeatureType.DOUBLE: ("double_val", "float_val"),
@@ -88,6 +93,11 @@ _FRAME_DTYPES: dict[FeatureType, str] = {
     FeatureType.BOOL: "bool",
     FeatureType.STRING: "object",
 }
+
+Cell = tuple[ValueProto, datetime]
+"""A stored feature value and the event time of its row (null and the epoch when the view has no row)."""
+_NULL = ValueProto()
+_EPOCH = datetime.fromtimestamp(0, UTC)
 
 # What an unreachable online store raises, per store: SQLite (file cannot be opened, locked), Redis, SQL
 # registries behind SQLAlchemy, and sockets in general.
@@ -124,10 +134,12 @@ class FeatureReader:
             ) from exc
         schema: list[FeatureSchema] = []
         ttls: dict[str, timedelta | None] = {}
+        views: list[tuple[FeatureView, list[str]]] = []
         for projection in service.feature_view_projections:
             view_name = projection.name_to_use()
             view = store.get_feature_view(projection.name)
             ttls[view_name] = view.ttl if view.ttl and view.ttl > timedelta(0) else None
+            views.append((view, [field.name for field in projection.features]))
             for field in projection.features:
                 if field.dtype not in _TYPES:
                     raise FeatureServiceError(
@@ -140,43 +152,56 @@ class FeatureReader:
             raise FeatureServiceError(f"FeatureService {feature_service!r} repeats a feature name: {names}")
         self.feature_service = feature_service
         self.schema: tuple[FeatureSchema, ...] = tuple(schema)
-        self._service = service
-        self._store = store
+        self._views = views
+        self._config = store.config
+        self._provider = get_provider(store.config)
         self._store_type = str(store.config.online_store.type)
         self._ttls = ttls
         self._clock = settings.staleness_clock
 
     def read(self, user_ids: Sequence[str]) -> list[FeatureRow | FeatureError]:
-        """Each user's row or the reason it cannot be scored, in request order, from one online-store read."""
-        try:
-            response = self._store.get_online_features(
-                features=self._service, entity_rows={JOIN_KEY: list(user_ids)}
-            ).proto
-        except _UNREACHABLE as exc:
-            raise FeatureStoreUnavailable(self._store_type) from exc
-        columns = {name: i for i, name in enumerate(response.metadata.feature_names.val)}
-        vectors = [response.results[columns[f.name]] for f in self.schema]
+        """Each user's row or the reason it cannot be scored, in request order, from one bulk read."""
+        cells = self.read_cells(user_ids)
         clock = self._clock()
         return [
-            self._classify(
-                user_id,
-                [
-                    (f, vector.values[row], vector.event_timestamps[row].ToDatetime(tzinfo=UTC))
-                    for f, vector in zip(self.schema, vectors, strict=True)
-                ],
-                clock,
-            )
-            for row, user_id in enumerate(user_ids)
+            self._classify(user_id, [(f, *cell) for f, cell in zip(self.schema, row, strict=True)], clock)
+            for user_id, row in zip(user_ids, cells, strict=True)
         ]
 
-    def frame(self, rows: Sequence[FeatureRow]) -> pd.DataFrame:
-        """The model's input: one column per feature, in FeatureService order, typed as Feast declares it."""
-        return pd.DataFrame(
-            {
-                f.name: pd.Series([row.values[i].value for row in rows], dtype=_FRAME_DTYPES[f.type])
-                for i, f in enumerate(self.schema)
-            }
-        )
+    def read_cells(self, user_ids: Sequence[str]) -> list[list[Cell]]:
+        """Each user's stored cells in schema order, exactly as the SDK's `get_online_features` gives them.
+
+        One `online_read` per feature view for all distinct users; a view without a row for a user gives
+        null values at the epoch, as the SDK does. Raises `FeatureStoreUnavailable` when the store is down.
+        """
+        unique = list(dict.fromkeys(user_ids))
+        keys = [
+            EntityKeyProto(join_keys=[JOIN_KEY], entity_values=[ValueProto(string_val=u)]) for u in unique
+        ]
+        cells: list[list[Cell]] = [[] for _ in unique]
+        try:
+            for view, names in self._views:
+                # A copy: Feast's Redis store appends its timestamp key to the list it is given.
+                rows = self._provider.online_read(self._config, view, keys, list(names))
+                for user_cells, (event_time, values) in zip(cells, rows, strict=True):
+                    if values is None or event_time is None:
+                        user_cells.extend([(_NULL, _EPOCH)] * len(names))
+                    else:
+                        at = _as_utc(event_time)
+                        user_cells.extend((values.get(name, _NULL), at) for name in names)
+        except _UNREACHABLE as exc:
+            raise FeatureStoreUnavailable(self._store_type) from exc
+        by_user = dict(zip(unique, cells, strict=True))
+        return [by_user[user_id] for user_id in user_ids]
+
+    def columns(self, rows: Sequence[FeatureRow]) -> dict[str, np.ndarray]:
+        """The model's input: one array per feature, in FeatureService order, typed as Feast declares it.
+
+        Plain arrays, not a DataFrame: building a DataFrame costs more than scoring a row with ONNX."""
+        return {
+            f.name: np.array([row.values[i].value for row in rows], dtype=_FRAME_DTYPES[f.type])
+            for i, f in enumerate(self.schema)
+        }
 
     def _classify(
         self, user_id: str, cells: list[tuple[FeatureSchema, ValueProto, datetime]], clock: datetime
@@ -223,6 +248,11 @@ class FeatureReader:
             f"event time {event_time.isoformat()} is {age_days:.1f} days before {clock.isoformat()}; "
             f"feature view {feature.feature_view} trusts values for {ttl / timedelta(days=1):g} days",
         )
+
+
+def _as_utc(event_time: datetime) -> datetime:
+    """An online store's event time in UTC; a naive one is UTC already (as the SDK reads it)."""
+    return event_time.replace(tzinfo=UTC) if event_time.tzinfo is None else event_time.astimezone(UTC)
 
 
 def _typed(feature: FeatureSchema, proto: ValueProto) -> FeatureScalar | None:

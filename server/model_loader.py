@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 import mlflow.artifacts
 import mlflow.sklearn
 import numpy as np
+import pandas as pd
 from feast import FeatureStore
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -33,7 +34,7 @@ from server.domain import (
     Runtime,
 )
 from server.features import VALID_CATEGORIES, FeatureReader, FeatureRow
-from server.onnx_runtime import ProbabilityModel
+from server.onnx_runtime import Columns, ProbabilityModel, choose_runtime
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 FEATURE_SERVICE_TAG = "feature_service"
 AS_OF_TAG = "as_of"
 CHURN_CLASS = 1
-"""The pipeline's positive class: `predict_proba(frame)[:, 1]` is the churn probability."""
+"""The pipeline's positive class: `predict_proba(columns)[:, 1]` is the churn probability."""
 
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<stage_or_version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
@@ -153,9 +154,9 @@ def load_model(
         raise ModelLoadError(f"version {version.version} has no {FEATURE_SERVICE_TAG!r} tag")
     reader = FeatureReader(store, feature_service, settings)
     pipeline = _load_pipeline(settings, client, version)
-    runtime, model = Runtime.SKLEARN, pipeline
-    _smoke_test(model, reader)
     run_id = version.run_id or ""
+    runtime, model = choose_runtime(settings, run_id, pipeline)
+    _smoke_test(model, reader)
     run = client.get_run(run_id)
     return LoadedModel(
         ref=ModelRef(version.name, str(version.version)),
@@ -172,7 +173,7 @@ def load_model(
     )
 
 
-def _load_pipeline(settings: Settings, client: MlflowClient, version: ModelVersion) -> ProbabilityModel:
+def _load_pipeline(settings: Settings, client: MlflowClient, version: ModelVersion) -> SklearnModel:
     """The version's scikit-learn pipeline, set to score on the calling thread only."""
     # The explicit client resolves the artifact location: a `models:/` URI would be resolved against MLflow's
     # process-wide registry URI, and one process may serve several registries (tests do).
@@ -189,12 +190,23 @@ def _load_pipeline(settings: Settings, client: MlflowClient, version: ModelVersi
     classes = [int(c) for c in getattr(pipeline, "classes_", [])]
     if classes != [0, CHURN_CLASS]:
         raise ModelLoadError(f"version {version.version} predicts classes {classes}, not [0, 1] (1 = churn)")
-    model: ProbabilityModel = pipeline
-    return model
+    return SklearnModel(pipeline)
+
+
+@dataclass(frozen=True)
+class SklearnModel:
+    """The scikit-learn pipeline behind the runtime seam: its ColumnTransformer selects columns by name, so it
+    gets the columns as a DataFrame."""
+
+    pipeline: ProbabilityModel
+
+    def predict_proba(self, columns: Columns) -> np.ndarray:
+        probabilities: np.ndarray = self.pipeline.predict_proba(pd.DataFrame(columns))
+        return probabilities
 
 
 def _smoke_test(model: ProbabilityModel, reader: FeatureReader) -> None:
-    """Score one typed, in-range row through the same frame builder requests use."""
+    """Score one typed, in-range row through the same column builder requests use."""
     neutral: dict[FeatureType, FeatureScalar] = {
         FeatureType.INT64: 0,
         FeatureType.DOUBLE: 0.0,
@@ -214,7 +226,7 @@ def _smoke_test(model: ProbabilityModel, reader: FeatureReader) -> None:
         ),
     )
     try:
-        probabilities = np.asarray(model.predict_proba(reader.frame([row])))
+        probabilities = np.asarray(model.predict_proba(reader.columns([row])))
     except Exception as exc:
         raise ModelLoadError(f"smoke prediction failed: {type(exc).__name__}: {exc}") from exc
     if probabilities.shape != (1, 2) or not np.all((probabilities >= 0) & (probabilities <= 1)):

@@ -81,7 +81,7 @@ class Predictor:
         read = model.reader.read(user_ids)
         rows = [r for r in read if isinstance(r, FeatureRow)]
         probabilities = (
-            model.model.predict_proba(model.reader.frame(rows))[:, CHURN_CLASS] if rows else np.empty(0)
+            model.model.predict_proba(model.reader.columns(rows))[:, CHURN_CLASS] if rows else np.empty(0)
         )
         scored = iter(zip(rows, probabilities, strict=True))
         results: list[Prediction | FeatureError] = []

@@ -1,0 +1,159 @@
+"""Compiled inference: the ONNX export is the same model (parity on the demo data), the server serves it
+when parity holds, and falls back to scikit-learn when the export is absent, unreadable or not faithful."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import date
+from pathlib import Path
+
+import mlflow.artifacts
+import mlflow.sklearn
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+
+from feature_repo.definitions import FEATURE_NAMES
+from feature_repo.store import open_store
+from server.domain import Runtime
+from server.model_loader import load_model
+from server.onnx_runtime import (
+    ARTIFACT_DIR,
+    MODEL_FILE,
+    PARITY_FILE,
+    PARITY_TAG,
+    OnnxModel,
+    ParityReport,
+    measure_parity,
+)
+from streamflow.settings import Settings
+from training.dataset import LABEL
+from training.onnx_export import log_onnx_export
+from training.train import build_pipeline, feature_kinds, validation_frame
+
+
+def _client(settings: Settings) -> MlflowClient:
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+
+
+def _production(settings: Settings) -> ModelVersion:
+    client = _client(settings)
+    version = client.get_model_version_by_alias(settings.model_name, "production")
+    return client.get_model_version(settings.model_name, version.version)
+
+
+def _export_dir(settings: Settings, run_id: str, tmp_path: Path) -> Path:
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id,
+            artifact_path=ARTIFACT_DIR,
+            dst_path=str(tmp_path),
+            tracking_uri=settings.tracking_uri,
+        )
+    )
+
+
+def test_onnx_export_reproduces_the_pipeline_on_demo_validation(
+    embedded_settings: Settings, tmp_path: Path
+) -> None:
+    version = _production(embedded_settings)
+    export = _export_dir(embedded_settings, version.run_id, tmp_path)
+    pipeline = mlflow.sklearn.load_model(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{version.name}/{version.version}",
+            dst_path=str(tmp_path / "model"),
+            tracking_uri=embedded_settings.tracking_uri,
+        )
+    )
+    onnx = OnnxModel((export / MODEL_FILE).read_bytes())
+    validation = validation_frame(embedded_settings, date.fromisoformat(version.tags["as_of"]))[
+        list(FEATURE_NAMES)
+    ]
+
+    expected, actual = pipeline.predict_proba(validation), onnx.predict_proba(validation)
+
+    assert len(validation) > 50
+    assert np.array_equal(pipeline.predict(validation), (actual[:, 1] > 0.5).astype(int))
+    assert float(np.abs(expected - actual).max()) <= 1e-5
+    # What training logged says the same, and the tag lets anyone see it in the registry.
+    report = json.loads((export / PARITY_FILE).read_text())
+    assert report["ok"] is True
+    assert report["rows"] == len(validation)
+    assert report["label_agreement"] == 1.0
+    assert report["max_abs_probability_diff"] <= 1e-5
+    assert version.tags[PARITY_TAG] == "ok"
+
+
+def test_parity_report_fails_on_a_different_model(embedded_settings: Settings) -> None:
+    validation = validation_frame(
+        embedded_settings, date.fromisoformat(_production(embedded_settings).tags["as_of"])
+    )
+    features = validation[list(FEATURE_NAMES)]
+    settings_a = embedded_settings.model_copy(update={"n_estimators": 3, "seed": 1})
+    settings_b = embedded_settings.model_copy(update={"n_estimators": 3, "seed": 2})
+    categorical, numeric = feature_kinds(features)
+    first = build_pipeline(categorical, numeric, settings_a).fit(features, validation[LABEL].astype(int))
+    second = build_pipeline(categorical, numeric, settings_b).fit(features, validation[LABEL].astype(int))
+
+    report = measure_parity(first, second, features)
+
+    assert not report.ok
+    assert report.max_abs_probability_diff > 1e-5
+    assert not ParityReport(rows=0, label_agreement=1.0, max_abs_probability_diff=0.0).ok
+
+
+def test_server_loads_the_onnx_runtime_when_parity_holds(embedded_settings: Settings) -> None:
+    settings = embedded_settings
+    client = _client(settings)
+    loaded = load_model(settings, client, open_store(settings), _production(settings))
+
+    assert loaded.runtime is Runtime.ONNX
+    assert isinstance(loaded.model, OnnxModel)
+
+
+def _unfaithful_export(settings: Settings, version: ModelVersion, client: MlflowClient, run_id: str) -> None:
+    """Log under `run_id` the export of another forest (other seed, 3 trees): loadable, but not this model."""
+    validation = validation_frame(settings, date.fromisoformat(version.tags["as_of"]))
+    features = validation[list(FEATURE_NAMES)]
+    other = build_pipeline(
+        *feature_kinds(features), settings.model_copy(update={"n_estimators": 3, "seed": 7})
+    )
+    other.fit(features, validation[LABEL].astype(int))
+    log_onnx_export(client, version.name, version.version, run_id, other, validation)
+
+
+def _corrupt_export(settings: Settings, version: ModelVersion, client: MlflowClient, run_id: str) -> None:
+    """Log under `run_id` an export whose model file is not ONNX at all."""
+    folder = Path(client.download_artifacts(_production(settings).run_id, ARTIFACT_DIR, str(settings.home)))
+    (folder / MODEL_FILE).write_bytes(b"not an onnx model")
+    client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_DIR)
+
+
+@pytest.mark.parametrize(
+    "export", [None, _unfaithful_export, _corrupt_export], ids=["absent", "unfaithful", "corrupt"]
+)
+def test_server_falls_back_to_sklearn(
+    fresh_embedded_settings: Settings, export: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A version of the same model whose run has no usable export is served by the scikit-learn pipeline."""
+    settings = fresh_embedded_settings
+    client = _client(settings)
+    production = _production(settings)
+    run = client.create_run(client.get_run(production.run_id).info.experiment_id)
+    candidate = client.create_model_version(
+        settings.model_name, production.source, run_id=run.info.run_id, tags=production.tags
+    )
+    if callable(export):
+        export(settings, candidate, client, run.info.run_id)
+    candidate = client.get_model_version(settings.model_name, candidate.version)
+
+    with caplog.at_level(logging.WARNING, logger="server.onnx_runtime"):
+        loaded = load_model(settings, client, open_store(settings), candidate)
+
+    assert loaded.runtime is Runtime.SKLEARN
+    assert not isinstance(loaded.model, OnnxModel)
+    assert f"serving run {run.info.run_id} with scikit-learn" in caplog.text
+    if export is _unfaithful_export:
+        assert "parity fails" in caplog.text
