@@ -120,3 +120,17 @@ def test_written_tables_round_trip_with_a_manifest(tmp_path: Path) -> None:
 
 def test_snapshot_timestamp_is_midnight_utc() -> None:
     assert demo_data.snapshot_timestamp(date(2024, 1, 31)) == pd.Timestamp("2024-01-31T00:00:00Z")
+
+
+def test_fingerprint_sees_a_single_changed_value_or_type(tables: dict[str, pd.DataFrame]) -> None:
+    reference = demo_data.tables_fingerprint(tables)
+    edited = {name: frame.copy() for name, frame in tables.items()}
+    edited[LABELS_TABLE].loc[5, LABEL] = not edited[LABELS_TABLE].loc[5, LABEL]
+    assert demo_data.tables_fingerprint(edited) != reference
+    retyped = {
+        **tables,
+        "usage_agg_30d_snapshots": tables["usage_agg_30d_snapshots"].astype({"skips_7d": "int32"}),
+    }
+    assert demo_data.tables_fingerprint(retyped) != reference
+    renamed = {**tables, "churn_labels": tables[LABELS_TABLE].rename(columns={LABEL: "left"})}
+    assert demo_data.tables_fingerprint(renamed) != reference

@@ -132,5 +132,5 @@ def training_set(settings: Settings, as_of: date) -> pd.DataFrame:
 
 
 def training_set_fingerprint(frame: pd.DataFrame) -> str:
-    """sha256 of a training set's content (rows, columns, types)."""
-    return frame_fingerprint(frame, [JOIN_KEY])
+    """sha256 of a training set's content (rows in their user_id order, columns, types)."""
+    return frame_fingerprint(frame)

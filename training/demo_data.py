@@ -37,6 +37,7 @@ Generating process (every draw comes from one ``numpy.random.Generator`` seeded 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from datetime import UTC, date, datetime
@@ -223,10 +224,9 @@ def generate_tables(users: int, seed: int) -> dict[str, pd.DataFrame]:
 
 
 def tables_fingerprint(tables: dict[str, pd.DataFrame]) -> str:
-    """One fingerprint for a set of tables (content only, not file bytes)."""
-    keys = ["user_id", TIMESTAMP_FIELD]
-    parts = [f"{name}:{frame_fingerprint(frame, keys)}" for name, frame in tables.items()]
-    return frame_fingerprint(pd.DataFrame({"part": sorted(parts)}), ["part"])
+    """One fingerprint for a set of tables: their content in generated row order, not their file bytes."""
+    parts = sorted(f"{name}:{frame_fingerprint(frame)}" for name, frame in tables.items())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def table_path(settings: Settings, table: str) -> Path:
