@@ -11,6 +11,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -35,17 +36,30 @@ from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 
 
-def _status(code: grpc.StatusCode, reason: str) -> status_pb2.Status:
+def scripted_failure(code: grpc.StatusCode) -> grpc.Status:
+    """A failure as the server sends it: the code, a message, and an ErrorInfo in the trailers."""
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="test", metadata={"attempt": "n"}))
-    return status_pb2.Status(code=code.value[0], message=f"scripted {code.name}", details=[info])
+    info.Pack(
+        error_details_pb2.ErrorInfo(reason=f"SCRIPTED_{code.name}", domain="test", metadata={"attempt": "n"})
+    )
+    status = status_pb2.Status(code=code.value[0], message=f"scripted {code.name}", details=[info])
+    return rpc_status.to_status(status)
+
+
+@dataclass(frozen=True)
+class Rewritten(grpc.Status):
+    """A status whose message no longer matches the google.rpc.Status in its trailers."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 class ScriptedService(pb_grpc.PredictionServiceServicer):
     """Fails the first calls with the scripted codes, then answers; counts every call it receives."""
 
     def __init__(self) -> None:
-        self.failures: list[grpc.StatusCode] = []
+        self.failures: list[grpc.Status] = []
         self.attempts = 0
         self.hang = threading.Event()  # set: Predict waits until `release` instead of answering
         self.release = threading.Event()
@@ -58,8 +72,7 @@ class ScriptedService(pb_grpc.PredictionServiceServicer):
         if self.hang.is_set():
             self.release.wait(timeout=60)
         if attempt <= len(self.failures):
-            code = self.failures[attempt - 1]
-            context.abort_with_status(rpc_status.to_status(_status(code, f"SCRIPTED_{code.name}")))
+            context.abort_with_status(self.failures[attempt - 1])
         return pb.PredictResponse(
             prediction=pb.Prediction(
                 user_id=request.user_id,
@@ -91,7 +104,7 @@ def scripted() -> Iterator[tuple[ScriptedService, str]]:
 
 def test_unavailable_is_retried_until_the_call_succeeds(scripted: tuple[ScriptedService, str]) -> None:
     service, target = scripted
-    service.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE]
+    service.failures = [scripted_failure(grpc.StatusCode.UNAVAILABLE)] * 2
     with ChurnClient(target, timeout=30) as client:
         prediction = client.predict("7590-VHVEG")
     assert prediction == Prediction(
@@ -106,7 +119,7 @@ def test_unavailable_is_retried_until_the_call_succeeds(scripted: tuple[Scripted
 
 def test_unavailable_gives_up_after_max_attempts(scripted: tuple[ScriptedService, str]) -> None:
     service, target = scripted
-    service.failures = [grpc.StatusCode.UNAVAILABLE] * 10
+    service.failures = [scripted_failure(grpc.StatusCode.UNAVAILABLE)] * 10
     with (
         ChurnClient(target, timeout=30, max_attempts=4) as client,
         pytest.raises(ServiceUnavailableError) as exc,
@@ -120,7 +133,7 @@ def test_unavailable_gives_up_after_max_attempts(scripted: tuple[ScriptedService
 
 def test_max_attempts_of_one_disables_retry(scripted: tuple[ScriptedService, str]) -> None:
     service, target = scripted
-    service.failures = [grpc.StatusCode.UNAVAILABLE]
+    service.failures = [scripted_failure(grpc.StatusCode.UNAVAILABLE)]
     with ChurnClient(target, timeout=30, max_attempts=1) as client, pytest.raises(ServiceUnavailableError):
         client.predict("7590-VHVEG")
     assert service.attempts == 1
@@ -140,7 +153,7 @@ def test_other_codes_are_not_retried(
     scripted: tuple[ScriptedService, str], code: grpc.StatusCode, error_class: type[ChurnServiceError]
 ) -> None:
     service, target = scripted
-    service.failures = [code]
+    service.failures = [scripted_failure(code)]
     with ChurnClient(target, timeout=30) as client, pytest.raises(ChurnServiceError) as exc:
         client.predict("7590-VHVEG")
     assert service.attempts == 1
@@ -148,6 +161,17 @@ def test_other_codes_are_not_retried(
     assert exc.value.code is code
     assert exc.value.reason == f"SCRIPTED_{code.name}"
     assert exc.value.metadata == {"attempt": "n"}
+
+
+def test_details_that_disagree_with_the_call_are_ignored(scripted: tuple[ScriptedService, str]) -> None:
+    service, target = scripted
+    # What a proxy that rewrites the message but passes the trailers on would deliver.
+    original = scripted_failure(grpc.StatusCode.INVALID_ARGUMENT)
+    service.failures = [Rewritten(original.code, "rewritten by a proxy", original.trailing_metadata)]
+    with ChurnClient(target, timeout=30) as client, pytest.raises(InvalidArgumentError) as exc:
+        client.predict("7590-VHVEG")
+    assert exc.value.message == "rewritten by a proxy"
+    assert exc.value.reason == ""  # the call's own code and message win over details that contradict them
 
 
 def test_deadline_exceeded_is_a_typed_error(scripted: tuple[ScriptedService, str]) -> None:
