@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from urllib.parse import urlparse
+
 import pytest
 
 from feature_repo.definitions import SNAPSHOT_DATES
@@ -121,3 +124,28 @@ def test_promoting_the_production_version_again_changes_nothing(fresh_embedded_s
     done = promote(fresh_embedded_settings, 1, "Production")
     assert (done.version, done.previous_production, done.gate) == (1, None, None)
     assert registry_state(fresh_embedded_settings) == before
+
+
+def test_a_candidate_the_gate_cannot_judge_is_refused(fresh_embedded_settings: Settings) -> None:
+    settings = fresh_embedded_settings
+    client = mlflow_client(settings)
+    result = train(settings, JAN)
+    # Same model files, but registered without the tags training sets: the gate cannot rebuild its split.
+    untagged = client.create_model_version(
+        settings.model_name, client.get_model_version(settings.model_name, "2").source, run_id=result.run_id
+    )
+    # Version 2 with its model files gone: the gate cannot score it.
+    logged = client.get_logged_model(client.get_model_version(settings.model_name, "2").source.split("/")[-1])
+    shutil.rmtree(urlparse(logged.artifact_location).path)
+    before = registry_state(settings)
+
+    with pytest.raises(StreamflowError) as error:
+        promote(settings, untagged.version, "Production")
+    assert str(error.value) == (
+        "Version 3 has no as_of tag, so the gate cannot rebuild its validation split; "
+        "promote it with --force if it is what you want."
+    )
+    with pytest.raises(StreamflowError) as error:
+        promote(settings, 2, "Production")
+    assert str(error.value).startswith("Version 2 of streamflow_churn cannot be loaded for the gate (")
+    assert registry_state(settings) == before

@@ -19,6 +19,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from sklearn.base import ClassifierMixin
 
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
@@ -102,12 +103,22 @@ def gate(settings: Settings, candidate: ModelVersion, production: ModelVersion) 
             "split; promote it with --force if it is what you want."
         )
     as_of = date.fromisoformat(candidate.tags[TAG_AS_OF])
-    validation = validation_frame(settings, as_of)
-    aucs = [
-        score(mlflow.sklearn.load_model(f"models:/{settings.model_name}/{v.version}"), validation)["val_auc"]
-        for v in (candidate, production)
-    ]
+    # The rows the candidate held out: split with the seed it was trained with.
+    params = mlflow_client(settings).get_run(str(candidate.run_id)).data.params
+    validation = validation_frame(settings, as_of, seed=int(params.get("random_state", settings.seed)))
+    aucs = [score(_load(settings, v), validation)["val_auc"] for v in (candidate, production)]
     return Gate(as_of, aucs[0], int(production.version), aucs[1])
+
+
+def _load(settings: Settings, version: ModelVersion) -> ClassifierMixin:
+    try:
+        model: ClassifierMixin = mlflow.sklearn.load_model(f"models:/{settings.model_name}/{version.version}")
+    except (MlflowException, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StreamflowError(
+            f"Version {version.version} of {settings.model_name} cannot be loaded for the gate ({reason})."
+        ) from exc
+    return model
 
 
 def _move(client: MlflowClient, name: str, version: ModelVersion, stage: str) -> None:
@@ -129,13 +140,13 @@ def promote(settings: Settings, version: int | str, stage: str, force: bool = Fa
     client = mlflow_client(settings)
     name = settings.model_name
     candidate = _version(client, name, version)
-    production = current(client, name, "Production")
     number = int(candidate.version)
     if target != "Production":
         _move(client, name, candidate, target)
         log.info("%s version %d is now in %s", name, number, target)
         return Promotion(number, target, None, None)
 
+    production = current(client, name, "Production")
     if production is not None and int(production.version) == number:
         _move(client, name, candidate, target)  # already there; re-asserting repairs a drifted alias
         return Promotion(number, target, None, None)

@@ -109,13 +109,13 @@ def split(frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     return train_rows, validation_rows
 
 
-def validation_frame(settings: Settings, as_of: date) -> pd.DataFrame:
+def validation_frame(settings: Settings, as_of: date, seed: int | None = None) -> pd.DataFrame:
     """The validation rows (user_id, as_of, features, label) of the training set at `as_of`.
 
-    The same rows training held out, so a promotion gate, the ONNX parity check or a test can score several
-    models on one split.
+    The rows a training with `seed` (default: settings.seed) held out, so a promotion gate, the ONNX parity
+    check or a test can score several models on one split.
     """
-    return split(training_set(settings, as_of), settings.seed)[1]
+    return split(training_set(settings, as_of), settings.seed if seed is None else seed)[1]
 
 
 def feature_kinds(features: pd.DataFrame) -> tuple[list[str], list[str]]:
