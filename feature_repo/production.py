@@ -17,7 +17,7 @@ from streamflow.settings import Settings
 
 REDIS_TIMEOUT_S = 2
 """Socket connect/read timeout of the online store: a Redis outage must surface as an error within seconds
-(Predict answers UNAVAILABLE), not as a request stuck on a dead socket."""
+(Predict answers UNAVAILABLE), not as a request stuck on a dead or unresponsive socket."""
 
 REGISTRY_CACHE_TTL_S = 60
 """How long a process trusts its cached copy of the SQL registry before reading it again."""
@@ -41,6 +41,10 @@ def redis_connection_string(redis_url: str) -> str:
     if parts.scheme == "rediss":
         options.append("ssl=true")
     options += [f"socket_timeout={REDIS_TIMEOUT_S}", f"socket_connect_timeout={REDIS_TIMEOUT_S}"]
+    # No client-side retries (`null` reaches redis-py as retry=None): its default retries 3 times with up to
+    # 14 s of backoff, which outlasts a caller's deadline. The server answers UNAVAILABLE at once instead,
+    # and callers retry that code (the client's service config does).
+    options.append("retry=null")
     return ",".join(options)
 
 

@@ -1,0 +1,227 @@
+"""The production profile end to end: PostgreSQL snapshots, Redis features, the MLflow registry, gRPC.
+
+The serving issue's scenario (bootstrap, Predict, unknown user, promote -> live swap, rollback) on the real
+services, then the faults: Redis stopping mid-run, the MLflow server stopping under the image's ENTRYPOINT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import pytest
+import redis
+
+from client import ChurnClient, EntityNotFoundError, ModelRef, Prediction, ServiceUnavailableError
+from feature_repo import store
+from feature_repo.definitions import FEATURE_NAMES, SNAPSHOT_DATES
+from server.app import create_server
+from streamflow import healthcheck, postgres
+from streamflow.settings import Settings
+from tests.fixtures.deploy import serving_image, serving_only_environment
+from tests.fixtures.production import ProductionStack, free_port, running_mlflow_server, start_private_redis
+from training import demo_data
+from training.ingest import TABLES
+from training.registry import promote, rollback
+from training.train import train
+
+pytestmark = pytest.mark.production
+
+USER = "7590-VHVEG"
+UNKNOWN_USER = "9999-99999"
+_T = TypeVar("_T")
+
+
+def eventually(attempt: Callable[[], _T], what: str, timeout_s: float = 60.0) -> _T:
+    """attempt()'s first result not raising AssertionError or UNAVAILABLE, polling until timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return attempt()
+        except (AssertionError, grpc.RpcError, ServiceUnavailableError):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}") from None
+            time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def prediction_server(settings: Settings) -> Iterator[str]:
+    """A real server (server.app.create_server) on a free port, SERVING; yields its address."""
+    running = create_server(settings)
+    address = f"127.0.0.1:{running.port}"
+    try:
+
+        def serving() -> None:
+            assert healthcheck.check(address) == "SERVING"
+
+        eventually(serving, f"the server at {address} to report SERVING", timeout_s=120)
+        yield address
+    finally:
+        running.stop(0)
+
+
+def production_version(settings: Settings) -> str:
+    """The Production version as the MLflow server's REST API shows it to any HTTP client."""
+    url = f"{settings.tracking_uri}/api/2.0/mlflow/registered-models/get?name={settings.model_name}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        model = json.load(response)["registered_model"]
+    (version,) = [v["version"] for v in model["latest_versions"] if v["current_stage"] == "Production"]
+    return str(version)
+
+
+def test_scenario_reads_redis_and_postgres_and_follows_the_registry_over_http(
+    production_stack: ProductionStack,
+) -> None:
+    settings = production_stack.settings
+    tables = demo_data.generate_tables(settings.users, settings.seed)
+    feb = demo_data.snapshot_timestamp(SNAPSHOT_DATES[-1])
+    with postgres.connect(settings.postgres_dsn) as conn:
+        rows = {table: conn.execute(f'SELECT count(*) FROM "{table}"').fetchone() for table in TABLES}
+        fee = conn.execute(
+            "SELECT monthly_fee FROM subscriptions_profile_snapshots WHERE user_id = %s AND as_of = %s",
+            (USER, feb.to_pydatetime()),
+        ).fetchone()
+    assert rows == {table: (len(frame),) for table, frame in tables.items()}
+    users = set().union(*(set(frame["user_id"]) for frame in tables.values()))
+    keys = list(
+        redis.Redis.from_url(settings.redis_url).scan_iter(match=b"*" + settings.redis_key_prefix.encode())
+    )
+    assert len(keys) == len(users), "one Redis hash per user, under this project"
+    first = production_version(settings)
+    assert first == str(production_stack.report.production_version)
+
+    with prediction_server(settings) as address, ChurnClient(address) as client:
+        prediction = client.predict(USER)
+        assert prediction.model == ModelRef(settings.model_name, first)
+        features = {f.name: f for f in prediction.features}
+        assert list(features) == list(FEATURE_NAMES)
+        # The value PostgreSQL holds for the latest snapshot, materialized to Redis and served from there.
+        assert (features["monthly_fee"].value,) == fee
+        assert features["monthly_fee"].event_time == feb.to_pydatetime()
+
+        with pytest.raises(EntityNotFoundError) as unknown:
+            client.predict(UNKNOWN_USER)
+        assert (unknown.value.code, unknown.value.reason) == (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND")
+        assert unknown.value.user_id == UNKNOWN_USER
+        assert set(unknown.value.missing_features) == set(FEATURE_NAMES)
+
+        second = str(train(settings, SNAPSHOT_DATES[-1]).version)
+        promote(settings, second, "Production", force=True)
+        assert production_version(settings) == second
+        served: list[Prediction] = []
+
+        def swapped_to(version: str) -> None:
+            # Every call in the loop must succeed: the swap never drops a request.
+            served.append(client.predict(USER))
+            assert served[-1].model.version == version and client.model_info().model.version == version
+
+        eventually(lambda: swapped_to(second), f"the server to swap to version {second}")
+        assert {p.model.version for p in served} <= {first, second}
+
+        rollback(settings)
+        assert production_version(settings) == first
+        eventually(lambda: swapped_to(first), f"the server to roll back to version {first}")
+        assert client.predict(USER).churn_probability == prediction.churn_probability
+
+
+def test_redis_stopping_mid_run_is_unavailable_and_service_recovers(
+    production_stack: ProductionStack, tmp_path: Path
+) -> None:
+    with start_private_redis(tmp_path / "redis") as private:
+        # The same registry and offline store, materialized into a Redis of the test's own that it may stop.
+        settings = production_stack.settings.model_copy(update={"redis_url": private.url})
+        store.open_store(settings).materialize(*store.materialization_window())
+        with prediction_server(settings) as address, ChurnClient(address, max_attempts=1) as client:
+            before = client.predict(USER)
+
+            private.stop()
+            with pytest.raises(ServiceUnavailableError) as outage:
+                client.predict(USER)
+            with pytest.raises(ServiceUnavailableError) as batch_outage:
+                client.batch_predict([USER, UNKNOWN_USER])
+
+            private.start()
+            after = eventually(lambda: client.predict(USER), "predictions once Redis is back")
+
+    for error in (outage.value, batch_outage.value):
+        # A typed, retryable answer, not UNKNOWN: the whole read failed, so the whole call does.
+        assert error.code == grpc.StatusCode.UNAVAILABLE
+        assert (error.reason, error.metadata) == ("FEATURE_STORE_UNAVAILABLE", {"onlineStore": "redis"})
+    assert after == before
+
+
+def _registry_unreachable_logged(log: Path, after: int) -> None:
+    assert "registry unreachable" in log.read_text()[after:]
+
+
+def test_image_entrypoint_keeps_serving_and_healthy_while_the_mlflow_server_is_down(
+    production_stack: ProductionStack, tmp_path: Path
+) -> None:
+    """The Dockerfile's ENTRYPOINT and HEALTHCHECK, run as declared (the venv standing in for the image's
+    PATH, imports limited to the image's packages), against an MLflow server the test then stops."""
+    settings, image = production_stack.settings, serving_image()
+    port = free_port()
+    outside = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMFLOW_", "MLFLOW_"))}
+    with running_mlflow_server(
+        production_stack.mlflow.backend_dsn, production_stack.mlflow.artifacts, tmp_path / "mlflow.log"
+    ) as mlflow:
+        env = {
+            **outside,
+            **image.env,
+            **serving_only_environment(tmp_path / "image"),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{outside.get('PATH', '')}",
+            "STREAMFLOW_HOME": str(tmp_path / "home"),
+            "STREAMFLOW_HOST": "127.0.0.1",
+            "STREAMFLOW_PORT": str(port),
+            "STREAMFLOW_POSTGRES_DSN": settings.postgres_dsn,
+            "STREAMFLOW_REDIS_URL": settings.redis_url,
+            "STREAMFLOW_REDIS_KEY_PREFIX": settings.redis_key_prefix,
+            "STREAMFLOW_POLL_INTERVAL_S": "0.5",
+            "STREAMFLOW_REGISTRY_TIMEOUT_S": "2",
+            "MLFLOW_TRACKING_URI": mlflow.url,
+        }
+        log = tmp_path / "server.log"
+
+        def health() -> int:
+            return subprocess.run(
+                image.healthcheck, env=env, capture_output=True, timeout=30, check=False
+            ).returncode
+
+        with log.open("wb") as output:
+            server = subprocess.Popen(image.entrypoint, env=env, stdout=output, stderr=subprocess.STDOUT)
+        try:
+
+            def healthy() -> None:
+                assert server.poll() is None, f"the server exited: {log.read_text()[-3000:]}"
+                assert health() == 0
+
+            eventually(healthy, "the HEALTHCHECK command to pass", timeout_s=180)
+            with ChurnClient(f"127.0.0.1:{port}") as client:
+                before = client.predict(USER)
+
+                mlflow.stop()
+                seen = len(log.read_text())
+                eventually(lambda: _registry_unreachable_logged(log, seen), "the poller to meet the outage")
+                during = client.predict(USER)
+                assert health() == 0, "health stays SERVING while the registry is away"
+
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(60) == 0
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    assert during == before
+    assert during.model == ModelRef(settings.model_name, str(production_stack.report.production_version))
+    assert health() == 1, "after SIGTERM nothing answers the HEALTHCHECK"
+    assert "Traceback" not in log.read_text()
