@@ -21,7 +21,7 @@ import pandas as pd
 from feast import FeatureStore
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 
 from server.domain import (
@@ -45,6 +45,7 @@ AS_OF_TAG = "as_of"
 CHURN_CLASS = 1
 """The pipeline's positive class: `predict_proba(columns)[:, 1]` is the churn probability."""
 
+_NOT_FOUND_CODES = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<stage_or_version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 
@@ -86,7 +87,8 @@ class ModelTarget:
             if self.version is not None:
                 return client.get_model_version(self.name, self.version)
         except MlflowException as exc:
-            if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            # An unknown version is RESOURCE_DOES_NOT_EXIST; an unset alias is INVALID_PARAMETER_VALUE.
+            if exc.error_code in _NOT_FOUND_CODES:
                 return None
             raise
         assert self.stage is not None

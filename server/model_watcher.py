@@ -44,6 +44,7 @@ class ModelWatcher:
         self._last_failure: ReloadFailure | None = None
         # (version, registry timestamp, monotonic time) of the last refusal, to avoid reloading it every poll.
         self._refused: tuple[str, int, float] | None = None
+        self._waiting = False  # logged that the URI points at nothing yet
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -90,9 +91,13 @@ class ModelWatcher:
             )
             return
         if version is None:
-            if self._current is None:
-                log.warning("no version of %s yet; waiting for one", self.target.uri)
+            if self._current is None and not self._waiting:
+                log.warning(
+                    "no version at %s yet; polling every %g s", self.target.uri, self.settings.poll_interval_s
+                )
+            self._waiting = True
             return
+        self._waiting = False
         current = self._current
         if current is not None and current.ref.version == str(version.version):
             self._current = current.with_registry_state(version)
