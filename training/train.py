@@ -240,10 +240,11 @@ def train(settings: Settings, as_of: date) -> TrainingResult:
         log.info("fitting %d trees on %d rows (%s)", settings.n_estimators, len(train_rows), as_of)
         started = time.monotonic()
         pipeline.fit(features, train_rows[LABEL].astype(int))
-        metrics = {**score(pipeline, validation), "training_time_s": round(time.monotonic() - started, 3)}
+        metrics = {"training_time_s": round(time.monotonic() - started, 3), **score(pipeline, validation)}
         mlflow.log_metrics(metrics)
         log.info("validation: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
+        log.info("logging plots, schema and the model to MLflow")
         importances = _importances(pipeline, categorical, numeric)
         mlflow.log_dict(_feature_schema(categorical), "feature_schema.json")
         mlflow.log_dict(importances.sort_values(ascending=False).to_dict(), "feature_importance.json")
@@ -298,5 +299,8 @@ def _log_compiled(
     # Imported here: the export pulls in skl2onnx and onnxruntime, which the rest of training does not need.
     from training.onnx_export import log_onnx_export
 
+    log.info(
+        "exporting version %s to ONNX and checking parity on %d validation rows", version, len(validation)
+    )
     report = log_onnx_export(client, settings.model_name, version, run_id, pipeline, validation)
     log.info("ONNX export: parity %s", "ok" if report.ok else "FAILED, the server will use scikit-learn")
