@@ -88,7 +88,11 @@ def create_server(
         )
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     address = f"{host}:{settings.port}"
-    port = server.add_insecure_port(address)
+    try:
+        # grpcio 1.85 raises where older releases returned port 0; both mean the bind failed.
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
     if port == 0:
         raise StreamflowError(f"cannot listen on {address}: the port is in use or the address is not local")
     server.start()
