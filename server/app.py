@@ -23,10 +23,11 @@ from grpc_reflection.v1alpha import reflection
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server.model_loader import LoadedModel
+from server.model_loader import LoadedModel, ModelTarget
 from server.model_watcher import ModelWatcher
 from server.predictor import Predictor
 from server.servicer import PredictionServicer
+from server.workers import run_workers, worker_count
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
@@ -117,8 +118,25 @@ def bound_registry_calls(settings: Settings) -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Serve until SIGTERM or SIGINT, then drain calls in flight for up to `settings.grace_s`; returns 0."""
+    """Serve until SIGTERM or SIGINT, then drain calls in flight for up to `settings.grace_s`; returns 0.
+
+    With several workers (`settings.workers`, 0 = one per core) a supervisor forks them before any gRPC object
+    exists, and each worker serves the shared port and follows the registry on its own (server/workers.py).
+    """
     bound_registry_calls(settings)
+    workers = worker_count(settings)
+    if workers > 1:
+        ModelTarget.parse(settings.model_uri)  # a malformed URI: one clear error, not one per worker
+        return run_workers(settings, workers, serve_worker)
+    return _serve_process(settings, reuse_port=False)
+
+
+def serve_worker(settings: Settings) -> int:
+    """One of several processes serving `settings.port` (the supervisor announces the address)."""
+    return _serve_process(settings, reuse_port=True)
+
+
+def _serve_process(settings: Settings, reuse_port: bool) -> int:
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -127,8 +145,11 @@ def serve(settings: Settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    running = create_server(settings)
-    print(f"streamflow serve: listening on {settings.host}:{running.port}", flush=True)
+    running = create_server(settings, reuse_port=reuse_port)
+    if reuse_port:
+        log.info("worker %d listening on %s:%d", os.getpid(), settings.host, running.port)
+    else:
+        print(f"streamflow serve: listening on {settings.host}:{running.port}", flush=True)
     stopping.wait()
     running.stop(settings.grace_s)
     log.info("stopped")

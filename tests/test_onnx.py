@@ -44,6 +44,16 @@ def _production(settings: Settings) -> ModelVersion:
     return client.get_model_version(settings.model_name, version.version)
 
 
+def _run_id(version: ModelVersion) -> str:
+    assert version.run_id, f"version {version.version} has no run"
+    return version.run_id
+
+
+def _source(version: ModelVersion) -> str:
+    assert version.source, f"version {version.version} has no source"
+    return version.source
+
+
 def _export_dir(settings: Settings, run_id: str, tmp_path: Path) -> Path:
     return Path(
         mlflow.artifacts.download_artifacts(
@@ -59,7 +69,7 @@ def test_onnx_export_reproduces_the_pipeline_on_demo_validation(
     embedded_settings: Settings, tmp_path: Path
 ) -> None:
     version = _production(embedded_settings)
-    export = _export_dir(embedded_settings, version.run_id, tmp_path)
+    export = _export_dir(embedded_settings, _run_id(version), tmp_path)
     pipeline = mlflow.sklearn.load_model(
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{version.name}/{version.version}",
@@ -126,7 +136,7 @@ def _unfaithful_export(settings: Settings, version: ModelVersion, client: Mlflow
 
 def _corrupt_export(settings: Settings, version: ModelVersion, client: MlflowClient, run_id: str) -> None:
     """Log under `run_id` an export whose model file is not ONNX at all."""
-    folder = Path(client.download_artifacts(_production(settings).run_id, ARTIFACT_DIR, str(settings.home)))
+    folder = Path(client.download_artifacts(_run_id(_production(settings)), ARTIFACT_DIR, str(settings.home)))
     (folder / MODEL_FILE).write_bytes(b"not an onnx model")
     client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_DIR)
 
@@ -141,9 +151,9 @@ def test_server_falls_back_to_sklearn(
     settings = fresh_embedded_settings
     client = _client(settings)
     production = _production(settings)
-    run = client.create_run(client.get_run(production.run_id).info.experiment_id)
+    run = client.create_run(client.get_run(_run_id(production)).info.experiment_id)
     candidate = client.create_model_version(
-        settings.model_name, production.source, run_id=run.info.run_id, tags=production.tags
+        settings.model_name, _source(production), run_id=run.info.run_id, tags=production.tags
     )
     if callable(export):
         export(settings, candidate, client, run.info.run_id)
