@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint protos mlflow-server constraints
+.PHONY: install run test lint protos mlflow-server constraints bench
 
 # Reinstalls only when pyproject.toml changes, so a second `make run` starts in seconds.
 $(STAMP): pyproject.toml
@@ -41,3 +41,9 @@ constraints: install
 	{ echo "# The tested environment, pinned: every image installs with these versions (-c)."; \
 	  echo "# Regenerate after changing pyproject.toml: make constraints"; \
 	  $(BIN)/pip freeze --exclude-editable; } > deploy/constraints.txt
+
+# StreamFlow against the seed-style REST service, `mlflow models serve` and the in-process floor, side by side
+# (bench/run.py; its own home .streamflow-bench). h2load drives the load: Debian's nghttp2-client.
+bench: install
+	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+	$(BIN)/python -m bench.run
