@@ -130,12 +130,11 @@ def test_a_candidate_the_gate_cannot_judge_is_refused(fresh_embedded_settings: S
     settings = fresh_embedded_settings
     client = mlflow_client(settings)
     result = train(settings, JAN)
+    source = str(client.get_model_version(settings.model_name, "2").source)  # models:/m-<logged model id>
     # Same model files, but registered without the tags training sets: the gate cannot rebuild its split.
-    untagged = client.create_model_version(
-        settings.model_name, client.get_model_version(settings.model_name, "2").source, run_id=result.run_id
-    )
+    untagged = client.create_model_version(settings.model_name, source, run_id=result.run_id)
     # Version 2 with its model files gone: the gate cannot score it.
-    logged = client.get_logged_model(client.get_model_version(settings.model_name, "2").source.split("/")[-1])
+    logged = client.get_logged_model(source.split("/")[-1])
     shutil.rmtree(urlparse(logged.artifact_location).path)
     before = registry_state(settings)
 
