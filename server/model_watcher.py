@@ -98,6 +98,8 @@ class ModelWatcher:
             self._waiting = True
             return
         self._waiting = False
+        if version.status not in (None, "READY"):
+            return  # still being registered (artifacts uploading): look again next poll
         current = self._current
         if current is not None and current.ref.version == str(version.version):
             self._current = current.with_registry_state(version)
