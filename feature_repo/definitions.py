@@ -35,8 +35,8 @@ class ViewSpec:
     features: tuple[tuple[str, FeastType], ...]
 
 
-# TTLs: the profile changes slowly, so a quarter-old row is still the truth; the rolling aggregates are reloaded
-# every month, so a row more than one cycle (35 days) old means a missed load and must not be trusted.
+# TTLs: the profile changes slowly, so a quarter-old row is still the truth; the rolling aggregates are
+# reloaded every month, so a row more than one cycle (35 days) old means a missed load and is not trusted.
 VIEW_SPECS: tuple[ViewSpec, ...] = (
     ViewSpec(
         "subscription_profile_fv",
@@ -122,7 +122,7 @@ def build_feature_service(views: list[FeatureView]) -> FeatureService:
     """`churn_model_v1`: the exact 14 features the churn model is trained on and served with."""
     return FeatureService(
         name=FEATURE_SERVICE_NAME,
-        features=views,
+        features=list(views),
         description="Features of the StreamFlow churn model, version 1.",
     )
 
