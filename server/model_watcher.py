@@ -82,7 +82,6 @@ class ModelWatcher:
 
     def poll(self) -> None:
         """One look at the registry; loads and swaps in a new version when the URI points at one."""
-        store = self._feature_store()
         try:
             version = self.target.resolve(self._client)
         except Exception as exc:
@@ -113,7 +112,7 @@ class ModelWatcher:
             return
         log.info("loading %s version %s", version.name, version.version)
         try:
-            loaded = load_model(self.settings, self._client, store, version)
+            loaded = load_model(self.settings, self._client, self._feature_store(), version)
         except Exception as exc:
             expected = isinstance(exc, StreamflowError)
             reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
@@ -138,13 +137,8 @@ class ModelWatcher:
             listener(loaded)
 
     def _feature_store(self) -> FeatureStore:
-        """The Feast store, opened once and its registry re-read on every poll: a new FeatureService then
-        resolves at load time, and the registry cache never expires on a request thread (Feast re-reads an
-        expired cache synchronously inside `get_online_features`)."""
+        """The Feast store, opened once. Loads resolve the FeatureService without the registry cache, and
+        requests never read the registry (the reader resolves everything at load), so no refresh is needed."""
         if self._store is None:
             self._store = open_store(self.settings)
-        try:
-            self._store.refresh_registry()
-        except Exception as exc:
-            log.warning("Feast registry unreachable, keeping its cached copy: %s", exc)
         return self._store
