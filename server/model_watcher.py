@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from feature_repo.store import open_store
 from server.domain import ReloadFailure
+from server.heap import settle_after_load
 from server.model_loader import LoadedModel, ModelTarget, load_model
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
@@ -129,6 +130,7 @@ class ModelWatcher:
                 exc_info=not expected,
             )
             return
+        settle_after_load()  # before the swap, so no request waits on the collection it runs
         self._current = loaded
         self._last_failure = None
         self._refused = None
