@@ -65,10 +65,10 @@ class PredictionServer:
 def create_server(
     settings: Settings, predictor: Predictor | None = None, reuse_port: bool = False
 ) -> PredictionServer:
-    """Start a server on `settings.host:settings.port` and its registry watcher; NOT_SERVING until a model.
+    """Start a server on `settings.host:settings.port` and its registry watcher.
 
-    `reuse_port` lets several worker processes share the port; off, a port in use is an error. Raises
-    StreamflowError when the port cannot be bound (grpc returns port 0 instead of raising).
+    Health reports NOT_SERVING until the watcher has loaded a model. `reuse_port` lets several workers
+    share the port; off, a port in use is an error. Raises StreamflowError when the port cannot be bound.
     """
     if predictor is None:
         predictor = Predictor(settings, ModelWatcher(settings))
