@@ -122,8 +122,9 @@ def _load_month(
     )
     buffer = io.StringIO()
     # CSV keeps float precision (repr) and lets COPY parse booleans and ISO timestamps; it is far faster than
-    # row-by-row inserts at a million users.
-    frame.to_csv(buffer, index=False, header=False)
+    # row-by-row inserts at a million users. The month's one `as_of` is written as one preformatted string:
+    # formatting a timezone-aware column row by row took most of the CSV time.
+    frame.assign(**{TIMESTAMP_FIELD: as_of.isoformat()}).to_csv(buffer, index=False, header=False)
     with conn.cursor() as cursor:
         with cursor.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(staging, columns)) as copy:
             copy.write(buffer.getvalue())
