@@ -155,9 +155,8 @@ def load_model(
     if not feature_service:
         raise ModelLoadError(f"version {version.version} has no {FEATURE_SERVICE_TAG!r} tag")
     reader = FeatureReader(store, feature_service, settings)
-    pipeline = _load_pipeline(settings, client, version)
     run_id = version.run_id or ""
-    runtime, model = choose_runtime(settings, run_id, pipeline)
+    runtime, model = choose_runtime(settings, run_id, lambda: _load_pipeline(settings, client, version))
     _smoke_test(model, reader)
     run = client.get_run(run_id)
     return LoadedModel(

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow.artifacts
 import mlflow.sklearn
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -21,16 +22,18 @@ from server.domain import Runtime
 from server.model_loader import load_model
 from server.onnx_runtime import (
     ARTIFACT_DIR,
+    EXPECTED_COLUMN,
     MODEL_FILE,
     PARITY_FILE,
     PARITY_TAG,
+    SAMPLE_FILE,
     OnnxModel,
     ParityReport,
-    measure_parity,
+    compare,
 )
 from streamflow.settings import Settings
 from training.dataset import LABEL
-from training.onnx_export import log_onnx_export
+from training.onnx_export import export_onnx
 from training.train import build_pipeline, feature_kinds, validation_frame
 
 
@@ -94,6 +97,11 @@ def test_onnx_export_reproduces_the_pipeline_on_demo_validation(
     assert report["label_agreement"] == 1.0
     assert report["max_abs_probability_diff"] <= 1e-5
     assert version.tags[PARITY_TAG] == "ok"
+    # The sample the server re-checks at load carries the pipeline's own probabilities.
+    sample = pd.read_parquet(export / SAMPLE_FILE)
+    assert np.array_equal(
+        sample[EXPECTED_COLUMN].to_numpy(), pipeline.predict_proba(sample[list(FEATURE_NAMES)])[:, 1]
+    )
 
 
 def test_parity_report_fails_on_a_different_model(embedded_settings: Settings) -> None:
@@ -107,7 +115,7 @@ def test_parity_report_fails_on_a_different_model(embedded_settings: Settings) -
     first = build_pipeline(categorical, numeric, settings_a).fit(features, validation[LABEL].astype(int))
     second = build_pipeline(categorical, numeric, settings_b).fit(features, validation[LABEL].astype(int))
 
-    report = measure_parity(first, second, features)
+    report = compare(first.predict_proba(features)[:, 1], second.predict_proba(features)[:, 1])
 
     assert not report.ok
     assert report.max_abs_probability_diff > 1e-5
@@ -124,14 +132,17 @@ def test_server_loads_the_onnx_runtime_when_parity_holds(embedded_settings: Sett
 
 
 def _unfaithful_export(settings: Settings, version: ModelVersion, client: MlflowClient, run_id: str) -> None:
-    """Log under `run_id` the export of another forest (other seed, 3 trees): loadable, but not this model."""
+    """Log under `run_id` this model's export folder with the model swapped for another forest's export
+    (other seed, 3 trees): it loads, but does not reproduce the pipeline's probabilities on the sample."""
     validation = validation_frame(settings, date.fromisoformat(version.tags["as_of"]))
     features = validation[list(FEATURE_NAMES)]
     other = build_pipeline(
         *feature_kinds(features), settings.model_copy(update={"n_estimators": 3, "seed": 7})
     )
     other.fit(features, validation[LABEL].astype(int))
-    log_onnx_export(client, version.name, version.version, run_id, other, validation)
+    folder = Path(client.download_artifacts(_run_id(_production(settings)), ARTIFACT_DIR, str(settings.home)))
+    (folder / MODEL_FILE).write_bytes(export_onnx(other, features))
+    client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_DIR)
 
 
 def _corrupt_export(settings: Settings, version: ModelVersion, client: MlflowClient, run_id: str) -> None:

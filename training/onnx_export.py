@@ -24,13 +24,14 @@ from sklearn.pipeline import Pipeline
 
 from server.onnx_runtime import (
     ARTIFACT_DIR,
+    EXPECTED_COLUMN,
     MODEL_FILE,
     PARITY_FILE,
     PARITY_TAG,
     SAMPLE_FILE,
     OnnxModel,
     ParityReport,
-    measure_parity,
+    compare,
 )
 from streamflow.errors import StreamflowError
 
@@ -78,12 +79,15 @@ def log_onnx_export(
     """
     features = validation[list(pipeline.feature_names_in_)]
     exported = export_onnx(pipeline, features)
-    report = measure_parity(pipeline, OnnxModel(exported), features)
+    expected = pipeline.predict_proba(features)[:, 1]
+    report = compare(expected, OnnxModel(exported).predict_proba(features)[:, 1])
+    # The server checks the export against these probabilities of the pipeline, without loading it.
+    sample = features.head(SAMPLE_ROWS).assign(**{EXPECTED_COLUMN: expected[:SAMPLE_ROWS]})
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / MODEL_FILE).write_bytes(exported)
         (folder / PARITY_FILE).write_text(report.to_json())
-        features.head(SAMPLE_ROWS).to_parquet(folder / SAMPLE_FILE, index=False)
+        sample.to_parquet(folder / SAMPLE_FILE, index=False)
         client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_DIR)
     client.set_model_version_tag(model_name, version, PARITY_TAG, "ok" if report.ok else "failed")
     return report
