@@ -74,13 +74,19 @@ def start(
     raise RuntimeError(f"{name} was not ready within 3 minutes; see {log}")
 
 
-def grpc_serving(port: int) -> bool:
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError:
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+def grpc_serving(port: int, connections: int = 20) -> bool:
+    """SERVING on `connections` fresh connections in a row: with several workers on the port, each
+    connection reaches one of them, and every worker must have its model before the load starts."""
+    for _ in range(connections):
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+            except grpc.RpcError:
+                return False
+            if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+    return True
 
 
 def http_ok(path: str) -> Callable[[int], bool]:

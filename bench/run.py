@@ -1,0 +1,335 @@
+"""`make bench`: StreamFlow's gRPC server against the alternatives, measured side by side in one run.
+
+Compared one at a time, on the same machine and data (the default demo: 7,043 users, 300 trees, in its own
+home `.streamflow-bench/`, bootstrapped when missing):
+
+- StreamFlow: `streamflow serve` (its default worker count), driven over gRPC by h2load;
+- the floor: the server's own feature read and inference in this process, without any RPC;
+- the Feast SDK path: `get_online_features` feeding the same model, in this process;
+- the seed-style REST service (bench/seed_rest_service.py: FastAPI + Feast SDK + MLflow pyfunc), one process;
+- `mlflow models serve` of the same model version, features in the request, StreamFlow's worker count.
+
+Predict asks for the first demo user, BatchPredict for the first 100 / 1,000 users of the last snapshot.
+Nothing here asserts a time: it prints one table, also written to
+bench/results/latest.md and bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import pandas as pd
+
+from bench import h2load
+from bench.floor import feast_sdk_call, feature_frame, floor_call, load_served_model, time_calls
+from bench.services import BIN, Service, free_port, grpc_serving, http_ok, start
+from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
+from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
+from feature_repo.definitions import SNAPSHOT_DATES, VIEW_SPECS
+from streamflow.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+HOME = ROOT / ".streamflow-bench"
+RESULTS = ROOT / "bench" / "results"
+SERVICE = "streamflow.serving.v1.PredictionService"
+BATCH_SIZES = (100, 1000)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of the table; `lower_is_better` decides which way its ratios are taken."""
+
+    key: str
+    label: str
+    lower_is_better: bool
+
+
+METRICS = (
+    Metric("p50", "Predict p50, concurrency 1 (ms)", True),
+    Metric("p99", "Predict p99, concurrency 1 (ms)", True),
+    Metric("rps1", "Predict calls/s, concurrency 1", False),
+    Metric("rps8", "Predict calls/s, concurrency 8", False),
+    Metric("rps32", "Predict calls/s, concurrency 32", False),
+    Metric("batch100", "BatchPredict 100 users p50 (ms)", True),
+    Metric("batch1000", "BatchPredict 1,000 users p50 (ms)", True),
+    Metric("rss_total", "resident memory, all processes (MB)", True),
+    Metric("rss_worker", "resident memory, largest process (MB)", True),
+)
+
+
+@dataclass
+class Column:
+    """One compared system's figures, keyed like METRICS."""
+
+    name: str
+    values: dict[str, float] = field(default_factory=dict)
+    failed: int = 0
+
+
+def demo_users(settings: Settings) -> list[str]:
+    """Users of the last snapshot, in file order (the first one is the demo's first user, 7590-VHVEG)."""
+    table = pd.read_parquet(
+        settings.data_dir / f"{VIEW_SPECS[0].table}.parquet", columns=["user_id", "as_of"]
+    )
+    last = table["as_of"].dt.date == max(SNAPSHOT_DATES)
+    return list(table.loc[last, "user_id"].head(max(BATCH_SIZES)))
+
+
+def bootstrap(env: dict[str, str]) -> None:
+    """`streamflow bootstrap` in the bench home: idempotent, takes seconds when everything is in place."""
+    print(f"bootstrapping {HOME} (skipped quickly when already done) ...", flush=True)
+    subprocess.run([str(BIN / "streamflow"), "bootstrap"], env={**os.environ, **env}, check=True)
+
+
+def measure_in_process(settings: Settings, users: list[str]) -> tuple[Column, Column]:
+    model, store = load_served_model(settings)
+    floor, sdk = Column("floor (in-process)"), Column("Feast SDK path (in-process)")
+    for column, make in (
+        (floor, lambda ids: floor_call(model, ids)),
+        (sdk, lambda ids: feast_sdk_call(model, store, ids)),
+    ):
+        one = time_calls(make(users[:1]), repeat=2000)
+        column.values.update(p50=one.percentile(50), p99=one.percentile(99), rps1=one.calls_per_s)
+        for size in BATCH_SIZES:
+            column.values[f"batch{size}"] = time_calls(
+                make(users[:size]), repeat=max(20, 20_000 // size)
+            ).percentile(50)
+    return floor, sdk
+
+
+def measure_service(
+    service: Service, predict: h2load.Endpoint, batches: dict[int, h2load.Endpoint], duration: float
+) -> Column:
+    """Drive one running service with h2load; memory is read after each run and the largest kept."""
+    column = Column(service.name)
+
+    def note(result: h2load.LoadResult) -> h2load.LoadResult:
+        total, largest = service.memory_mb()
+        column.values["rss_total"] = max(column.values.get("rss_total", 0.0), total)
+        column.values["rss_worker"] = max(column.values.get("rss_worker", 0.0), largest)
+        column.failed += result.failed
+        return result
+
+    for concurrency in (1, 8, 32):
+        print(f"  {service.name}: Predict at concurrency {concurrency}", flush=True)
+        result = note(h2load.run(predict, concurrency, duration))
+        column.values[f"rps{concurrency}"] = result.throughput
+        if concurrency == 1:
+            column.values.update(p50=result.percentile(50), p99=result.percentile(99))
+    for size, endpoint in batches.items():
+        print(f"  {service.name}: batch of {size}", flush=True)
+        column.values[f"batch{size}"] = note(h2load.run(endpoint, 1, duration)).percentile(50)
+    return column
+
+
+def check_grpc(port: int, users: list[str]) -> None:
+    """h2load sees only HTTP 200: check the grpc-status of the same requests with a real client."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.PredictionServiceStub(channel)
+        stub.Predict(pb.PredictRequest(user_id=users[0]), timeout=10)
+        for size in BATCH_SIZES:
+            reply = stub.BatchPredict(pb.BatchPredictRequest(user_ids=users[:size]), timeout=30)
+            if any(r.HasField("error") for r in reply.results):
+                raise SystemExit("BatchPredict returned per-user errors for benchmark users")
+
+
+def check_http(endpoint: h2load.Endpoint) -> None:
+    request = urllib.request.Request(
+        endpoint.url, data=endpoint.body, headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        if reply.status != 200:
+            raise SystemExit(f"{endpoint.url} answered {reply.status}")
+
+
+def json_endpoint(url: str, payload: object) -> h2load.Endpoint:
+    return h2load.Endpoint(url, json.dumps(payload).encode(), h2load.JSON_HEADERS, http1=True)
+
+
+def bench_streamflow(env: dict[str, str], users: list[str], duration: float, log: Path) -> Column:
+    port = free_port()
+    service = start(
+        "StreamFlow gRPC",
+        [str(BIN / "streamflow"), "serve"],
+        {**env, "STREAMFLOW_HOST": "127.0.0.1", "STREAMFLOW_PORT": str(port)},
+        grpc_serving,
+        port,
+        log,
+    )
+    try:
+        check_grpc(port, users)
+        base = f"http://127.0.0.1:{port}/{SERVICE}"
+
+        def endpoint(method: str, request: bytes) -> h2load.Endpoint:
+            return h2load.Endpoint(f"{base}/{method}", h2load.grpc_frame(request), h2load.GRPC_HEADERS)
+
+        predict = endpoint("Predict", pb.PredictRequest(user_id=users[0]).SerializeToString())
+        batches = {
+            n: endpoint("BatchPredict", pb.BatchPredictRequest(user_ids=users[:n]).SerializeToString())
+            for n in BATCH_SIZES
+        }
+        return measure_service(service, predict, batches, duration)
+    finally:
+        service.stop()
+
+
+def bench_seed(env: dict[str, str], users: list[str], duration: float, log: Path) -> Column:
+    port = free_port()
+    args = [sys.executable, "-m", "bench.seed_rest_service", "--port", str(port)]
+    service = start("seed REST", args, env, http_ok("/openapi.json"), port, log)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        predict = json_endpoint(f"{base}/predict", {"user_id": users[0]})
+        batches = {n: json_endpoint(f"{base}/batch_predict", {"user_ids": users[:n]}) for n in BATCH_SIZES}
+        for endpoint in (predict, *batches.values()):
+            check_http(endpoint)
+        return measure_service(service, predict, batches, duration)
+    finally:
+        service.stop()
+
+
+def bench_mlflow(
+    settings: Settings,
+    env: dict[str, str],
+    frames: dict[int, pd.DataFrame],
+    workers: int,
+    duration: float,
+    log: Path,
+) -> Column:
+    port = free_port()
+    args = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        settings.model_uri,
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
+    args += ["--env-manager", "local", "-w", str(workers)]
+    service = start(
+        "mlflow models serve",
+        args,
+        # mlflow runs `uvicorn` from PATH, which a venv not activated does not have.
+        {**env, "MLFLOW_TRACKING_URI": settings.tracking_uri, "PATH": f"{BIN}:{os.environ.get('PATH', '')}"},
+        http_ok("/ping"),
+        port,
+        log,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/invocations"
+
+        def endpoint(frame: pd.DataFrame) -> h2load.Endpoint:
+            split = json.loads(frame.to_json(orient="split", index=False))
+            return json_endpoint(url, {"dataframe_split": split})
+
+        predict = endpoint(frames[1])
+        batches = {n: endpoint(frames[n]) for n in BATCH_SIZES}
+        for each in (predict, *batches.values()):
+            check_http(each)
+        return measure_service(service, predict, batches, duration)
+    finally:
+        service.stop()
+
+
+def ratio(ours: float | None, other: float | None, lower_is_better: bool) -> str:
+    """How many times better StreamFlow is than `other` (below 1: worse)."""
+    if not ours or not other:
+        return "—"
+    return f"{(other / ours) if lower_is_better else (ours / other):,.1f}x"
+
+
+def cell(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.2f}"
+
+
+def render(columns: list[Column], header: str) -> str:
+    ours, floor, sdk, seed, mlflow_serve = columns
+    names = [c.name for c in columns]
+    lines = [
+        header,
+        "",
+        "| measure | "
+        + " | ".join(names)
+        + " | vs seed REST | vs mlflow serve | vs Feast SDK path | ÷ floor |",
+        "|---|" + "---:|" * (len(names) + 4),
+    ]
+    for metric in METRICS:
+        values = [c.values.get(metric.key) for c in columns]
+        mine = ours.values.get(metric.key)
+        floor_value = floor.values.get(metric.key)
+        to_floor = "—"
+        if mine and floor_value:
+            to_floor = f"{(mine / floor_value) if metric.lower_is_better else (floor_value / mine):,.2f}"
+        lines.append(
+            f"| {metric.label} | "
+            + " | ".join(cell(v) for v in values)
+            + f" | {ratio(mine, seed.values.get(metric.key), metric.lower_is_better)}"
+            + f" | {ratio(mine, mlflow_serve.values.get(metric.key), metric.lower_is_better)}"
+            + f" | {ratio(mine, sdk.values.get(metric.key), metric.lower_is_better)}"
+            + f" | {to_floor} |"
+        )
+    lines += [
+        "",
+        'Ratios "vs X": how many times better StreamFlow is than X (latency: X ÷ StreamFlow; throughput',
+        'and memory the same way round, so above 1x favours StreamFlow). "÷ floor": StreamFlow\'s cost',
+        "over the in-process floor (1.00 = no overhead). Failed requests: "
+        + ", ".join(f"{c.name} {c.failed}" for c in columns if c.name not in (floor.name, sdk.name))
+        + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Benchmark StreamFlow against the alternatives.")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per measured run")
+    args = parser.parse_args()
+    h2load.require_h2load()
+    env = {"STREAMFLOW_HOME": str(HOME)}
+    bootstrap(env)
+    settings = Settings(home=HOME)
+    workers = settings.workers or os.cpu_count() or 1
+    users = demo_users(settings)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    print("in-process floor and Feast SDK path ...", flush=True)
+    floor, sdk = measure_in_process(settings, users)
+    model, _ = load_served_model(settings)
+    frames = {n: feature_frame(model, users[:n]) for n in (1, *BATCH_SIZES)}
+    runtime = model.runtime
+    del model
+
+    ours = bench_streamflow(env, users, args.duration, RESULTS / "streamflow.log")
+    seed = bench_seed(env, users, args.duration, RESULTS / "seed_rest.log")
+    mlflow_serve = bench_mlflow(settings, env, frames, workers, args.duration, RESULTS / "mlflow_serve.log")
+
+    measured = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = (
+        f"# Benchmark, measured {measured}\n\n"
+        f"{os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}; "
+        f"{settings.users:,} demo users, {settings.n_estimators} trees; StreamFlow runtime {runtime}, "
+        f"{workers} workers; mlflow models serve with {workers} workers; seed REST one process; "
+        f"{args.duration:g} s of load per run (h2load, one request in flight per connection)."
+    )
+    table = render([ours, floor, sdk, seed, mlflow_serve], header)
+    print("\n" + table)
+    (RESULTS / "latest.md").write_text(table)
+    (ROOT / "bench" / "RESULTS.md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
