@@ -6,7 +6,6 @@ services, then the faults: Redis stopping mid-run, the MLflow server stopping un
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -14,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,11 +24,11 @@ import redis
 from client import ChurnClient, EntityNotFoundError, ModelRef, Prediction, ServiceUnavailableError
 from feature_repo import store
 from feature_repo.definitions import FEATURE_NAMES, SNAPSHOT_DATES
-from server.app import create_server
 from streamflow import healthcheck, postgres
 from streamflow.settings import Settings
 from tests.fixtures.deploy import serving_image, serving_only_environment
 from tests.fixtures.production import ProductionStack, free_port, running_mlflow_server, start_private_redis
+from tests.fixtures.serving import start_server
 from training import demo_data
 from training.ingest import TABLES
 from training.registry import promote, rollback
@@ -52,22 +51,6 @@ def eventually(attempt: Callable[[], _T], what: str, timeout_s: float = 60.0) ->
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out waiting for {what}") from None
             time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def prediction_server(settings: Settings) -> Iterator[str]:
-    """A real server (server.app.create_server) on a free port, SERVING; yields its address."""
-    running = create_server(settings)
-    address = f"127.0.0.1:{running.port}"
-    try:
-
-        def serving() -> None:
-            assert healthcheck.check(address) == "SERVING"
-
-        eventually(serving, f"the server at {address} to report SERVING", timeout_s=120)
-        yield address
-    finally:
-        running.stop(0)
 
 
 def production_version(settings: Settings) -> str:
@@ -100,7 +83,8 @@ def test_scenario_reads_redis_and_postgres_and_follows_the_registry_over_http(
     first = production_version(settings)
     assert first == str(production_stack.report.production_version)
 
-    with prediction_server(settings) as address, ChurnClient(address) as client:
+    with start_server(settings) as running, ChurnClient(running.local_address) as client:
+        assert healthcheck.check(running.local_address) == "SERVING"
         prediction = client.predict(USER)
         assert prediction.model == ModelRef(settings.model_name, first)
         features = {f.name: f for f in prediction.features}
@@ -141,7 +125,7 @@ def test_redis_stopping_mid_run_is_unavailable_and_service_recovers(
         # The same registry and offline store, materialized into a Redis of the test's own that it may stop.
         settings = production_stack.settings.model_copy(update={"redis_url": private.url})
         store.open_store(settings).materialize(*store.materialization_window())
-        with prediction_server(settings) as address, ChurnClient(address, max_attempts=1) as client:
+        with start_server(settings) as running, ChurnClient(running.local_address, max_attempts=1) as client:
             before = client.predict(USER)
 
             private.stop()
