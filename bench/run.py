@@ -62,8 +62,8 @@ METRICS = (
     Metric("rps32", "Predict calls/s, concurrency 32", False),
     Metric("batch100", "BatchPredict 100 users p50 (ms)", True),
     Metric("batch1000", "BatchPredict 1,000 users p50 (ms)", True),
-    Metric("rss_total", "resident memory, all processes (MB)", True),
-    Metric("rss_worker", "resident memory, largest process (MB)", True),
+    Metric("rss_total", "memory of all processes, PSS (MB)", True),
+    Metric("rss_worker", "resident memory of the largest process, RSS (MB)", True),
 )
 
 

@@ -36,13 +36,15 @@ class Service:
     process: subprocess.Popen[bytes]
 
     def memory_mb(self) -> tuple[float, float]:
-        """(total RSS of the process and its children, largest single-process RSS), in MB.
+        """(proportional set size of the process and its children, largest single-process RSS), in MB.
 
-        Forked workers share copy-on-write pages, so the total counts shared pages once per process.
+        PSS, not summed RSS, for the total: forked workers share their parent's pages copy-on-write, and PSS
+        counts a shared page once across the processes that share it.
         """
         parent = psutil.Process(self.process.pid)
-        rss = [p.memory_info().rss for p in [parent, *parent.children(recursive=True)]]
-        return sum(rss) / 2**20, max(rss) / 2**20
+        processes = [parent, *parent.children(recursive=True)]
+        pss = sum(p.memory_full_info().pss for p in processes)
+        return pss / 2**20, max(p.memory_info().rss for p in processes) / 2**20
 
     def stop(self) -> None:
         if self.process.poll() is None:
