@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
+from server.heap import limit_malloc_arenas
 from server.model_loader import LoadedModel, ModelTarget
 from server.model_watcher import ModelWatcher
 from server.predictor import Predictor
@@ -124,6 +125,7 @@ def serve(settings: Settings) -> int:
     exists, and each worker serves the shared port and follows the registry on its own (server/workers.py).
     """
     bound_registry_calls(settings)
+    limit_malloc_arenas()  # before any thread exists; forked workers inherit it
     workers = worker_count(settings)
     if workers > 1:
         ModelTarget.parse(settings.model_uri)  # a malformed URI: one clear error, not one per worker

@@ -12,8 +12,16 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 
 log = logging.getLogger(__name__)
+
+MALLOC_ARENAS = 2
+"""glibc malloc arenas a server process may use (glibc's default: 8 per core). Request threads allocate while
+holding the GIL, so more arenas barely cut lock contention, and each keeps its own freed memory mapped: after
+1,000-user batches a worker held 397-408 MB resident with the default, 386-388 MB with 2, at the same Predict
+throughput (measured with h2load, 2 workers of 16 threads, 2026-11-28)."""
+_M_ARENA_MAX = -8  # mallopt parameter number, from glibc's malloc.h
 
 
 def settle_after_load() -> None:
@@ -28,11 +36,30 @@ def settle_after_load() -> None:
     gc.freeze()
 
 
-def _release_free_memory() -> None:
-    """glibc keeps freed arenas mapped; `malloc_trim` returns them (a no-op elsewhere)."""
+def limit_malloc_arenas() -> None:
+    """Cap glibc's malloc arenas at `MALLOC_ARENAS`; call before the process starts its threads (it only
+    shapes arenas created later). An operator's `MALLOC_ARENA_MAX` wins; a no-op without glibc."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return
+    libc.mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+
+
+def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        log.debug("malloc_trim unavailable (%s); freed memory stays with the allocator", name)
+        return ctypes.CDLL(name)
+    except (OSError, TypeError):
+        log.debug("C library %s not loadable; malloc tuning skipped", name)
+        return None
+
+
+def _release_free_memory() -> None:
+    """glibc keeps freed arenas mapped; `malloc_trim` returns them (a no-op elsewhere)."""
+    libc = _libc()
+    if libc is None or not hasattr(libc, "malloc_trim"):
+        log.debug("malloc_trim unavailable; freed memory stays with the allocator")
+        return
+    libc.malloc_trim(0)
