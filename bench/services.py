@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from streamflow.healthcheck import check
 
 BIN = Path(sys.executable).parent
 
@@ -79,16 +79,7 @@ def start(
 def grpc_serving(port: int, connections: int = 20) -> bool:
     """SERVING on `connections` fresh connections in a row: with several workers on the port, each
     connection reaches one of them, and every worker must have its model before the load starts."""
-    for _ in range(connections):
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-            try:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-            except grpc.RpcError:
-                return False
-            if reply.status != health_pb2.HealthCheckResponse.SERVING:
-                return False
-    return True
+    return all(check(f"127.0.0.1:{port}", timeout_s=2) == "SERVING" for _ in range(connections))
 
 
 def http_ok(path: str) -> Callable[[int], bool]:

@@ -18,8 +18,11 @@ from streamflow.settings import load_settings
 
 
 def check(address: str, service: str = "", timeout_s: float = 3.0) -> str:
-    """The health status name the server at address reports for service (``""`` is the whole server)."""
-    with grpc.insecure_channel(address) as channel:
+    """The health status name the server at address reports for service (``""`` is the whole server).
+
+    Each call opens its own connection, so with several workers on one port repeated probes reach any of them.
+    """
+    with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
