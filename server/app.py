@@ -1,5 +1,11 @@
 """Builds and runs the gRPC server: PredictionService, health, reflection, and the registry watcher.
 
+The server is grpc's asyncio server on an event loop of its own thread. Predict and ModelInfo run on the loop
+itself: they take a fraction of a millisecond, and handing each call to a thread pool (grpc's sync server)
+cost more than the call under load, because every hand-off and every GIL release (SQLite, ONNX) made threads
+queue for the GIL. BatchPredict runs on a small pool (`settings.threads`) so a 1,000-user batch does not hold
+the loop, and health checks answer while batches run.
+
 `create_server` starts a server (port 0 picks a free port, as tests do) and returns a handle that stops the
 server, its health and its watcher together; `serve` runs one until SIGTERM or SIGINT, draining calls in
 flight.
@@ -7,14 +13,17 @@ flight.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import signal
 import threading
+from collections.abc import Coroutine
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2  # noqa: F401 - puts the detail types in the pool reflection serves
@@ -39,16 +48,56 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
 """Health names the server reports: the whole server and the prediction service."""
 
+T = TypeVar("T")
+
+# grpc-stubs predates grpc_health's asyncio servicer (`health.aio`, whose set/enter_graceful_shutdown are
+# coroutines), so it is untyped here.
+AsyncHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
+
+
+class EventLoopThread:
+    """An asyncio event loop running in a thread of its own, so callers (serve, tests) stay synchronous."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` on the loop and wait for its result (or exception)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def submit(self, coroutine: Coroutine[Any, Any, object]) -> None:
+        """Run `coroutine` on the loop without waiting (from any thread)."""
+        asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def close(self) -> None:
+        """Cancel what is left on the loop, stop it and join its thread."""
+        self.run(_cancel_remaining_tasks())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+async def _cancel_remaining_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
 
 @dataclass(frozen=True)
 class PredictionServer:
     """A started server and what must stop with it."""
 
     settings: Settings
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
-    health: health.HealthServicer
+    health: Any  # an AsyncHealthServicer
     predictor: Predictor
+    event_loop: EventLoopThread
+    batch_pool: futures.ThreadPoolExecutor
+    _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
     def local_address(self) -> str:
@@ -57,10 +106,19 @@ class PredictionServer:
         return f"{host}:{self.port}"
 
     def stop(self, grace: float | None) -> None:
-        """Report NOT_SERVING, refuse new calls, give calls in flight `grace` s, stop the watcher."""
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        """Report NOT_SERVING, refuse new calls, give calls in flight `grace` s, stop the watcher; once."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.event_loop.run(self._stop(grace))
+        # The watcher may still announce a model on the loop until it stops; health ignores it by now.
         self.predictor.watcher.stop()
+        self.event_loop.close()
+        self.batch_pool.shutdown(wait=True)
+
+    async def _stop(self, grace: float | None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
 
 
 def create_server(
@@ -73,16 +131,39 @@ def create_server(
     """
     if predictor is None:
         predictor = Predictor(settings, ModelWatcher(settings))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="grpc"),
+    event_loop = EventLoopThread()
+    batch_pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="batch")
+    try:
+        server, port, health_servicer = event_loop.run(
+            _start(settings, PredictionServicer(predictor, batch_pool), reuse_port)
+        )
+    except BaseException:
+        event_loop.close()
+        batch_pool.shutdown()
+        raise
+
+    def serving(model: LoadedModel) -> None:  # called on the watcher's thread
+        for name in HEALTH_SERVICES:
+            event_loop.submit(health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
+
+    predictor.watcher.subscribe(serving)
+    predictor.watcher.start()
+    log.info("listening on %s:%d for %s", settings.host, port, settings.model_uri)
+    return PredictionServer(settings, server, port, health_servicer, predictor, event_loop, batch_pool)
+
+
+async def _start(
+    settings: Settings, servicer: PredictionServicer, reuse_port: bool
+) -> tuple[grpc.aio.Server, int, Any]:
+    server = grpc.aio.server(
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         # grpc turns SO_REUSEPORT on by default, so a second server would silently share the port.
         options=[("grpc.so_reuseport", int(reuse_port))],
     )
-    pb_grpc.add_PredictionServiceServicer_to_server(PredictionServicer(predictor), server)
-    health_servicer = health.HealthServicer()
+    pb_grpc.add_PredictionServiceServicer_to_server(servicer, server)
+    health_servicer = AsyncHealthServicer()
     for name in HEALTH_SERVICES:
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
         reflection.enable_server_reflection(
@@ -97,16 +178,8 @@ def create_server(
         port = 0
     if port == 0:
         raise StreamflowError(f"cannot listen on {address}: the port is in use or the address is not local")
-    server.start()
-
-    def serving(model: LoadedModel) -> None:
-        for name in HEALTH_SERVICES:
-            health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-    predictor.watcher.subscribe(serving)
-    predictor.watcher.start()
-    log.info("listening on %s:%d for %s", settings.host, port, settings.model_uri)
-    return PredictionServer(settings, server, port, health_servicer, predictor)
+    await server.start()
+    return server, port, health_servicer
 
 
 def bound_registry_calls(settings: Settings) -> None:

@@ -1,14 +1,20 @@
 """The PredictionService servicer: protobuf in, one call to the Predictor, protobuf out.
 
+It runs on the asyncio server's event loop (server/app.py). Predict and ModelInfo call the Predictor right
+there: they are short, and a thread hand-off would cost more than the call. BatchPredict runs on the injected
+thread pool so the loop keeps answering while a large batch is scored.
+
 `_answer` is the one place where failures become statuses: a `ServingError` through the error table, anything
 else as INTERNAL with a request id whose traceback only the server log sees.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import TypeVar
 
 import grpc
@@ -25,9 +31,14 @@ log = logging.getLogger(__name__)
 Response = TypeVar("Response")
 
 
-def _answer(context: grpc.ServicerContext, rpc: str, work: Callable[[], Response]) -> Response:
+async def _answer(
+    context: grpc.aio.ServicerContext, rpc: str, work: Callable[[], Response], pool: Executor | None = None
+) -> Response:
+    """`work()` on the loop, or on `pool` when given, as the response or the status it fails with."""
     try:
-        return work()
+        if pool is None:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(pool, work)
     except ServingError as exc:
         status = status_of(exc)
     except Exception:
@@ -35,27 +46,28 @@ def _answer(context: grpc.ServicerContext, rpc: str, work: Callable[[], Response
         log.exception("%s failed unexpectedly (request id %s)", rpc, request_id)
         status = internal_status(request_id)
     # Outside the except blocks: abort raises, and must not be caught as an unexpected failure.
-    context.abort_with_status(rpc_status.to_status(status))
-    raise AssertionError("abort_with_status returned")  # pragma: no cover - grpc always raises
+    grpc_status = rpc_status.to_status(status)
+    await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
 
 
 class PredictionServicer(pb_grpc.PredictionServiceServicer):
     """Serves `streamflow.serving.v1.PredictionService` over an injected Predictor."""
 
-    def __init__(self, predictor: Predictor) -> None:
+    def __init__(self, predictor: Predictor, batch_pool: Executor) -> None:
         self._predictor = predictor
+        self._batch_pool = batch_pool
 
-    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
-        return _answer(
-            context,
-            "Predict",
-            lambda: pb.PredictResponse(
-                prediction=converters.prediction(self._predictor.predict(request.user_id))
-            ),
-        )
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        def work() -> pb.PredictResponse:
+            prediction = self._predictor.predict(request.user_id)
+            return pb.PredictResponse(prediction=converters.prediction(prediction))
 
-    def BatchPredict(
-        self, request: pb.BatchPredictRequest, context: grpc.ServicerContext
+        return await _answer(context, "Predict", work)
+
+    async def BatchPredict(
+        self, request: pb.BatchPredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchPredictResponse:
         def work() -> pb.BatchPredictResponse:
             user_ids = list(request.user_ids)
@@ -64,7 +76,11 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
                 results=[converters.batch_result(u, r) for u, r in zip(user_ids, results, strict=True)]
             )
 
-        return _answer(context, "BatchPredict", work)
+        return await _answer(context, "BatchPredict", work, self._batch_pool)
 
-    def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfoResponse:
-        return _answer(context, "ModelInfo", lambda: converters.model_info(self._predictor.model_info()))
+    async def ModelInfo(
+        self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfoResponse:
+        return await _answer(
+            context, "ModelInfo", lambda: converters.model_info(self._predictor.model_info())
+        )

@@ -91,10 +91,9 @@ class Settings(BaseSettings):
     reflection: bool = True
     """Serve gRPC server reflection (grpcurl `list` / `describe`)."""
 
-    threads: int = Field(default=6, ge=1)
-    """Thread pool size of one server process; requests contend for the GIL, so a few threads answer more
-    calls/s than many (6 gave about 11% more Predict/s than 16, and health checks still answered within 0.2 s
-    under 8 concurrent 1,000-user batches)."""
+    threads: int = Field(default=2, ge=1)
+    """Threads of one server process that score BatchPredict calls; Predict, ModelInfo and health run on the
+    process's event loop. Batches contend for the GIL, so more threads only queue them differently."""
 
     max_concurrent_rpcs: int = Field(default=256, ge=1)
     """RPCs one process runs or queues at once; beyond it callers get RESOURCE_EXHAUSTED."""
