@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from datetime import datetime
 
 from google.protobuf import timestamp_pb2
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from server.domain import FeatureSchema, FeatureType, FeatureValue, ModelInfo, ModelRef, Prediction, Runtime
+from server.domain import FeatureSchema, FeatureType, ModelInfo, ModelRef, Prediction, Runtime
 from server.errors import FeatureError, status_of
 
 _FEATURE_TYPES = {
@@ -33,35 +34,45 @@ def model_ref(ref: ModelRef) -> pb.ModelRef:
     return pb.ModelRef(name=ref.name, version=ref.version)
 
 
-def feature_value(value: FeatureValue) -> pb.FeatureValue:
-    """A typed FeatureValue; bool is tested before int because Python's bool is an int."""
-    message = pb.FeatureValue(name=value.name, event_time=timestamp(value.event_time))
-    if isinstance(value.value, bool):
-        message.bool_value = value.value
-    elif isinstance(value.value, int):
-        message.int64_value = value.value
-    elif isinstance(value.value, float):
-        message.double_value = value.value
-    else:
-        message.string_value = value.value
-    return message
+# Exact types, so a bool (an int in Python) lands in bool_value.
+_VALUE_FIELDS = {bool: "bool_value", int: "int64_value", float: "double_value", str: "string_value"}
+
+# Predictions are built in place (`add()`, sub-message fields) rather than passed to constructors: a message
+# given to a constructor or a repeated field is deep-copied, and those copies took most of a 1,000-user
+# BatchPredict's conversion.
 
 
-def prediction(result: Prediction) -> pb.Prediction:
-    return pb.Prediction(
-        user_id=result.user_id,
-        label=pb.CHURN_LABEL_CHURN if result.churn else pb.CHURN_LABEL_STAY,
-        churn_probability=result.churn_probability,
-        model=model_ref(result.model),
-        features=[feature_value(v) for v in result.features],
-    )
+def _fill_prediction(message: pb.Prediction, result: Prediction) -> None:
+    message.user_id = result.user_id
+    message.label = pb.CHURN_LABEL_CHURN if result.churn else pb.CHURN_LABEL_STAY
+    message.churn_probability = result.churn_probability
+    message.model.name = result.model.name
+    message.model.version = result.model.version
+    add_feature = message.features.add
+    for value in result.features:
+        feature = add_feature(name=value.name, **{_VALUE_FIELDS[type(value.value)]: value.value})
+        feature.event_time.CopyFrom(timestamp(value.event_time))
 
 
-def batch_result(user_id: str, result: Prediction | FeatureError) -> pb.BatchPredictResult:
-    """One BatchPredict entry: the prediction, or the status Predict would have failed with."""
-    if isinstance(result, FeatureError):
-        return pb.BatchPredictResult(user_id=user_id, error=status_of(result))
-    return pb.BatchPredictResult(user_id=user_id, prediction=prediction(result))
+def predict_response(result: Prediction) -> pb.PredictResponse:
+    response = pb.PredictResponse()
+    _fill_prediction(response.prediction, result)
+    return response
+
+
+def batch_response(
+    user_ids: Sequence[str], results: Sequence[Prediction | FeatureError]
+) -> pb.BatchPredictResponse:
+    """One entry per requested id, in order: the prediction, or the status Predict would have failed with."""
+    response = pb.BatchPredictResponse()
+    add_result = response.results.add
+    for user_id, result in zip(user_ids, results, strict=True):
+        entry = add_result(user_id=user_id)
+        if isinstance(result, FeatureError):
+            entry.error.CopyFrom(status_of(result))
+        else:
+            _fill_prediction(entry.prediction, result)
+    return response
 
 
 def feature_schema(feature: FeatureSchema) -> pb.FeatureSchema:

@@ -61,8 +61,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
         def work() -> pb.PredictResponse:
-            prediction = self._predictor.predict(request.user_id)
-            return pb.PredictResponse(prediction=converters.prediction(prediction))
+            return converters.predict_response(self._predictor.predict(request.user_id))
 
         return await _answer(context, "Predict", work)
 
@@ -71,10 +70,7 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
     ) -> pb.BatchPredictResponse:
         def work() -> pb.BatchPredictResponse:
             user_ids = list(request.user_ids)
-            results = self._predictor.batch_predict(user_ids)
-            return pb.BatchPredictResponse(
-                results=[converters.batch_result(u, r) for u, r in zip(user_ids, results, strict=True)]
-            )
+            return converters.batch_response(user_ids, self._predictor.batch_predict(user_ids))
 
         return await _answer(context, "BatchPredict", work, self._batch_pool)
 
