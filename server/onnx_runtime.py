@@ -11,10 +11,14 @@ runtimes expose the same `predict_proba(columns)`, so the rest of the server nev
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import logging
+import os
 import tempfile
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,18 +66,40 @@ class ProbabilityModel(Protocol):
     def predict_proba(self, columns: Columns) -> np.ndarray: ...
 
 
-class OnnxModel:
-    """An ONNX export of the pipeline with one input per feature column, named as the column."""
+MIN_CHUNK_ROWS = 128
+"""Fewest rows worth a thread of their own: below it, a hand-off costs more than the rows' inference."""
 
-    def __init__(self, model: bytes) -> None:
+
+def row_chunks(rows: int, threads: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges splitting `rows` evenly across at most `threads`, none under `MIN_CHUNK_ROWS`."""
+    count = max(1, min(threads, rows // MIN_CHUNK_ROWS))
+    bounds = np.linspace(0, rows, count + 1, dtype=int).tolist()
+    return list(itertools.pairwise(bounds))
+
+
+@functools.cache
+def _chunk_pool(threads: int) -> ThreadPoolExecutor:
+    # Created on first use, after any fork of server workers; shared by every model the process loads.
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="onnx")
+
+
+class OnnxModel:
+    """An ONNX export of the pipeline with one input per feature column, named as the column.
+
+    The session runs single-threaded: a one-row Predict took 60 µs with a 2-thread session instead of 38 µs.
+    A large batch is split into row chunks run at once on up to `threads` threads instead (the session is
+    thread-safe and releases the GIL), which halves a 1,000-row batch on 2 cores at no memory cost; a second,
+    multi-threaded session would add about 100 MB per worker.
+    """
+
+    def __init__(self, model: bytes, threads: int | None = None) -> None:
         options = ort.SessionOptions()
-        # One thread per call: the server already runs calls (and processes) in parallel, and a thread pool
-        # per call costs more than it saves for the row counts served here.
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self._inputs = [(i.name, _INPUT_DTYPES[i.type]) for i in self._session.get_inputs()]
         self._outputs = [PROBABILITIES_OUTPUT]
+        self._threads = threads if threads is not None else len(os.sched_getaffinity(0))
 
     @property
     def columns(self) -> list[str]:
@@ -83,6 +109,16 @@ class OnnxModel:
     def predict_proba(self, columns: Columns) -> np.ndarray:
         """Class probabilities (n, 2) for the rows of `columns`, like the pipeline's `predict_proba`."""
         feed = {name: np.asarray(columns[name], dtype=dtype).reshape(-1, 1) for name, dtype in self._inputs}
+        chunks = row_chunks(len(feed[self._inputs[0][0]]), self._threads)
+        if len(chunks) < 2:
+            return self._run(feed)
+        parts = _chunk_pool(self._threads).map(
+            lambda chunk: self._run({name: column[chunk[0] : chunk[1]] for name, column in feed.items()}),
+            chunks,
+        )
+        return np.concatenate(list(parts))
+
+    def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         probabilities: np.ndarray = self._session.run(self._outputs, feed)[0]
         return probabilities
 

@@ -23,6 +23,7 @@ from server.model_loader import load_model
 from server.onnx_runtime import (
     ARTIFACT_DIR,
     EXPECTED_COLUMN,
+    MIN_CHUNK_ROWS,
     MODEL_FILE,
     PARITY_FILE,
     PARITY_TAG,
@@ -30,6 +31,7 @@ from server.onnx_runtime import (
     OnnxModel,
     ParityReport,
     compare,
+    row_chunks,
 )
 from streamflow.settings import Settings
 from training.dataset import LABEL
@@ -102,6 +104,39 @@ def test_onnx_export_reproduces_the_pipeline_on_demo_validation(
     assert np.array_equal(
         sample[EXPECTED_COLUMN].to_numpy(), pipeline.predict_proba(sample[list(FEATURE_NAMES)])[:, 1]
     )
+
+
+def test_a_large_batch_split_across_threads_scores_exactly_as_one_run(
+    embedded_settings: Settings, tmp_path: Path
+) -> None:
+    export = _export_dir(embedded_settings, _run_id(_production(embedded_settings)), tmp_path)
+    model = (export / MODEL_FILE).read_bytes()
+    sample = pd.read_parquet(export / SAMPLE_FILE)[list(FEATURE_NAMES)]
+    batch = pd.concat([sample] * (3 * MIN_CHUNK_ROWS // len(sample) + 1), ignore_index=True)
+    batch = batch.iloc[: 3 * MIN_CHUNK_ROWS + 7]  # three uneven chunks
+
+    one_run = OnnxModel(model, threads=1).predict_proba(batch)
+    three_chunks = OnnxModel(model, threads=3).predict_proba(batch)
+
+    assert len(row_chunks(len(batch), 3)) == 3
+    assert one_run.shape == (len(batch), 2)
+    assert np.array_equal(one_run, three_chunks)
+
+
+@pytest.mark.parametrize(
+    ("rows", "threads", "chunks"),
+    [
+        (0, 4, [(0, 0)]),
+        (MIN_CHUNK_ROWS * 2 - 1, 4, [(0, MIN_CHUNK_ROWS * 2 - 1)]),  # too few rows for two chunks
+        (1000, 1, [(0, 1000)]),
+        (1000, 2, [(0, 500), (500, 1000)]),
+        (1001, 3, [(0, 333), (333, 667), (667, 1001)]),
+    ],
+)
+def test_row_chunks_split_evenly_and_never_below_the_minimum(
+    rows: int, threads: int, chunks: list[tuple[int, int]]
+) -> None:
+    assert row_chunks(rows, threads) == chunks
 
 
 def test_parity_report_fails_on_a_different_model(embedded_settings: Settings) -> None:
