@@ -2,11 +2,11 @@
 
 A `FeatureReader` is built once per model load: it resolves the model's FeatureService, its views, their
 features' types and time-to-live and the online store then, so a request only reads rows and classifies them.
-Rows come from one bulk `online_read` per feature view through Feast's own online store (the registry and the
-store stay the source of truth; the SDK's `get_online_features` would re-resolve all of that per call and
-costs several times more per user), and equal what that SDK call returns. Each requested user
-comes back either as a `FeatureRow` or as the `FeatureError` that keeps it from being scored, checked in this
-order:
+Rows come from Feast's own online store, every view in one round-trip per request (`server.online_rows`;
+the registry and the store stay the source of truth; the SDK's `get_online_features` would re-resolve all of
+that per call and costs several times more per user), and equal what that SDK call returns. Each requested
+user comes back either as a `FeatureRow` or as the `FeatureError` that keeps it from being scored, checked in
+this order:
 
 1. every feature null (the store has no row of any view for the user): `EntityNotFound`;
 2. some features null: `FeaturesMissing`;
@@ -26,14 +26,13 @@ import math
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import redis.exceptions
 import sqlalchemy.exc
-from feast import FeatureService, FeatureStore, FeatureView
+from feast import FeatureService, FeatureStore
 from feast.infra.provider import get_provider
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Bool, FeastType, Float32, Float64, Int32, Int64, String
 
@@ -47,6 +46,7 @@ from server.errors import (
     FeaturesStale,
     FeatureStoreUnavailable,
 )
+from server.online_rows import Cell, ViewFeatures, online_rows
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
@@ -94,11 +94,6 @@ _FRAME_DTYPES: dict[FeatureType, str] = {
     FeatureType.STRING: "object",
 }
 
-Cell = tuple[ValueProto, datetime]
-"""A stored feature value and the event time of its row (null and the epoch when the view has no row)."""
-_NULL = ValueProto()
-_EPOCH = datetime.fromtimestamp(0, UTC)
-
 # What an unreachable online store raises, per store: SQLite (file cannot be opened, locked), Redis, SQL
 # registries behind SQLAlchemy, and sockets in general.
 _UNREACHABLE: tuple[type[BaseException], ...] = (
@@ -134,12 +129,12 @@ class FeatureReader:
             ) from exc
         schema: list[FeatureSchema] = []
         ttls: dict[str, timedelta | None] = {}
-        views: list[tuple[FeatureView, list[str]]] = []
+        views: list[ViewFeatures] = []
         for projection in service.feature_view_projections:
             view_name = projection.name_to_use()
             view = store.get_feature_view(projection.name)
             ttls[view_name] = view.ttl if view.ttl and view.ttl > timedelta(0) else None
-            views.append((view, [field.name for field in projection.features]))
+            views.append(ViewFeatures(view, tuple(field.name for field in projection.features)))
             for field in projection.features:
                 if field.dtype not in _TYPES:
                     raise FeatureServiceError(
@@ -152,9 +147,7 @@ class FeatureReader:
             raise FeatureServiceError(f"FeatureService {feature_service!r} repeats a feature name: {names}")
         self.feature_service = feature_service
         self.schema: tuple[FeatureSchema, ...] = tuple(schema)
-        self._views = views
-        self._config = store.config
-        self._provider = get_provider(store.config)
+        self._rows = online_rows(get_provider(store.config), store.config, views, JOIN_KEY)
         self._store_type = str(store.config.online_store.type)
         self._ttls = ttls
         self._clock = settings.staleness_clock
@@ -171,26 +164,16 @@ class FeatureReader:
     def read_cells(self, user_ids: Sequence[str]) -> list[list[Cell]]:
         """Each user's stored cells in schema order, exactly as the SDK's `get_online_features` gives them.
 
-        One `online_read` per feature view for all distinct users; a view without a row for a user gives
-        null values at the epoch, as the SDK does. Raises `FeatureStoreUnavailable` when the store is down.
+        One read of every view for all distinct users; a view without a row for a user gives null values at
+        the epoch, as the SDK does. Raises `FeatureStoreUnavailable` when the store is down.
         """
         unique = list(dict.fromkeys(user_ids))
-        keys = [
-            EntityKeyProto(join_keys=[JOIN_KEY], entity_values=[ValueProto(string_val=u)]) for u in unique
-        ]
-        cells: list[list[Cell]] = [[] for _ in unique]
         try:
-            for view, names in self._views:
-                # A copy: Feast's Redis store appends its timestamp key to the list it is given.
-                rows = self._provider.online_read(self._config, view, keys, list(names))
-                for user_cells, (event_time, values) in zip(cells, rows, strict=True):
-                    if values is None or event_time is None:
-                        user_cells.extend([(_NULL, _EPOCH)] * len(names))
-                    else:
-                        at = _as_utc(event_time)
-                        user_cells.extend((values.get(name, _NULL), at) for name in names)
+            cells = self._rows.read(unique)
         except _UNREACHABLE as exc:
             raise FeatureStoreUnavailable(self._store_type) from exc
+        if len(unique) == len(user_ids):
+            return cells
         by_user = dict(zip(unique, cells, strict=True))
         return [by_user[user_id] for user_id in user_ids]
 
@@ -248,11 +231,6 @@ class FeatureReader:
             f"event time {event_time.isoformat()} is {age_days:.1f} days before {clock.isoformat()}; "
             f"feature view {feature.feature_view} trusts values for {ttl / timedelta(days=1):g} days",
         )
-
-
-def _as_utc(event_time: datetime) -> datetime:
-    """An online store's event time in UTC; a naive one is UTC already (as the SDK reads it)."""
-    return event_time.replace(tzinfo=UTC) if event_time.tzinfo is None else event_time.astimezone(UTC)
 
 
 def _typed(feature: FeatureSchema, proto: ValueProto) -> FeatureScalar | None:

@@ -1,29 +1,43 @@
 """The server's bulk feature read returns exactly what the Feast SDK's `get_online_features` returns.
 
 Rows are written straight into the online store (SQLite, and Redis when it runs), so the cases are exact: a
-user with every view, one with some views only, one with null values, an unknown user and a repeated user.
+user with every view, one with some views only, one with null values, one with invalid values, an unknown user
+and a repeated user. Each store is read both ways the server can: its one-round-trip reader and Feast's
+per-view `online_read`, which any other online store gets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from feast import FeatureStore, RepoConfig
+from feast import FeatureStore, FeatureView, RepoConfig
+from feast.infra.key_encoding_utils import serialize_entity_key
+from feast.infra.passthrough_provider import PassthroughProvider
+from feast.infra.provider import Provider
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
+import server.features
+import server.online_rows
 from feature_repo.definitions import FEATURE_SERVICE_NAME, JOIN_KEY, build_feature_service, build_views, user
 from feature_repo.production import redis_connection_string
 from feature_repo.store import embedded_repo_config
+from server.errors import (
+    FeatureStoreUnavailable,
+)
 from server.features import FeatureReader
+from server.online_rows import PROBE_IDS, OnlineRows, ProviderRows, ViewFeatures, entity_key_encoder
 from streamflow.settings import Settings
 
 FEB = datetime(2024, 2, 29, tzinfo=UTC)
 JAN_NOON = datetime(2024, 1, 31, 12, 30, tzinfo=UTC)
-REQUEST = ["7590-VHVEG", "PART-ONLY", "WITH-NULLS", "9999-99999", "7590-VHVEG"]
+REQUEST = ["7590-VHVEG", "PART-ONLY", "WITH-NULLS", "OUT-OF-RANGE", "9999-99999", "7590-VHVEG"]
 
 
 def _write_cases(store: FeatureStore) -> None:
@@ -37,37 +51,41 @@ def _write_cases(store: FeatureStore) -> None:
     write(
         "subscription_profile_fv",
         {
-            JOIN_KEY: ["7590-VHVEG", "PART-ONLY", "WITH-NULLS"],
-            "months_active": [3, 4, 5],
-            "monthly_fee": [9.5, 12.25, np.nan],
-            "paperless_billing": [True, False, None],
-            "plan_stream_tv": [True, True, False],
-            "plan_stream_movies": [False, True, False],
-            "net_service": ["DSL", "Fiber optic", None],
+            JOIN_KEY: ["7590-VHVEG", "PART-ONLY", "WITH-NULLS", "OUT-OF-RANGE"],
+            "months_active": [3, 4, 5, 6],
+            "monthly_fee": [9.5, 12.25, np.nan, np.inf],
+            "paperless_billing": [True, False, None, True],
+            "plan_stream_tv": [True, True, False, True],
+            "plan_stream_movies": [False, True, False, True],
+            "net_service": ["DSL", "Fiber optic", None, "Cable"],
         },
-        [FEB, FEB, JAN_NOON],
+        [FEB, FEB, JAN_NOON, FEB],
     )
     write(
         "usage_agg_30d_fv",
         {
-            JOIN_KEY: ["7590-VHVEG", "WITH-NULLS"],
-            "watch_hours_30d": [1.5, np.nan],
-            "avg_session_mins_7d": [2.0, 3.5],
-            "unique_devices_30d": [1, 2],
-            "skips_7d": [2, 0],
-            "rebuffer_events_7d": [0, 1],
+            JOIN_KEY: ["7590-VHVEG", "WITH-NULLS", "OUT-OF-RANGE"],
+            "watch_hours_30d": [1.5, np.nan, 1000.0],
+            "avg_session_mins_7d": [2.0, 3.5, 4.0],
+            "unique_devices_30d": [1, 2, 3],
+            "skips_7d": [2, 0, -1],
+            "rebuffer_events_7d": [0, 1, 0],
         },
-        [JAN_NOON, FEB],
+        [JAN_NOON, FEB, FEB],
     )
     write(
         "payments_agg_90d_fv",
-        {JOIN_KEY: ["7590-VHVEG", "WITH-NULLS"], "failed_payments_90d": [0, 1]},
-        [FEB, FEB],
+        {JOIN_KEY: ["7590-VHVEG", "WITH-NULLS", "OUT-OF-RANGE"], "failed_payments_90d": [0, 1, 0]},
+        [FEB, FEB, FEB],
     )
     write(
         "support_agg_90d_fv",
-        {JOIN_KEY: ["7590-VHVEG"], "support_tickets_90d": [2], "ticket_avg_resolution_hrs_90d": [4.5]},
-        [FEB],
+        {
+            JOIN_KEY: ["7590-VHVEG", "OUT-OF-RANGE"],
+            "support_tickets_90d": [2, 0],
+            "ticket_avg_resolution_hrs_90d": [4.5, 0.0],
+        },
+        [FEB, FEB],
     )
 
 
@@ -100,11 +118,48 @@ def store_and_settings(
     yield _store(config, settings), settings
 
 
-def test_bulk_read_equals_feast_sdk(store_and_settings: tuple[FeatureStore, Settings]) -> None:
+def _generic_rows(
+    provider: Provider, config: RepoConfig, views: Sequence[ViewFeatures], join_key: str
+) -> OnlineRows:
+    return ProviderRows(provider, config, views, join_key)
+
+
+@pytest.fixture
+def online_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The feature views Feast's provider `online_read` is asked for while the test runs."""
+    views: list[str] = []
+    original = PassthroughProvider.online_read
+
+    def counted(
+        self: PassthroughProvider,
+        config: RepoConfig,
+        table: FeatureView,
+        entity_keys: list[EntityKeyProto],
+        requested_features: list[str] | None = None,
+    ) -> object:
+        views.append(table.name)
+        return original(self, config, table, entity_keys, requested_features)
+
+    monkeypatch.setattr(PassthroughProvider, "online_read", counted)
+    return views
+
+
+@pytest.mark.parametrize("path", ["one round-trip", "per view"])
+def test_bulk_read_equals_feast_sdk(
+    store_and_settings: tuple[FeatureStore, Settings],
+    path: str,
+    online_reads: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     store, settings = store_and_settings
+    if path == "per view":  # what any online store other than SQLite and Redis gets
+        monkeypatch.setattr(server.features, "online_rows", _generic_rows)
     reader = FeatureReader(store, FEATURE_SERVICE_NAME, settings)
 
     cells = reader.read_cells(REQUEST)
+
+    views = [view.name for view in store.get_feature_service(FEATURE_SERVICE_NAME).feature_view_projections]
+    assert online_reads == ([] if path == "one round-trip" else views)
 
     sdk = store.get_online_features(
         features=store.get_feature_service(FEATURE_SERVICE_NAME), entity_rows={JOIN_KEY: REQUEST}
@@ -129,3 +184,64 @@ def test_bulk_read_equals_feast_sdk(store_and_settings: tuple[FeatureStore, Sett
     assert part_only[by_name["support_tickets_90d"]][1] == datetime.fromtimestamp(0, UTC)
     assert all(value.WhichOneof("val") is None for value, _ in cells[REQUEST.index("9999-99999")])
     assert cells[0] == cells[-1]
+
+
+def test_an_unreachable_store_is_unavailable(store_and_settings: tuple[FeatureStore, Settings]) -> None:
+    store, settings = store_and_settings
+    online = store.config.online_store
+    # The registry stays readable; the online store is a folder (SQLite) or a port nobody listens on.
+    broken = (
+        {"path": str(settings.feast_dir)} if online.type == "sqlite" else {"connection_string": "127.0.0.1:1"}
+    )
+    config = RepoConfig(
+        **{
+            **store.config.model_dump(by_alias=True, exclude_unset=True),
+            "online_store": {**online.model_dump(exclude_unset=True), "type": online.type, **broken},
+        }
+    )
+    reader = FeatureReader(
+        FeatureStore(repo_path=str(settings.feature_repo), config=config), FEATURE_SERVICE_NAME, settings
+    )
+
+    with pytest.raises(FeatureStoreUnavailable) as unavailable:
+        reader.read_cells(["7590-VHVEG"])
+
+    assert unavailable.value.metadata == {"onlineStore": online.type}
+
+
+@pytest.mark.parametrize("version", [3, 2])
+@pytest.mark.filterwarnings("ignore:Serialization of entity key with version < 3")
+def test_entity_keys_are_feasts_bytes_without_calling_feast_per_user(
+    tmp_path: Path, version: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = embedded_repo_config(Settings(home=tmp_path)).model_copy(
+        update={"entity_key_serialization_version": version}
+    )
+    encode = entity_key_encoder(JOIN_KEY, config)
+
+    def not_per_user(entity_key: EntityKeyProto, entity_key_serialization_version: int) -> bytes:
+        raise AssertionError("the verified encoding calls Feast's function only at load")
+
+    monkeypatch.setattr(server.online_rows, "serialize_entity_key", not_per_user)
+    for user_id in [*PROBE_IDS, "7590-VHVEG", "Ω-ünknown_名", "0" * 64]:
+        assert encode(user_id) == _feast_key(user_id, version), user_id
+
+
+def test_an_entity_key_layout_unlike_feasts_falls_back_to_feasts_function(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Feast whose bytes for a key are no longer a prefix, the length and the UTF-8 bytes.
+    def changed(entity_key: EntityKeyProto, entity_key_serialization_version: int) -> bytes:
+        return serialize_entity_key(entity_key, entity_key_serialization_version)[::-1]
+
+    monkeypatch.setattr(server.online_rows, "serialize_entity_key", changed)
+    with caplog.at_level(logging.WARNING, logger="server.online_rows"):
+        encode = entity_key_encoder(JOIN_KEY, embedded_repo_config(Settings(home=tmp_path)))
+
+    assert encode("7590-VHVEG") == _feast_key("7590-VHVEG", 3)[::-1]
+    assert "entity key serialization differs from Feast's" in caplog.text
+
+
+def _feast_key(user_id: str, version: int) -> bytes:
+    key = EntityKeyProto(join_keys=[JOIN_KEY], entity_values=[ValueProto(string_val=user_id)])
+    return bytes(serialize_entity_key(key, entity_key_serialization_version=version))
