@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import numpy as np
 import redis.exceptions
@@ -93,6 +94,10 @@ _FRAME_DTYPES: dict[FeatureType, str] = {
     FeatureType.BOOL: "bool",
     FeatureType.STRING: "object",
 }
+_NUMERIC = (FeatureType.INT64, FeatureType.DOUBLE)
+
+# The staleness cutoff of a view without a TTL (or with one longer than the calendar): nothing is older.
+_NEVER_STALE = datetime.min.replace(tzinfo=UTC)
 
 # What an unreachable online store raises, per store: SQLite (file cannot be opened, locked), Redis, SQL
 # registries behind SQLAlchemy, and sockets in general.
@@ -151,14 +156,18 @@ class FeatureReader:
         self._store_type = str(store.config.online_store.type)
         self._ttls = ttls
         self._clock = settings.staleness_clock
+        # Resolved per feature, in schema order, so classifying a row looks nothing up by name.
+        self._names = tuple(names)
+        self._value_of = tuple(_value_reader(f) for f in self.schema)
+        self._is_valid = tuple(_validity_check(f) for f in self.schema)
 
     def read(self, user_ids: Sequence[str]) -> list[FeatureRow | FeatureError]:
         """Each user's row or the reason it cannot be scored, in request order, from one bulk read."""
         cells = self.read_cells(user_ids)
         clock = self._clock()
+        cutoffs = self._cutoffs(clock)
         return [
-            self._classify(user_id, [(f, *cell) for f, cell in zip(self.schema, row, strict=True)], clock)
-            for user_id, row in zip(user_ids, cells, strict=True)
+            self._classify(user_id, row, clock, cutoffs) for user_id, row in zip(user_ids, cells, strict=True)
         ]
 
     def read_cells(self, user_ids: Sequence[str]) -> list[list[Cell]]:
@@ -186,37 +195,45 @@ class FeatureReader:
             for i, f in enumerate(self.schema)
         }
 
+    def _cutoffs(self, clock: datetime) -> tuple[datetime, ...]:
+        """Per feature, the oldest event time still fresh at `clock`, so one comparison per cell decides
+        staleness: `event_time < cutoff` is `clock - event_time > ttl`."""
+        # In UTC: aware arithmetic in the clock's own zone would follow its wall clock across DST.
+        utc = clock.astimezone(UTC)
+        by_view = {view: _oldest_fresh(utc, ttl) for view, ttl in self._ttls.items()}
+        return tuple(by_view[f.feature_view] for f in self.schema)
+
     def _classify(
-        self, user_id: str, cells: list[tuple[FeatureSchema, ValueProto, datetime]], clock: datetime
+        self, user_id: str, row: list[Cell], clock: datetime, cutoffs: tuple[datetime, ...]
     ) -> FeatureRow | FeatureError:
-        values = [(f, _typed(f, proto), event_time) for f, proto, event_time in cells]
-        missing = [
-            FeatureProblem(f.name, f.feature_view, f"no value in feature view {f.feature_view}")
-            for f, value, _ in values
-            if value is None
-        ]
-        if len(missing) == len(values):
-            return EntityNotFound(user_id, missing)
-        if missing:
+        values = [value_of(proto) for value_of, (proto, _) in zip(self._value_of, row, strict=True)]
+        times = [event_time for _, event_time in row]
+        # Each check is one pass over the row; the problems are worded only for a row that fails it.
+        if None in values:
+            missing = [
+                FeatureProblem(f.name, f.feature_view, f"no value in feature view {f.feature_view}")
+                for f, value in zip(self.schema, values, strict=True)
+                if value is None
+            ]
+            if len(missing) == len(values):
+                return EntityNotFound(user_id, missing)
             return FeaturesMissing(user_id, missing)
-        stale = [
-            problem
-            for f, _, event_time in values
-            if (problem := self._staleness(f, event_time, clock)) is not None
-        ]
-        if stale:
+        present = cast(list[FeatureScalar], values)  # None was ruled out just above
+        if any(event_time < cutoff for event_time, cutoff in zip(times, cutoffs, strict=True)):
+            stale = [
+                problem
+                for f, event_time in zip(self.schema, times, strict=True)
+                if (problem := self._staleness(f, event_time, clock)) is not None
+            ]
             return FeaturesStale(user_id, stale)
-        invalid = [problem for f, value, _ in values if (problem := _invalidity(f, value)) is not None]
-        if invalid:
+        if not all(is_valid(value) for is_valid, value in zip(self._is_valid, present, strict=True)):
+            invalid = [
+                problem
+                for f, value in zip(self.schema, present, strict=True)
+                if (problem := _invalidity(f, value)) is not None
+            ]
             return FeaturesInvalid(user_id, invalid)
-        return FeatureRow(
-            user_id,
-            tuple(
-                FeatureValue(f.name, value, event_time)
-                for f, value, event_time in values
-                if value is not None
-            ),
-        )
+        return FeatureRow(user_id, tuple(map(FeatureValue, self._names, present, times)))
 
     def _staleness(
         self, feature: FeatureSchema, event_time: datetime, clock: datetime
@@ -233,15 +250,50 @@ class FeatureReader:
         )
 
 
-def _typed(feature: FeatureSchema, proto: ValueProto) -> FeatureScalar | None:
+def _oldest_fresh(clock: datetime, ttl: timedelta | None) -> datetime:
+    """The oldest event time a view with this TTL still trusts at `clock`."""
+    if ttl is None:
+        return _NEVER_STALE
+    try:
+        return clock - ttl
+    except OverflowError:  # a TTL reaching before year 1
+        return _NEVER_STALE
+
+
+def _value_reader(feature: FeatureSchema) -> Callable[[ValueProto], FeatureScalar | None]:
     """The Python value of a stored cell, or None when null; a value of another type is a bug upstream."""
-    kind = proto.WhichOneof("val")
-    if kind is None or kind == "null_val":
-        return None
-    if kind not in _VALUE_FIELDS[feature.type]:
+    fields = _VALUE_FIELDS[feature.type]
+
+    def value_of(proto: ValueProto) -> FeatureScalar | None:
+        kind = proto.WhichOneof("val")
+        if kind in fields:
+            value: FeatureScalar = getattr(proto, kind)
+            return value
+        if kind is None or kind == "null_val":
+            return None
         raise TypeError(f"online store holds a {kind} for {feature.type} feature {feature.name!r}")
-    value: FeatureScalar = getattr(proto, kind)
-    return value
+
+    return value_of
+
+
+def _validity_check(feature: FeatureSchema) -> Callable[[FeatureScalar], bool]:
+    """Whether a value of the feature passes `_invalidity`, without wording the problem.
+
+    The feature's type decides which of `_invalidity`'s checks apply: only a DOUBLE holds floats (the
+    finiteness check), only INT64 and DOUBLE are ranged (a bool is not), any feature may list categories."""
+    finite = feature.type is FeatureType.DOUBLE
+    low, high = VALID_RANGES.get(feature.name, (-math.inf, math.inf))
+    ranged = feature.type in _NUMERIC
+    allowed = VALID_CATEGORIES.get(feature.name)
+
+    def is_valid(value: Any) -> bool:  # a value of the feature's type, as `_value_reader` gives it
+        return (
+            (not finite or math.isfinite(value))
+            and (not ranged or low <= value <= high)
+            and (allowed is None or value in allowed)
+        )
+
+    return is_valid
 
 
 def _invalidity(feature: FeatureSchema, value: FeatureScalar | None) -> FeatureProblem | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +29,13 @@ from feature_repo.definitions import FEATURE_SERVICE_NAME, JOIN_KEY, build_featu
 from feature_repo.production import redis_connection_string
 from feature_repo.store import embedded_repo_config
 from server.errors import (
+    EntityNotFound,
+    FeaturesInvalid,
+    FeaturesMissing,
+    FeaturesStale,
     FeatureStoreUnavailable,
 )
-from server.features import FeatureReader
+from server.features import FeatureReader, FeatureRow
 from server.online_rows import PROBE_IDS, OnlineRows, ProviderRows, ViewFeatures, entity_key_encoder
 from streamflow.settings import Settings
 
@@ -184,6 +188,65 @@ def test_bulk_read_equals_feast_sdk(
     assert part_only[by_name["support_tickets_90d"]][1] == datetime.fromtimestamp(0, UTC)
     assert all(value.WhichOneof("val") is None for value, _ in cells[REQUEST.index("9999-99999")])
     assert cells[0] == cells[-1]
+
+
+def test_read_classifies_each_case_with_the_first_failing_check(
+    store_and_settings: tuple[FeatureStore, Settings],
+) -> None:
+    store, settings = store_and_settings  # the clock: the demo's, 2024-03-07
+    reader = FeatureReader(store, FEATURE_SERVICE_NAME, settings)
+
+    stale, part_only, with_nulls, out_of_range, unknown, repeated = reader.read(REQUEST)
+
+    assert isinstance(unknown, EntityNotFound)
+    assert len(unknown.problems) == len(reader.schema)
+    assert isinstance(part_only, FeaturesMissing)
+    assert [p.feature for p in part_only.problems] == [f.name for f in reader.schema[6:]]
+    assert isinstance(with_nulls, FeaturesMissing)  # its profile row is stale too: missing comes first
+    assert with_nulls.message == (
+        "user WITH-NULLS lacks 6 feature(s) in the online store: monthly_fee, paperless_billing, "
+        "net_service, watch_hours_30d, support_tickets_90d, ticket_avg_resolution_hrs_90d; "
+        "materialize the feature views that hold them"
+    )
+    assert with_nulls.problems[0].description == "no value in feature view subscription_profile_fv"
+    assert isinstance(stale, FeaturesStale)  # its usage row is 35.5 days old, over the view's 35
+    assert [p.feature for p in stale.problems] == [f.name for f in reader.schema[6:11]]
+    assert stale.problems[0].description == (
+        "event time 2024-01-31T12:30:00+00:00 is 35.5 days before 2024-03-07T00:00:00+00:00; "
+        "feature view usage_agg_30d_fv trusts values for 35 days"
+    )
+    assert isinstance(out_of_range, FeaturesInvalid)
+    assert [(p.feature, p.description) for p in out_of_range.problems] == [
+        ("monthly_fee", "inf is not a finite number"),
+        ("net_service", "'Cable' is not one of: DSL, Fiber optic, No"),
+        ("watch_hours_30d", "1000.0 is outside the valid range [0, 720]"),
+        ("skips_7d", "-1 is outside the valid range [0, inf]"),
+    ]
+    assert isinstance(repeated, FeaturesStale)
+    assert repeated.message == stale.message
+
+    fresh = settings.model_copy(update={"staleness_reference": FEB})
+    (row,) = FeatureReader(store, FEATURE_SERVICE_NAME, fresh).read(["7590-VHVEG"])
+    assert isinstance(row, FeatureRow)
+    assert [(v.name, v.value, v.event_time) for v in row.values[:2]] == [
+        ("months_active", 3, FEB),
+        ("monthly_fee", 9.5, FEB),
+    ]
+    assert [v.name for v in row.values] == [f.name for f in reader.schema]
+    live = settings.model_copy(update={"staleness_reference": "now"})
+    (stale_and_invalid,) = FeatureReader(store, FEATURE_SERVICE_NAME, live).read(["OUT-OF-RANGE"])
+    assert isinstance(stale_and_invalid, FeaturesStale)
+
+
+def test_a_view_without_ttl_never_goes_stale(store_and_settings: tuple[FeatureStore, Settings]) -> None:
+    store, settings = store_and_settings
+    usage = store.get_feature_view("usage_agg_30d_fv")  # the one view 7590-VHVEG is stale in
+    usage.ttl = timedelta(0)
+    store.apply([usage])
+
+    (result,) = FeatureReader(store, FEATURE_SERVICE_NAME, settings).read(["7590-VHVEG"])
+
+    assert isinstance(result, FeatureRow)
 
 
 def test_an_unreachable_store_is_unavailable(store_and_settings: tuple[FeatureStore, Settings]) -> None:

@@ -1,15 +1,26 @@
-"""The feature reader on the bootstrapped store: the staleness threshold from both sides, and its clock."""
+"""The feature reader on the bootstrapped store: the staleness threshold from both sides, and its clock; and
+its fast validity check against the one that words the problems."""
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from feature_repo.definitions import FEATURE_SERVICE_NAME, VIEW_SPECS
 from feature_repo.store import open_store
+from server.domain import FeatureScalar, FeatureSchema, FeatureType
 from server.errors import FeaturesStale
-from server.features import FeatureReader, FeatureRow, FeatureServiceError
+from server.features import (
+    VALID_CATEGORIES,
+    VALID_RANGES,
+    FeatureReader,
+    FeatureRow,
+    FeatureServiceError,
+    _invalidity,
+    _validity_check,
+)
 from streamflow.settings import Settings
 from tests.fixtures.serving import departed_users
 from training.demo_data import FIRST_USER_ID
@@ -56,3 +67,21 @@ def test_an_unknown_feature_service_is_refused(embedded_settings: Settings) -> N
         FeatureReader(open_store(embedded_settings), "churn_model_v9", embedded_settings)
 
     assert "churn_model_v9" in str(refused.value)
+
+
+SAMPLES: dict[FeatureType, list[FeatureScalar]] = {
+    FeatureType.INT64: [-1, 0, 3, 720, 721, 10**7],
+    FeatureType.DOUBLE: [-0.5, 0.0, 2.5, 720.0, 720.5, math.inf, -math.inf, math.nan],
+    FeatureType.BOOL: [True, False],
+    FeatureType.STRING: ["DSL", "Fiber optic", "No", "Cable", ""],
+}
+
+
+def test_the_fast_validity_check_agrees_with_the_worded_one() -> None:
+    # A row's values pass through `_validity_check`; `_invalidity` words the problems of a failing row only.
+    for name in [*VALID_RANGES, *VALID_CATEGORIES, "unlisted"]:
+        for feature_type, values in SAMPLES.items():
+            feature = FeatureSchema(name, feature_type, "some_fv")
+            is_valid = _validity_check(feature)
+            for value in values:
+                assert is_valid(value) == (_invalidity(feature, value) is None), (feature, value)
