@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import NamedTuple
 
 FeatureScalar = int | float | bool | str
 
@@ -34,9 +35,11 @@ class FeatureSchema:
     feature_view: str
 
 
-@dataclass(frozen=True)
-class FeatureValue:
-    """One typed feature value read from the online store, with the event time of its row."""
+class FeatureValue(NamedTuple):
+    """One typed feature value read from the online store, with the event time of its row.
+
+    A NamedTuple rather than a frozen dataclass: a 1,000-user batch builds 14,000 of them, and a tuple is
+    built in half the time."""
 
     name: str
     value: FeatureScalar

@@ -73,7 +73,7 @@ MIN_CHUNK_ROWS = 128
 def row_chunks(rows: int, threads: int) -> list[tuple[int, int]]:
     """[start, stop) ranges splitting `rows` evenly across at most `threads`, none under `MIN_CHUNK_ROWS`."""
     count = max(1, min(threads, rows // MIN_CHUNK_ROWS))
-    bounds = np.linspace(0, rows, count + 1, dtype=int).tolist()
+    bounds = [rows * i // count for i in range(count + 1)]  # not numpy: this runs for every one-row Predict
     return list(itertools.pairwise(bounds))
 
 
