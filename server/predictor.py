@@ -22,6 +22,13 @@ USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_USER_ID_LENGTH = 64
 
 
+def check_user_id(user_id: str) -> None:
+    """Raise `InvalidUserId` unless the id is well-formed."""
+    problem = user_id_problem(user_id)
+    if problem is not None:
+        raise InvalidUserId(user_id, problem)
+
+
 def user_id_problem(user_id: str) -> str | None:
     """What is wrong with a user id, or None when it is well-formed."""
     if not user_id:
@@ -42,10 +49,8 @@ class Predictor:
 
     def predict(self, user_id: str) -> Prediction:
         """Score one user, or raise the `ServingError` that explains why not."""
-        problem = user_id_problem(user_id)
-        if problem is not None:
-            raise InvalidUserId(user_id, problem)
-        (result,) = self._score(self._model(), [user_id])
+        check_user_id(user_id)
+        (result,) = self.score([user_id])
         if isinstance(result, FeatureError):
             raise result
         return result
@@ -64,7 +69,7 @@ class Predictor:
             violations.insert(0, FieldViolation("user_ids", f"holds {len(user_ids)} ids, more than {limit}"))
         if violations:
             raise InvalidBatch(violations, len(user_ids), limit)
-        return self._score(self._model(), user_ids)
+        return self.score(user_ids)
 
     def model_info(self) -> ModelInfo:
         """The model answering now and the last version refused since it was loaded."""
@@ -76,8 +81,11 @@ class Predictor:
             raise ModelNotLoaded(self.settings.model_uri)
         return model
 
-    @staticmethod
-    def _score(model: LoadedModel, user_ids: Sequence[str]) -> list[Prediction | FeatureError]:
+    def score(self, user_ids: Sequence[str]) -> list[Prediction | FeatureError]:
+        """Score well-formed ids with one feature read and one inference call; results keep their order.
+
+        Raises `ModelNotLoaded` or `FeatureStoreUnavailable`, which concern every id alike."""
+        model = self._model()
         read = model.reader.read(user_ids)
         rows = [r for r in read if isinstance(r, FeatureRow)]
         probabilities = (

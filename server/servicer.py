@@ -1,8 +1,8 @@
 """The PredictionService servicer: protobuf in, one call to the Predictor, protobuf out.
 
-It runs on the asyncio server's event loop (server/app.py). Predict and ModelInfo call the Predictor right
-there: they are short, and a thread hand-off would cost more than the call. BatchPredict runs on the injected
-thread pool so the loop keeps answering while a large batch is scored.
+It runs on the asyncio server's event loop (server/app.py). Predict goes through the `PredictBatcher`, which
+scores concurrent calls together on its own thread; BatchPredict runs on the injected thread pool, so the loop
+keeps answering while a large batch is scored; ModelInfo answers right on the loop.
 
 `_answer` is the one place where failures become statuses: a `ServingError` through the error table, anything
 else as INTERNAL with a request id whose traceback only the server log sees.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable
 from concurrent.futures import Executor
 from typing import TypeVar
 
@@ -23,6 +23,7 @@ from grpc_status import rpc_status
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from server import converters
+from server.batcher import PredictBatcher
 from server.errors import ServingError, internal_status, status_of
 from server.predictor import Predictor
 
@@ -31,14 +32,10 @@ log = logging.getLogger(__name__)
 Response = TypeVar("Response")
 
 
-async def _answer(
-    context: grpc.aio.ServicerContext, rpc: str, work: Callable[[], Response], pool: Executor | None = None
-) -> Response:
-    """`work()` on the loop, or on `pool` when given, as the response or the status it fails with."""
+async def _answer(context: grpc.aio.ServicerContext, rpc: str, work: Awaitable[Response]) -> Response:
+    """The response `work` gives, or the status it fails with."""
     try:
-        if pool is None:
-            return work()
-        return await asyncio.get_running_loop().run_in_executor(pool, work)
+        return await work
     except ServingError as exc:
         status = status_of(exc)
     except Exception:
@@ -53,17 +50,18 @@ async def _answer(
 class PredictionServicer(pb_grpc.PredictionServiceServicer):
     """Serves `streamflow.serving.v1.PredictionService` over an injected Predictor."""
 
-    def __init__(self, predictor: Predictor, batch_pool: Executor) -> None:
+    def __init__(self, predictor: Predictor, batcher: PredictBatcher, batch_pool: Executor) -> None:
         self._predictor = predictor
+        self._batcher = batcher
         self._batch_pool = batch_pool
 
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
-        def work() -> pb.PredictResponse:
-            return converters.predict_response(self._predictor.predict(request.user_id))
+        async def work() -> pb.PredictResponse:
+            return converters.predict_response(await self._batcher.predict(request.user_id))
 
-        return await _answer(context, "Predict", work)
+        return await _answer(context, "Predict", work())
 
     async def BatchPredict(
         self, request: pb.BatchPredictRequest, context: grpc.aio.ServicerContext
@@ -72,11 +70,13 @@ class PredictionServicer(pb_grpc.PredictionServiceServicer):
             user_ids = list(request.user_ids)
             return converters.batch_response(user_ids, self._predictor.batch_predict(user_ids))
 
-        return await _answer(context, "BatchPredict", work, self._batch_pool)
+        scored = asyncio.get_running_loop().run_in_executor(self._batch_pool, work)
+        return await _answer(context, "BatchPredict", scored)
 
     async def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfoResponse:
-        return await _answer(
-            context, "ModelInfo", lambda: converters.model_info(self._predictor.model_info())
-        )
+        async def work() -> pb.ModelInfoResponse:
+            return converters.model_info(self._predictor.model_info())
+
+        return await _answer(context, "ModelInfo", work())

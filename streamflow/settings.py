@@ -92,8 +92,9 @@ class Settings(BaseSettings):
     """Serve gRPC server reflection (grpcurl `list` / `describe`)."""
 
     threads: int = Field(default=2, ge=1)
-    """Threads of one server process that score BatchPredict calls; Predict, ModelInfo and health run on the
-    process's event loop. Batches contend for the GIL, so more threads only queue them differently."""
+    """Threads of one server process that score BatchPredict calls; Predict calls are scored on a thread of
+    their own, coalesced when they arrive together; ModelInfo and health answer on the process's event loop.
+    Batches contend for the GIL, so more threads only queue them differently."""
 
     max_concurrent_rpcs: int = Field(default=256, ge=1)
     """RPCs one process runs or queues at once; beyond it callers get RESOURCE_EXHAUSTED."""

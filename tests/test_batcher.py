@@ -1,0 +1,141 @@
+"""Predict calls that arrive together are scored together, and each still gets exactly its own answer.
+
+The batcher runs over the session server's real Predictor (version 1, the embedded online store); its pool
+is a real single-thread executor that also records the batches it is handed. The last test goes over the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pandas as pd
+import pytest
+
+from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
+from feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
+from server.app import PredictionServer
+from server.batcher import PredictBatcher
+from server.domain import Prediction
+from server.errors import EntityNotFound, FeaturesStale, InvalidUserId, ModelNotLoaded
+from server.model_watcher import ModelWatcher
+from server.predictor import Predictor
+from streamflow.settings import Settings
+from tests.fixtures.serving import departed_users, prediction_stub
+from training.demo_data import table_path
+
+UNKNOWN_USER = "9999-99999"
+
+
+class RecordingPool(ThreadPoolExecutor):
+    """One scoring thread, as the server's, that also keeps the user ids of every batch it runs."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self.batches: list[list[str]] = []
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.batches.append(list(args[0]))
+        return super().submit(fn, *args, **kwargs)
+
+
+@pytest.fixture
+def pool() -> Iterator[RecordingPool]:
+    with RecordingPool() as recording:
+        yield recording
+
+
+def current_users(settings: Settings, count: int) -> list[str]:
+    """Users of the last snapshot: every feature present and fresh."""
+    table = pd.read_parquet(table_path(settings, VIEW_SPECS[0].table), columns=[JOIN_KEY, TIMESTAMP_FIELD])
+    last = table[TIMESTAMP_FIELD].dt.date == SNAPSHOT_DATES[-1]
+    return list(table.loc[last, JOIN_KEY].head(count))
+
+
+async def outcomes(batcher: PredictBatcher, user_ids: list[str]) -> list[Prediction | BaseException]:
+    """Each call's prediction or exception, calls started together as concurrent Predicts would be."""
+    return await asyncio.gather(*(batcher.predict(u) for u in user_ids), return_exceptions=True)
+
+
+def test_calls_arriving_together_are_scored_in_one_batch_each_with_its_own_answer(
+    embedded_server: PredictionServer, pool: RecordingPool
+) -> None:
+    predictor = embedded_server.predictor
+    settings = embedded_server.settings
+    stale = departed_users(settings)[0]
+    users = [*current_users(settings, 20), UNKNOWN_USER, stale, "bad id!"]
+    batcher = PredictBatcher(predictor, pool, max_batch_size=1000)
+
+    results = asyncio.run(outcomes(batcher, users))
+
+    # The malformed id failed on its own; every other call went into the one batch.
+    assert pool.batches == [users[:-1]]
+    assert isinstance(results[-1], InvalidUserId)
+    alone = [predictor.score([u])[0] for u in users[:-1]]
+    assert results[:20] == alone[:20]  # the predictions, features and model version included
+    assert isinstance(results[20], EntityNotFound) and results[20].user_id == UNKNOWN_USER
+    assert isinstance(results[21], FeaturesStale) and results[21].user_id == stale
+    assert [str(r) for r in results[20:22]] == [str(r) for r in alone[20:22]]
+
+
+def test_batches_never_exceed_the_maximum_and_keep_arrival_order(
+    embedded_server: PredictionServer, pool: RecordingPool
+) -> None:
+    users = current_users(embedded_server.settings, 7)
+    batcher = PredictBatcher(embedded_server.predictor, pool, max_batch_size=3)
+
+    results = asyncio.run(outcomes(batcher, users))
+
+    assert pool.batches == [users[:3], users[3:6], users[6:]]
+    assert [r.user_id for r in results if isinstance(r, Prediction)] == users
+
+
+def test_a_failure_of_the_whole_read_reaches_every_call_of_the_batch(
+    embedded_settings: Settings, pool: RecordingPool
+) -> None:
+    never_started = Predictor(embedded_settings, ModelWatcher(embedded_settings))  # no model loaded
+    batcher = PredictBatcher(never_started, pool, max_batch_size=1000)
+    users = current_users(embedded_settings, 3)
+
+    results = asyncio.run(outcomes(batcher, users))
+
+    assert len(pool.batches) == 1
+    assert all(isinstance(r, ModelNotLoaded) for r in results)
+
+
+def test_a_call_given_up_on_leaves_the_others_and_later_calls_answered(
+    embedded_server: PredictionServer, pool: RecordingPool
+) -> None:
+    users = current_users(embedded_server.settings, 3)
+    batcher = PredictBatcher(embedded_server.predictor, pool, max_batch_size=1000)
+
+    async def scenario() -> tuple[list[Prediction | BaseException], Prediction]:
+        calls = [asyncio.ensure_future(batcher.predict(u)) for u in users]
+        await asyncio.sleep(0)  # every call has joined the pending batch
+        calls[1].cancel()
+        first = await asyncio.gather(*calls, return_exceptions=True)
+        later = await batcher.predict(users[1])
+        return first, later
+
+    first, later = asyncio.run(scenario())
+
+    assert isinstance(first[1], asyncio.CancelledError)
+    assert [r.user_id for r in first if isinstance(r, Prediction)] == [users[0], users[2]]
+    assert later.user_id == users[1]
+
+
+def test_concurrent_predicts_over_the_wire_equal_the_batch_answer(embedded_server: PredictionServer) -> None:
+    users = [*current_users(embedded_server.settings, 30), UNKNOWN_USER]
+    with prediction_stub(embedded_server.local_address) as stub:
+        calls = [stub.Predict.future(pb.PredictRequest(user_id=u), timeout=60) for u in users]
+        batch = stub.BatchPredict(pb.BatchPredictRequest(user_ids=users), timeout=60)
+        answers = [call.result() for call in calls[:-1]]
+        with pytest.raises(grpc.RpcError) as unknown:
+            calls[-1].result()
+
+    assert [a.prediction for a in answers] == [r.prediction for r in batch.results[:-1]]
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert batch.results[-1].error.code == grpc.StatusCode.NOT_FOUND.value[0]
