@@ -32,7 +32,6 @@ from grpc_reflection.v1alpha import reflection
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server.batcher import PredictBatcher
 from server.heap import limit_malloc_arenas
 from server.model_loader import LoadedModel, ModelTarget
 from server.model_watcher import ModelWatcher
@@ -136,11 +135,9 @@ def create_server(
     event_loop = EventLoopThread()
     batch_pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="batch")
     predict_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
-    batcher = PredictBatcher(predictor, predict_pool, settings.max_batch_size)
+    servicer = PredictionServicer(predictor, predict_pool, batch_pool, settings.max_batch_size)
     try:
-        server, port, health_servicer = event_loop.run(
-            _start(settings, PredictionServicer(predictor, batcher, batch_pool), reuse_port)
-        )
+        server, port, health_servicer = event_loop.run(_start(settings, servicer, reuse_port))
     except BaseException:
         event_loop.close()
         batch_pool.shutdown()

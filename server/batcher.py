@@ -13,30 +13,41 @@ alone. An error of the whole read (no model loaded, the online store down) reach
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from typing import Generic, TypeVar
 
-from server.domain import Prediction
 from server.errors import FeatureError
-from server.predictor import Predictor, check_user_id
+from server.predictor import check_user_id
 
-_Waiter = tuple[str, "asyncio.Future[Prediction | FeatureError]"]
+Answer = TypeVar("Answer")
+"""What a scored user becomes: a `Prediction`, or the server's response message built on the scoring thread
+so the event loop only moves bytes."""
 
 
-class PredictBatcher:
-    """Scores the Predict calls of one event loop in batches of at most `max_batch_size` users."""
+class PredictBatcher(Generic[Answer]):
+    """Scores the Predict calls of one event loop in batches of at most `max_batch_size` users.
 
-    def __init__(self, predictor: Predictor, pool: Executor, max_batch_size: int) -> None:
-        self._predictor = predictor
+    `score` takes well-formed ids and gives each id's answer or `FeatureError`, in order (`Predictor.score`,
+    or that plus building the response)."""
+
+    def __init__(
+        self,
+        score: Callable[[Sequence[str]], Sequence[Answer | FeatureError]],
+        pool: Executor,
+        max_batch_size: int,
+    ) -> None:
+        self._score = score
         self._pool = pool  # a single thread: batches never overlap, so calls pile up for the next one
         self._max_batch_size = max_batch_size
-        self._pending: list[_Waiter] = []
+        self._pending: list[tuple[str, asyncio.Future[Answer | FeatureError]]] = []
         self._draining: asyncio.Task[None] | None = None
 
-    async def predict(self, user_id: str) -> Prediction:
+    async def predict(self, user_id: str) -> Answer:
         """Score one user, or raise the `ServingError` that explains why not."""
         check_user_id(user_id)  # a malformed id fails alone, before it can join a batch
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Prediction | FeatureError] = loop.create_future()
+        future: asyncio.Future[Answer | FeatureError] = loop.create_future()
         self._pending.append((user_id, future))
         if self._draining is None:
             self._draining = loop.create_task(self._drain())
@@ -53,7 +64,7 @@ class PredictBatcher:
                 del self._pending[: self._max_batch_size]
                 user_ids = [user_id for user_id, _ in batch]
                 try:
-                    results = await loop.run_in_executor(self._pool, self._predictor.score, user_ids)
+                    results = await loop.run_in_executor(self._pool, self._score, user_ids)
                 except Exception as exc:  # concerns the whole batch; each caller maps it to its status
                     for _, future in batch:
                         if not future.done():  # a caller that gave up has a cancelled future

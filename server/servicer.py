@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import Executor
 from typing import TypeVar
 
@@ -24,7 +24,7 @@ from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from server import converters
 from server.batcher import PredictBatcher
-from server.errors import ServingError, internal_status, status_of
+from server.errors import FeatureError, ServingError, internal_status, status_of
 from server.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -50,18 +50,23 @@ async def _answer(context: grpc.aio.ServicerContext, rpc: str, work: Awaitable[R
 class PredictionServicer(pb_grpc.PredictionServiceServicer):
     """Serves `streamflow.serving.v1.PredictionService` over an injected Predictor."""
 
-    def __init__(self, predictor: Predictor, batcher: PredictBatcher, batch_pool: Executor) -> None:
+    def __init__(
+        self, predictor: Predictor, predict_pool: Executor, batch_pool: Executor, max_batch_size: int
+    ) -> None:
         self._predictor = predictor
-        self._batcher = batcher
+        self._batcher = PredictBatcher(self._predict_responses, predict_pool, max_batch_size)
         self._batch_pool = batch_pool
+
+    def _predict_responses(self, user_ids: Sequence[str]) -> list[pb.PredictResponse | FeatureError]:
+        return [
+            result if isinstance(result, FeatureError) else converters.predict_response(result)
+            for result in self._predictor.score(user_ids)
+        ]
 
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
-        async def work() -> pb.PredictResponse:
-            return converters.predict_response(await self._batcher.predict(request.user_id))
-
-        return await _answer(context, "Predict", work())
+        return await _answer(context, "Predict", self._batcher.predict(request.user_id))
 
     async def BatchPredict(
         self, request: pb.BatchPredictRequest, context: grpc.aio.ServicerContext

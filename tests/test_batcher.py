@@ -55,7 +55,9 @@ def current_users(settings: Settings, count: int) -> list[str]:
     return list(table.loc[last, JOIN_KEY].head(count))
 
 
-async def outcomes(batcher: PredictBatcher, user_ids: list[str]) -> list[Prediction | BaseException]:
+async def outcomes(
+    batcher: PredictBatcher[Prediction], user_ids: list[str]
+) -> list[Prediction | BaseException]:
     """Each call's prediction or exception, calls started together as concurrent Predicts would be."""
     return await asyncio.gather(*(batcher.predict(u) for u in user_ids), return_exceptions=True)
 
@@ -67,7 +69,7 @@ def test_calls_arriving_together_are_scored_in_one_batch_each_with_its_own_answe
     settings = embedded_server.settings
     stale = departed_users(settings)[0]
     users = [*current_users(settings, 20), UNKNOWN_USER, stale, "bad id!"]
-    batcher = PredictBatcher(predictor, pool, max_batch_size=1000)
+    batcher = PredictBatcher(predictor.score, pool, max_batch_size=1000)
 
     results = asyncio.run(outcomes(batcher, users))
 
@@ -85,7 +87,7 @@ def test_batches_never_exceed_the_maximum_and_keep_arrival_order(
     embedded_server: PredictionServer, pool: RecordingPool
 ) -> None:
     users = current_users(embedded_server.settings, 7)
-    batcher = PredictBatcher(embedded_server.predictor, pool, max_batch_size=3)
+    batcher = PredictBatcher(embedded_server.predictor.score, pool, max_batch_size=3)
 
     results = asyncio.run(outcomes(batcher, users))
 
@@ -97,7 +99,7 @@ def test_a_failure_of_the_whole_read_reaches_every_call_of_the_batch(
     embedded_settings: Settings, pool: RecordingPool
 ) -> None:
     never_started = Predictor(embedded_settings, ModelWatcher(embedded_settings))  # no model loaded
-    batcher = PredictBatcher(never_started, pool, max_batch_size=1000)
+    batcher = PredictBatcher(never_started.score, pool, max_batch_size=1000)
     users = current_users(embedded_settings, 3)
 
     results = asyncio.run(outcomes(batcher, users))
@@ -110,7 +112,7 @@ def test_a_call_given_up_on_leaves_the_others_and_later_calls_answered(
     embedded_server: PredictionServer, pool: RecordingPool
 ) -> None:
     users = current_users(embedded_server.settings, 3)
-    batcher = PredictBatcher(embedded_server.predictor, pool, max_batch_size=1000)
+    batcher = PredictBatcher(embedded_server.predictor.score, pool, max_batch_size=1000)
 
     async def scenario() -> tuple[list[Prediction | BaseException], Prediction]:
         calls = [asyncio.ensure_future(batcher.predict(u)) for u in users]
