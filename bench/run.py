@@ -10,7 +10,8 @@ home `.streamflow-bench/`, bootstrapped when missing):
 - `mlflow models serve` of the same model version, features in the request, StreamFlow's worker count.
 
 Predict asks for the first demo user, BatchPredict for the first 100 / 1,000 users of the last snapshot.
-Nothing here asserts a time: it prints one table, also written to
+Each load runs three times and the table keeps the median of each figure. Nothing here asserts a time: it
+prints one table, also written to
 bench/results/latest.md and bench/RESULTS.md.
 """
 
@@ -26,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from statistics import median
 
 import grpc
 import pandas as pd
@@ -108,27 +110,38 @@ def measure_in_process(settings: Settings, users: list[str]) -> tuple[Column, Co
 
 
 def measure_service(
-    service: Service, predict: h2load.Endpoint, batches: dict[int, h2load.Endpoint], duration: float
+    service: Service,
+    predict: h2load.Endpoint,
+    batches: dict[int, h2load.Endpoint],
+    duration: float,
+    rounds: int,
 ) -> Column:
-    """Drive one running service with h2load; memory is read after each run and the largest kept."""
+    """Drive one running service with h2load, `rounds` runs of each load, and keep each figure's median (a
+    shared machine's speed drifts within minutes); memory is read after each run and the largest kept."""
     column = Column(service.name)
 
-    def note(result: h2load.LoadResult) -> h2load.LoadResult:
-        total, largest = service.memory_mb()
-        column.values["rss_total"] = max(column.values.get("rss_total", 0.0), total)
-        column.values["rss_worker"] = max(column.values.get("rss_worker", 0.0), largest)
-        column.failed += result.failed
-        return result
+    def measured(endpoint: h2load.Endpoint, concurrency: int) -> list[h2load.LoadResult]:
+        results = []
+        for _ in range(rounds):
+            result = h2load.run(endpoint, concurrency, duration)
+            total, largest = service.memory_mb()
+            column.values["rss_total"] = max(column.values.get("rss_total", 0.0), total)
+            column.values["rss_worker"] = max(column.values.get("rss_worker", 0.0), largest)
+            column.failed += result.failed
+            results.append(result)
+        return results
 
     for concurrency in (1, 8, 32):
         print(f"  {service.name}: Predict at concurrency {concurrency}", flush=True)
-        result = note(h2load.run(predict, concurrency, duration))
-        column.values[f"rps{concurrency}"] = result.throughput
+        results = measured(predict, concurrency)
+        column.values[f"rps{concurrency}"] = median(r.throughput for r in results)
         if concurrency == 1:
-            column.values.update(p50=result.percentile(50), p99=result.percentile(99))
+            column.values.update(
+                p50=median(r.percentile(50) for r in results), p99=median(r.percentile(99) for r in results)
+            )
     for size, endpoint in batches.items():
         print(f"  {service.name}: batch of {size}", flush=True)
-        column.values[f"batch{size}"] = note(h2load.run(endpoint, 1, duration)).percentile(50)
+        column.values[f"batch{size}"] = median(r.percentile(50) for r in measured(endpoint, 1))
     return column
 
 
@@ -156,7 +169,9 @@ def json_endpoint(url: str, payload: object) -> h2load.Endpoint:
     return h2load.Endpoint(url, json.dumps(payload).encode(), h2load.JSON_HEADERS, http1=True)
 
 
-def bench_streamflow(env: dict[str, str], users: list[str], duration: float, log: Path) -> Column:
+def bench_streamflow(
+    env: dict[str, str], users: list[str], duration: float, rounds: int, log: Path
+) -> Column:
     port = free_port()
     service = start(
         "StreamFlow gRPC",
@@ -178,12 +193,12 @@ def bench_streamflow(env: dict[str, str], users: list[str], duration: float, log
             n: endpoint("BatchPredict", pb.BatchPredictRequest(user_ids=users[:n]).SerializeToString())
             for n in BATCH_SIZES
         }
-        return measure_service(service, predict, batches, duration)
+        return measure_service(service, predict, batches, duration, rounds)
     finally:
         service.stop()
 
 
-def bench_seed(env: dict[str, str], users: list[str], duration: float, log: Path) -> Column:
+def bench_seed(env: dict[str, str], users: list[str], duration: float, rounds: int, log: Path) -> Column:
     port = free_port()
     args = [sys.executable, "-m", "bench.seed_rest_service", "--port", str(port)]
     service = start("seed REST", args, env, http_ok("/openapi.json"), port, log)
@@ -193,7 +208,7 @@ def bench_seed(env: dict[str, str], users: list[str], duration: float, log: Path
         batches = {n: json_endpoint(f"{base}/batch_predict", {"user_ids": users[:n]}) for n in BATCH_SIZES}
         for endpoint in (predict, *batches.values()):
             check_http(endpoint)
-        return measure_service(service, predict, batches, duration)
+        return measure_service(service, predict, batches, duration, rounds)
     finally:
         service.stop()
 
@@ -204,6 +219,7 @@ def bench_mlflow(
     frames: dict[int, pd.DataFrame],
     workers: int,
     duration: float,
+    rounds: int,
     log: Path,
 ) -> Column:
     port = free_port()
@@ -239,7 +255,7 @@ def bench_mlflow(
         batches = {n: endpoint(frames[n]) for n in BATCH_SIZES}
         for each in (predict, *batches.values()):
             check_http(each)
-        return measure_service(service, predict, batches, duration)
+        return measure_service(service, predict, batches, duration, rounds)
     finally:
         service.stop()
 
@@ -297,6 +313,7 @@ def render(columns: list[Column], header: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark StreamFlow against the alternatives.")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per measured run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each load; the table keeps medians")
     args = parser.parse_args()
     h2load.require_h2load()
     env = {"STREAMFLOW_HOME": str(HOME)}
@@ -313,9 +330,11 @@ def main() -> None:
     runtime = model.runtime
     del model
 
-    ours = bench_streamflow(env, users, args.duration, RESULTS / "streamflow.log")
-    seed = bench_seed(env, users, args.duration, RESULTS / "seed_rest.log")
-    mlflow_serve = bench_mlflow(settings, env, frames, workers, args.duration, RESULTS / "mlflow_serve.log")
+    ours = bench_streamflow(env, users, args.duration, args.rounds, RESULTS / "streamflow.log")
+    seed = bench_seed(env, users, args.duration, args.rounds, RESULTS / "seed_rest.log")
+    mlflow_serve = bench_mlflow(
+        settings, env, frames, workers, args.duration, args.rounds, RESULTS / "mlflow_serve.log"
+    )
 
     measured = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     header = (
@@ -323,7 +342,8 @@ def main() -> None:
         f"{os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}; "
         f"{settings.users:,} demo users, {settings.n_estimators} trees; StreamFlow runtime {runtime}, "
         f"{workers} workers; mlflow models serve with {workers} workers; seed REST one process; "
-        f"{args.duration:g} s of load per run (h2load, one request in flight per connection)."
+        f"{args.duration:g} s of load per run, median of {args.rounds} runs "
+        "(h2load, one request in flight per connection)."
     )
     table = render([ours, floor, sdk, seed, mlflow_serve], header)
     print("\n" + table)
