@@ -80,10 +80,10 @@ def test_sigterm_drains_calls_in_flight_then_exits_zero(
         watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         calls = [stub.BatchPredict.future(request) for _ in range(8)]
-        # gRPC hands calls of one method to the application in arrival order, and one connection delivers them
-        # in the order they were sent: once a later small batch has been answered, the application has taken
-        # every big batch, so they are in flight when the signal lands.
-        stub.BatchPredict(pb.BatchPredictRequest(user_ids=[FIRST_USER_ID]))
+        # The asyncio server starts a handler for each call as it arrives, and the batch pool (2 threads)
+        # takes them in order: once the first batch is answered, the others are in the application, most
+        # of them still waiting for a thread, so several are in flight when the signal lands.
+        calls[0].result()
         unfinished_at_signal = sum(not call.done() for call in calls)
         process.send_signal(signal.SIGTERM)
         shutdown_status = next(watch).status
