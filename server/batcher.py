@@ -7,7 +7,8 @@ one ONNX run for 10 users cost far less than 10 of each (a forest scored row aft
 batch walks each tree once). At concurrency 32 this about doubled a worker's Predicts/s.
 
 Each call still gets its own answer: its prediction, or the error Predict would have raised for that user
-alone. An error of the whole read (no model loaded, the online store down) reaches every call of the batch.
+alone. An error of the whole read (no model loaded, the online store down) reaches every call of the batch; an
+unexpected one (a stored value of the wrong type) has each call scored alone, so only its user's call fails.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
-from server.errors import FeatureError
+from server.errors import FeatureError, ServingError
 from server.predictor import check_user_id
 
 Answer = TypeVar("Answer")
@@ -40,38 +41,44 @@ class PredictBatcher(Generic[Answer]):
         self._score = score
         self._pool = pool  # a single thread: batches never overlap, so calls pile up for the next one
         self._max_batch_size = max_batch_size
-        self._pending: list[tuple[str, asyncio.Future[Answer | FeatureError]]] = []
+        self._pending: list[tuple[str, asyncio.Future[Answer]]] = []
         self._draining: asyncio.Task[None] | None = None
 
     async def predict(self, user_id: str) -> Answer:
         """Score one user, or raise the `ServingError` that explains why not."""
         check_user_id(user_id)  # a malformed id fails alone, before it can join a batch
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Answer | FeatureError] = loop.create_future()
+        future: asyncio.Future[Answer] = loop.create_future()
         self._pending.append((user_id, future))
         if self._draining is None:
             self._draining = loop.create_task(self._drain())
-        result = await future
-        if isinstance(result, FeatureError):
-            raise result
-        return result
+        return await future
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 batch = self._pending[: self._max_batch_size]
                 del self._pending[: self._max_batch_size]
-                user_ids = [user_id for user_id, _ in batch]
-                try:
-                    results = await loop.run_in_executor(self._pool, self._score, user_ids)
-                except Exception as exc:  # concerns the whole batch; each caller maps it to its status
-                    for _, future in batch:
-                        if not future.done():  # a caller that gave up has a cancelled future
-                            future.set_exception(exc)
-                    continue
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
+                answers = await self._answers([user_id for user_id, _ in batch])
+                for (_, future), answer in zip(batch, answers, strict=True):
+                    if not future.done():  # a caller that gave up has a cancelled future
+                        if isinstance(answer, BaseException):
+                            future.set_exception(answer)
+                        else:
+                            future.set_result(answer)
         finally:
             self._draining = None
+
+    async def _answers(self, user_ids: list[str]) -> list[Answer | BaseException]:
+        """Each id's answer, or the exception (a `FeatureError` among them) its caller is to get."""
+        loop = asyncio.get_running_loop()
+        try:
+            return list(await loop.run_in_executor(self._pool, self._score, user_ids))
+        except ServingError as exc:  # no model, the store down: the same for every caller
+            return [exc] * len(user_ids)
+        except Exception as exc:
+            if len(user_ids) == 1:
+                return [exc]
+            # Unexpected, so possibly one user's data (a value of the wrong type): each caller is scored
+            # alone, so only the one whose data breaks scoring fails.
+            return [answer for user_id in user_ids for answer in await self._answers([user_id])]

@@ -6,10 +6,12 @@ home through Feast's own write path (or, for stale features, the demo data's own
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,7 +26,9 @@ from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc a
 from feature_repo import store
 from feature_repo.definitions import FEATURE_NAMES, JOIN_KEY, VIEW_SPECS
 from server.app import PredictionServer
-from server.errors import ERROR_TABLE
+from server.batcher import PredictBatcher
+from server.domain import Prediction
+from server.errors import ERROR_TABLE, EntityNotFound
 from streamflow.settings import Settings
 from tests.fixtures.serving import (
     WireError,
@@ -366,3 +370,20 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(embedded_sett
         assert list(stream) == []
 
     assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_when_one_users_data_breaks_a_coalesced_batch_only_that_call_fails(
+    error_server: PredictionServer,
+) -> None:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        batcher = PredictBatcher(error_server.predictor.score, pool, max_batch_size=1000)
+
+        async def together() -> list[Prediction | BaseException]:
+            calls = (batcher.predict(user_id) for user_id in (FIRST_USER_ID, BAD_TYPE, UNKNOWN_USER))
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        good, broken, unknown = asyncio.run(together())
+
+    assert isinstance(good, Prediction) and good.user_id == FIRST_USER_ID
+    assert isinstance(broken, TypeError)  # the servicer answers it as INTERNAL (test above)
+    assert isinstance(unknown, EntityNotFound) and unknown.user_id == UNKNOWN_USER
