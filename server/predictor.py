@@ -47,14 +47,6 @@ class Predictor:
         self.settings = settings
         self.watcher = watcher
 
-    def predict(self, user_id: str) -> Prediction:
-        """Score one user, or raise the `ServingError` that explains why not."""
-        check_user_id(user_id)
-        (result,) = self.score([user_id])
-        if isinstance(result, FeatureError):
-            raise result
-        return result
-
     def batch_predict(self, user_ids: Sequence[str]) -> list[Prediction | FeatureError]:
         """Score many users with one feature read and one inference call; results keep request order."""
         limit = self.settings.max_batch_size
