@@ -13,8 +13,6 @@ from feature_repo.store import open_store
 from server.domain import FeatureScalar, FeatureSchema, FeatureType
 from server.errors import FeaturesStale
 from server.features import (
-    VALID_CATEGORIES,
-    VALID_RANGES,
     FeatureReader,
     FeatureRow,
     FeatureServiceError,
@@ -68,28 +66,61 @@ def test_an_unknown_feature_service_is_refused(embedded_settings: Settings) -> N
     assert "churn_model_v9" in str(refused.value)
 
 
-SAMPLES: dict[FeatureType, list[FeatureScalar]] = {
-    FeatureType.INT64: [-1, 0, 3, 720, 721, 10**7],
-    FeatureType.DOUBLE: [-0.5, 0.0, 2.5, 720.0, 720.5, math.inf, -math.inf, math.nan],
-    FeatureType.BOOL: [True, False],
-    FeatureType.STRING: ["DSL", "Fiber optic", "No", "Cable", ""],
+# The valid values of each served feature, written from the domain, not from the code: counts and
+# durations are never negative, a 30-day window holds at most 720 hours, a 7-day window 10,080 minutes, a
+# 90-day window 2,160 hours, and the net service is one of the three the product sells. (low, high) is
+# inclusive; a set lists the accepted strings; None accepts any value of the type.
+EXPECTED: dict[str, tuple[float, float] | set[str] | None] = {
+    "months_active": (0, math.inf),
+    "monthly_fee": (0, math.inf),
+    "paperless_billing": None,
+    "plan_stream_tv": None,
+    "plan_stream_movies": None,
+    "net_service": {"DSL", "Fiber optic", "No"},
+    "watch_hours_30d": (0, 720),
+    "avg_session_mins_7d": (0, 10_080),
+    "unique_devices_30d": (0, math.inf),
+    "skips_7d": (0, math.inf),
+    "rebuffer_events_7d": (0, math.inf),
+    "failed_payments_90d": (0, math.inf),
+    "support_tickets_90d": (0, math.inf),
+    "ticket_avg_resolution_hrs_90d": (0, 2_160),
 }
 
 
-def test_a_value_is_valid_exactly_within_the_published_ranges_and_categories() -> None:
-    for name in [*VALID_RANGES, *VALID_CATEGORIES, "unlisted"]:
-        low, high = VALID_RANGES.get(name, (-math.inf, math.inf))
-        for feature_type, values in SAMPLES.items():
-            feature = FeatureSchema(name, feature_type, "some_fv")
-            problem_of = _value_rule(feature)
-            for value in values:
-                numeric = feature_type in (FeatureType.INT64, FeatureType.DOUBLE)
-                valid = (
-                    (feature_type is not FeatureType.DOUBLE or math.isfinite(value))  # type: ignore[arg-type]
-                    and (not numeric or low <= value <= high)  # type: ignore[operator]
-                    and (name not in VALID_CATEGORIES or value in VALID_CATEGORIES[name])
-                )
-                problem = problem_of(value)
-                assert (problem is None) == valid, (feature, value)
-                if problem is not None:
-                    assert (problem.feature, problem.feature_view) == (name, "some_fv")
+def _cases(feature: FeatureSchema) -> list[tuple[FeatureScalar, bool]]:
+    """(value, valid) pairs at and around the edges of the feature's expected values."""
+    expected = EXPECTED[feature.name]
+    if feature.type is FeatureType.BOOL:
+        return [(True, True), (False, True)]
+    if feature.type is FeatureType.STRING:
+        accepted = expected if isinstance(expected, set) else set()
+        strings = [(v, True) for v in sorted(accepted)] + [(v, False) for v in ("", "dsl", "Cable", "No ")]
+        return list[tuple[FeatureScalar, bool]](strings)
+    assert isinstance(expected, tuple), feature
+    low, high = expected
+    step = 1 if feature.type is FeatureType.INT64 else 0.5
+    cases: list[tuple[FeatureScalar, bool]] = [(low - step, False), (low, True), (low + step, True)]
+    cases += [(high, True), (high + step, False)] if math.isfinite(high) else [(10**9, True)]
+    if feature.type is FeatureType.DOUBLE:
+        cases += [(math.nan, False), (math.inf, False), (-math.inf, False)]
+    return cases
+
+
+def test_a_value_is_valid_exactly_within_the_published_ranges_and_categories(
+    embedded_settings: Settings,
+) -> None:
+    # The real schema the server reads (names, types, views), so every served feature is covered.
+    schema = FeatureReader(open_store(embedded_settings), FEATURE_SERVICE_NAME, embedded_settings).schema
+    assert sorted(f.name for f in schema) == sorted(EXPECTED)
+
+    wrong = []
+    for feature in schema:
+        problem_of = _value_rule(feature)
+        for value, valid in _cases(feature):
+            problem = problem_of(value)
+            if (problem is None) != valid:
+                wrong.append((feature.name, value, "refused" if problem else "accepted"))
+            elif problem is not None:
+                assert (problem.feature, problem.feature_view) == (feature.name, feature.feature_view)
+    assert wrong == []
