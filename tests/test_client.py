@@ -27,11 +27,13 @@ from client import (
     InvalidArgumentError,
     ModelRef,
     Prediction,
+    Runtime,
     ServiceUnavailableError,
 )
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from feature_repo.definitions import FEATURE_NAMES, VIEW_SPECS
 from streamflow.settings import Settings
+from tests.fixtures.proxy import counting_proxy
 from tests.fixtures.serving import departed_users, prediction_stub, start_server
 from training.demo_data import FIRST_USER_ID
 
@@ -118,7 +120,8 @@ def test_model_info_describes_the_production_model(client: ChurnClient, embedded
     assert set(info.metrics) >= {"val_auc", "val_f1", "val_accuracy", "val_precision", "val_recall"}
     assert 0.5 < info.metrics["val_auc"] <= 1.0  # better than chance even on the fixture's small forest
     assert info.loaded_at is not None and info.loaded_at.tzinfo is not None
-    assert info.runtime.value in {"sklearn", "onnx"}
+    # The fixture model carries a faithful ONNX export, so the server must score with it.
+    assert info.runtime is Runtime.ONNX
     assert info.last_reload_failure is None
 
 
@@ -185,25 +188,44 @@ def test_stale_features_raise_features_unavailable_naming_each(client: ChurnClie
     assert {v.type for v in error.precondition_violations} == {"FEATURE_STALE"}
 
 
-def test_no_model_loaded_raises_service_unavailable_after_retrying(embedded_settings: Settings) -> None:
+@pytest.mark.parametrize("max_attempts", [1, 4])
+def test_no_model_loaded_raises_service_unavailable_after_exactly_max_attempts(
+    embedded_settings: Settings, max_attempts: int
+) -> None:
     uri = "models:/streamflow_churn@never_set"
-    errors = []
+    calls = {
+        "Predict": lambda client: client.predict(FIRST_USER_ID),
+        "BatchPredict": lambda client: client.batch_predict([FIRST_USER_ID]),
+        "ModelInfo": lambda client: client.model_info(),
+    }
+    errors, attempts = [], {}
     with (
         start_server(embedded_settings, wait_for_model=False, model_uri=uri) as running,
-        ChurnClient(running.local_address, timeout=30) as client,
+        counting_proxy(running.local_address) as proxy,
+        ChurnClient(proxy.address, timeout=30, max_attempts=max_attempts) as client,
     ):
-        for call in (lambda: client.predict(FIRST_USER_ID), lambda: client.batch_predict([FIRST_USER_ID])):
+        for method, call in calls.items():
             with pytest.raises(ServiceUnavailableError) as exc:
-                call()
+                call(client)
             errors.append(exc.value)
-        with pytest.raises(ServiceUnavailableError) as exc:
-            client.model_info()
-        errors.append(exc.value)
+            attempts[method] = proxy.calls(method)
 
+    # Each call reached the server max_attempts times: retried, and no more than asked.
+    assert attempts == dict.fromkeys(calls, max_attempts)
     for error in errors:
         assert error.code is grpc.StatusCode.UNAVAILABLE
         assert error.reason == "MODEL_NOT_LOADED"
         assert error.metadata == {"modelUri": uri}
+
+
+def test_a_refused_call_is_not_retried(client: ChurnClient, served_embedded: str) -> None:
+    with counting_proxy(served_embedded) as proxy, ChurnClient(proxy.address, timeout=30) as counted:
+        with pytest.raises(EntityNotFoundError) as exc:
+            counted.predict(UNKNOWN_USER)
+        attempts = proxy.calls("Predict")
+
+    assert attempts == 1, "only UNAVAILABLE is retried: NOT_FOUND would be the same answer again"
+    assert (exc.value.code, exc.value.reason) == (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND")
 
 
 # --- the CLI, as a subprocess -----------------------------------------------------------------------------
