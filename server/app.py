@@ -27,15 +27,16 @@ from typing import Any, TypeVar
 
 import grpc
 from google.rpc import error_details_pb2  # noqa: F401 - puts the detail types in the pool reflection serves
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
+from server.health import SERVING, HealthService
 from server.heap import limit_malloc_arenas
 from server.model_loader import LoadedModel, ModelTarget
 from server.model_watcher import ModelWatcher
 from server.predictor import Predictor
+from server.rpc import CallGuard, register
 from server.servicer import PredictionServicer
 from server.workers import run_workers, worker_count
 from streamflow.errors import StreamflowError
@@ -48,11 +49,11 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PredictionService"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
 """Health names the server reports: the whole server and the prediction service."""
 
-T = TypeVar("T")
+DISPATCH_QUIET_S = 0.2
+"""A drain waits until no call has arrived for this long before grpc's shutdown, so every call the server
+received has reached its handler (grpc cancels received calls it has not yet dispatched)."""
 
-# grpc-stubs predates grpc_health's asyncio servicer (`health.aio`, whose set/enter_graceful_shutdown are
-# coroutines), so it is untyped here.
-AsyncHealthServicer: Any = health.aio.HealthServicer  # type: ignore[attr-defined]
+T = TypeVar("T")
 
 
 class EventLoopThread:
@@ -66,10 +67,6 @@ class EventLoopThread:
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run `coroutine` on the loop and wait for its result (or exception)."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
-
-    def submit(self, coroutine: Coroutine[Any, Any, object]) -> None:
-        """Run `coroutine` on the loop without waiting (from any thread)."""
-        asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     def close(self) -> None:
         """Cancel what is left on the loop, stop it and join its thread."""
@@ -93,7 +90,8 @@ class PredictionServer:
     settings: Settings
     server: grpc.aio.Server
     port: int
-    health: Any  # an AsyncHealthServicer
+    health: HealthService
+    guard: CallGuard
     predictor: Predictor
     event_loop: EventLoopThread
     pools: tuple[futures.ThreadPoolExecutor, ...]
@@ -106,7 +104,9 @@ class PredictionServer:
         return f"{host}:{self.port}"
 
     def stop(self, grace: float | None) -> None:
-        """Report NOT_SERVING, refuse new calls, give calls in flight `grace` s, stop the watcher; once."""
+        """Drain and stop, once: report NOT_SERVING (ending health watches), keep accepting calls for
+        `settings.drain_delay_s` so load balancers notice, let every call received so far reach its handler,
+        then refuse new calls and give those in flight `grace` s (None: cancel them now); stop the watcher."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -118,7 +118,10 @@ class PredictionServer:
             pool.shutdown(wait=True)
 
     async def _stop(self, grace: float | None) -> None:
-        await self.health.enter_graceful_shutdown()
+        self.health.start_drain()
+        if grace is not None:
+            await asyncio.sleep(self.settings.drain_delay_s)
+            await self.guard.quiesce(DISPATCH_QUIET_S, timeout_s=grace)
         await self.server.stop(grace)
 
 
@@ -136,8 +139,9 @@ def create_server(
     batch_pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="batch")
     predict_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
     servicer = PredictionServicer(predictor, predict_pool, batch_pool, settings.max_batch_size)
+    guard = CallGuard(settings.max_concurrent_rpcs)
     try:
-        server, port, health_servicer = event_loop.run(_start(settings, servicer, reuse_port))
+        server, port, health_service = event_loop.run(_start(settings, servicer, guard, reuse_port))
     except BaseException:
         event_loop.close()
         batch_pool.shutdown()
@@ -145,30 +149,28 @@ def create_server(
         raise
 
     def serving(model: LoadedModel) -> None:  # called on the watcher's thread
-        for name in HEALTH_SERVICES:
-            event_loop.submit(health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING))
+        event_loop.loop.call_soon_threadsafe(health_service.set, SERVING)
 
     predictor.watcher.subscribe(serving)
     predictor.watcher.start()
     log.info("listening on %s:%d for %s", settings.host, port, settings.model_uri)
     return PredictionServer(
-        settings, server, port, health_servicer, predictor, event_loop, (predict_pool, batch_pool)
+        settings, server, port, health_service, guard, predictor, event_loop, (predict_pool, batch_pool)
     )
 
 
 async def _start(
-    settings: Settings, servicer: PredictionServicer, reuse_port: bool
-) -> tuple[grpc.aio.Server, int, Any]:
+    settings: Settings, servicer: PredictionServicer, guard: CallGuard, reuse_port: bool
+) -> tuple[grpc.aio.Server, int, HealthService]:
+    # No `maximum_concurrent_rpcs`: it counted health checks too, so probes failed under a flood; the guard
+    # admits PredictionService calls only (server/rpc.py).
     server = grpc.aio.server(
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         # grpc turns SO_REUSEPORT on by default, so a second server would silently share the port.
         options=[("grpc.so_reuseport", int(reuse_port))],
     )
-    pb_grpc.add_PredictionServiceServicer_to_server(servicer, server)
-    health_servicer = AsyncHealthServicer()
-    for name in HEALTH_SERVICES:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    register(server, pb.DESCRIPTOR.services_by_name["PredictionService"], servicer, guard, admit=True)
+    health_service = HealthService(HEALTH_SERVICES)
+    register(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_service, guard, admit=False)
     if settings.reflection:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -183,7 +185,7 @@ async def _start(
     if port == 0:
         raise StreamflowError(f"cannot listen on {address}: the port is in use or the address is not local")
     await server.start()
-    return server, port, health_servicer
+    return server, port, health_service
 
 
 def bound_registry_calls(settings: Settings) -> None:

@@ -57,15 +57,18 @@ class PredictBatcher(Generic[Answer]):
     async def _drain(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[: self._max_batch_size]
+                # Callers that gave up (deadline, cancel) have done futures: their users are not read.
+                batch = [item for item in self._pending[: self._max_batch_size] if not item[1].done()]
                 del self._pending[: self._max_batch_size]
-                answers = await self._answers([user_id for user_id, _ in batch])
-                for (_, future), answer in zip(batch, answers, strict=True):
-                    if not future.done():  # a caller that gave up has a cancelled future
-                        if isinstance(answer, BaseException):
-                            future.set_exception(answer)
-                        else:
-                            future.set_result(answer)
+                if not batch:
+                    continue
+                try:
+                    answers = await self._answers([user_id for user_id, _ in batch])
+                    for (_, future), answer in zip(batch, answers, strict=True):
+                        _resolve(future, answer)
+                except Exception as exc:  # a bug of the batch itself: every caller still gets an answer
+                    for _, future in batch:
+                        _resolve(future, exc)
         finally:
             self._draining = None
 
@@ -82,3 +85,13 @@ class PredictBatcher(Generic[Answer]):
             # Unexpected, so possibly one user's data (a value of the wrong type): each caller is scored
             # alone, so only the one whose data breaks scoring fails.
             return [answer for user_id in user_ids for answer in await self._answers([user_id])]
+
+
+def _resolve(future: asyncio.Future[Answer], answer: Answer | BaseException) -> None:
+    """Hand a caller its answer, unless it gave up already (a done, cancelled future)."""
+    if future.done():
+        return
+    if isinstance(answer, BaseException):
+        future.set_exception(answer)
+    else:
+        future.set_result(answer)

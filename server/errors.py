@@ -10,11 +10,12 @@ INTERNAL with a request id (`internal_status`).
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from streamflow.errors import StreamflowError
@@ -23,6 +24,22 @@ DOMAIN = "streamflow.serving.v1"
 """The `ErrorInfo.domain` of every error this server sends."""
 
 INTERNAL_REASON = "INTERNAL_ERROR"
+
+MAX_STATUS_BYTES = 7 * 1024
+"""Most bytes a failed call's status may put in its trailers (`grpc-message` percent-encoded plus
+`grpc-status-details-bin` in base64): under the 8 KiB that gRPC clients accept without complaint (Java's
+default limit; grpc core rejects over 16 KiB), whatever the input."""
+MAX_ECHOED_CHARS = 80
+"""Most characters of a caller's input an error message or metadata value repeats back."""
+MAX_FIELD_VIOLATIONS = 20
+"""Most `BadRequest` violations one status lists; `violations` in its metadata counts them all."""
+
+
+def echo(text: str) -> str:
+    """`text` as an error repeats it: at most `MAX_ECHOED_CHARS`, a longer one cut and its length said."""
+    if len(text) <= MAX_ECHOED_CHARS:
+        return text
+    return f"{text[:MAX_ECHOED_CHARS]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -62,9 +79,9 @@ class InvalidUserId(ServingError):
 
     def __init__(self, user_id: str, problem: str) -> None:
         super().__init__(
-            f"user_id {user_id!r} is invalid: {problem}; send 1 to 64 characters of [A-Za-z0-9_-], "
-            "e.g. 7590-VHVEG",
-            {"userId": user_id, "problem": problem},
+            f"user_id {echo(repr(user_id))} is invalid: {problem}; send 1 to 64 characters of "
+            "[A-Za-z0-9_-], e.g. 7590-VHVEG",
+            {"userId": echo(user_id), "problem": problem},
             [FieldViolation("user_id", problem)],
         )
 
@@ -83,7 +100,31 @@ class InvalidBatch(ServingError):
                 "maxBatchSize": str(max_batch_size),
                 "violations": str(len(violations)),
             },
-            violations,
+            violations[:MAX_FIELD_VIOLATIONS],
+        )
+
+
+class MalformedRequest(ServingError):
+    """Request bytes that do not decode as the method's request message (e.g. invalid UTF-8 in a string)."""
+
+    def __init__(self, method: str, size: int) -> None:
+        super().__init__(
+            f"the request to {method} is not a valid {method.rsplit('/', 1)[-1]} request message "
+            f"({size} bytes that do not decode); send a message encoded from the service's .proto",
+            {"method": method, "requestBytes": str(size)},
+        )
+
+
+class Overloaded(ServingError):
+    """The process already runs its maximum number of concurrent calls; the caller should retry later."""
+
+    retry_after_s = 0.1
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the server is running its maximum of {limit} concurrent calls; retry after "
+            f"{self.retry_after_s:g} s with backoff",
+            {"maxConcurrentRpcs": str(limit)},
         )
 
 
@@ -178,6 +219,8 @@ class FeatureStoreUnavailable(ServingError):
 ERROR_TABLE: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
     InvalidUserId: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_USER_ID"),
     InvalidBatch: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_BATCH"),
+    MalformedRequest: (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST"),
+    Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED"),
     EntityNotFound: (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND"),
     FeaturesMissing: (grpc.StatusCode.FAILED_PRECONDITION, "FEATURES_MISSING"),
     FeaturesStale: (grpc.StatusCode.FAILED_PRECONDITION, "FEATURES_STALE"),
@@ -185,7 +228,19 @@ ERROR_TABLE: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
     ModelNotLoaded: (grpc.StatusCode.UNAVAILABLE, "MODEL_NOT_LOADED"),
     FeatureStoreUnavailable: (grpc.StatusCode.UNAVAILABLE, "FEATURE_STORE_UNAVAILABLE"),
 }
-"""Each expected failure -> (canonical code, `ErrorInfo.reason`); the proto documents the same rows."""
+"""Each expected failure -> (canonical code, `ErrorInfo.reason`); the proto documents the same rows. A
+subclass without a row of its own takes its nearest ancestor's (`row_of`); a test walks every subclass so
+that none falls through to `ServingError` itself, which has no row."""
+
+
+def row_of(error_type: type[ServingError]) -> tuple[grpc.StatusCode, str] | None:
+    """The table row of an error type: its own, else its nearest ancestor's; None when no class of its line
+    has one (the caller then answers INTERNAL with a request id, as for any unexpected failure)."""
+    for ancestor in error_type.__mro__:
+        row = ERROR_TABLE.get(ancestor)
+        if row is not None:
+            return row
+    return None
 
 
 def _packed(message: object) -> any_pb2.Any:
@@ -203,7 +258,10 @@ def _status(
 
 def status_of(error: ServingError) -> status_pb2.Status:
     """The `google.rpc.Status` of an expected failure: for a failed call and a BatchPredict result alike."""
-    code, reason = ERROR_TABLE[type(error)]
+    row = row_of(type(error))
+    if row is None:
+        raise LookupError(f"{type(error).__name__} has no row in ERROR_TABLE")
+    code, reason = row
     status = _status(code, error.message, reason, error.metadata)
     if error.field_violations:
         bad_request = error_details_pb2.BadRequest(
@@ -223,7 +281,33 @@ def status_of(error: ServingError) -> status_pb2.Status:
             ]
         )
         status.details.append(_packed(failure))
+    if isinstance(error, Overloaded):
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        status.details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
     return status
+
+
+def trailer_bytes(status: status_pb2.Status) -> int:
+    """What a status costs in a failed call's trailers: the percent-encoded `grpc-message` and the base64
+    `grpc-status-details-bin`, as grpc sends them."""
+    # grpc-message keeps printable ASCII but '%' as is and percent-encodes every other byte (3 bytes each).
+    message = sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in status.message.encode())
+    return message + len(base64.b64encode(status.SerializeToString()))
+
+
+def bounded(status: status_pb2.Status) -> status_pb2.Status:
+    """`status` cut to fit `MAX_STATUS_BYTES`: the message shortened, then the details after the ErrorInfo
+    dropped, so a caller with default metadata limits always receives the code, message and ErrorInfo."""
+    if trailer_bytes(status) <= MAX_STATUS_BYTES:
+        return status
+    cut = status_pb2.Status()
+    cut.CopyFrom(status)
+    if len(cut.message) > 1000:
+        cut.message = cut.message[:1000] + "..."
+    while len(cut.details) > 1 and trailer_bytes(cut) > MAX_STATUS_BYTES:
+        del cut.details[-1]
+    return cut
 
 
 def internal_status(request_id: str) -> status_pb2.Status:

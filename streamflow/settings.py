@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     registry_timeout_s: float = Field(default=5.0, gt=0)
     """Timeout of one registry HTTP request made by the poller."""
 
+    online_store_timeout_s: float = Field(default=0.5, gt=0)
+    """Production profile: seconds one Redis connect or read of the online store may take before the read
+    fails with UNAVAILABLE (a frozen Redis costs a call this long, not a caller's whole deadline)."""
+
+    online_store_probe_interval_s: float = Field(default=1.0, gt=0)
+    """Seconds between two probe reads while the online store is down; every other read meanwhile fails at
+    once with UNAVAILABLE instead of waiting for the store's timeout."""
+
     max_batch_size: int = Field(default=1000, ge=1)
     """Most user ids one BatchPredict request may carry."""
 
@@ -97,13 +105,18 @@ class Settings(BaseSettings):
     Batches contend for the GIL, so more threads only queue them differently."""
 
     max_concurrent_rpcs: int = Field(default=256, ge=1)
-    """RPCs one process runs or queues at once; beyond it callers get RESOURCE_EXHAUSTED."""
+    """PredictionService calls one process runs or queues at once; beyond it callers get RESOURCE_EXHAUSTED
+    (OVERLOADED, with RetryInfo). Health checks are never counted, so probes answer under any load."""
 
     workers: int = Field(default=0, ge=0)
     """Server processes sharing the port; 0 means one per CPU core."""
 
     grace_s: float = Field(default=10.0, ge=0)
     """Seconds in-flight calls get to finish on SIGTERM."""
+
+    drain_delay_s: float = Field(default=0.0, ge=0)
+    """Seconds a server keeps accepting calls after SIGTERM while its health already says NOT_SERVING, so a
+    load balancer that polls health stops sending first (Kubernetes uses the pod's preStop sleep instead)."""
 
     log_level: str = "INFO"
     """Python log level of the server and the CLI."""

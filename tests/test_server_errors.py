@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import shutil
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,7 +20,7 @@ import grpc
 import pytest
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
@@ -28,12 +29,15 @@ from feature_repo.definitions import FEATURE_NAMES, JOIN_KEY, VIEW_SPECS
 from server.app import PredictionServer
 from server.batcher import PredictBatcher
 from server.domain import Prediction
-from server.errors import ERROR_TABLE, EntityNotFound
+from server.errors import ERROR_TABLE, EntityNotFound, FeatureError
+from server.model_watcher import ModelWatcher
+from server.predictor import Predictor
 from streamflow.settings import Settings
 from tests.fixtures.serving import (
     WireError,
     departed_users,
     prediction_stub,
+    server_settings,
     start_server,
     wire_error,
     write_user_features,
@@ -46,6 +50,7 @@ NEWCOMER = "NEW-0001"  # only a subscription profile so far: its aggregates were
 NULL_HOURS = "NULL-0001"  # every view, but watch_hours_30d is null
 NEGATIVE = "NEG-0001"  # a negative monthly_fee and months_active
 BAD_TYPE = "BADTYPE-0001"  # monthly_fee stored as a string: the store disagrees with the registry
+BROKEN = "BROKEN-0001"  # scoring it fails unexpectedly (BrokenPredictor)
 MAX_BATCH = 8
 PROFILE_FEATURES = [name for name, _ in VIEW_SPECS[0].features]
 AGGREGATE_FEATURES = [name for spec in VIEW_SPECS[1:] for name, _ in spec.features]
@@ -227,21 +232,57 @@ def test_values_out_of_range_are_features_invalid(stub: pb_grpc.PredictionServic
     ]
 
 
+class BrokenPredictor(Predictor):
+    """A stand-in for a bug: since a wrongly typed stored value became FEATURES_INVALID, no real input makes
+    scoring fail unexpectedly, so this Predictor fails for `BROKEN` users with internals in the exception."""
+
+    def score(self, user_ids: Sequence[str]) -> list[Prediction | FeatureError]:
+        if BROKEN in user_ids:
+            raise RuntimeError("secret internals: /srv/models/v7 string_val")
+        return super().score(user_ids)
+
+
+@pytest.fixture(scope="module")
+def broken_server(error_settings: Settings) -> Iterator[PredictionServer]:
+    settings = server_settings(error_settings)
+    with start_server(error_settings, predictor=BrokenPredictor(settings, ModelWatcher(settings))) as running:
+        yield running
+
+
+@pytest.mark.parametrize("rpc", ["Predict", "BatchPredict"])
 def test_unexpected_failure_is_internal_with_a_request_id_and_no_internals(
-    stub: pb_grpc.PredictionServiceStub, caplog: pytest.LogCaptureFixture
+    broken_server: PredictionServer, caplog: pytest.LogCaptureFixture, rpc: str
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="server.servicer"):
-        error = predict_error(stub, BAD_TYPE)
+    with (
+        caplog.at_level(logging.ERROR, logger="server.rpc"),
+        prediction_stub(broken_server.local_address) as stub,
+    ):
+        with pytest.raises(grpc.RpcError) as failure:
+            if rpc == "Predict":
+                stub.Predict(pb.PredictRequest(user_id=BROKEN))
+            else:
+                stub.BatchPredict(pb.BatchPredictRequest(user_ids=[FIRST_USER_ID, BROKEN]))
+        error = wire_error(failure.value)
 
     assert error.code == grpc.StatusCode.INTERNAL
     assert error.info.reason == "INTERNAL_ERROR"
     request_id = error.info.metadata["requestId"]
     assert dict(error.info.metadata) == {"requestId": request_id}
     assert request_id in error.status.message
-    assert "string_val" not in error.status.message and "monthly_fee" not in error.status.message
+    assert "secret" not in error.status.message and "string_val" not in error.status.message
     logged = [r for r in caplog.records if request_id in r.getMessage()]
     assert len(logged) == 1 and logged[0].exc_info is not None
-    assert "string_val" in str(logged[0].exc_info[1])
+    assert "secret internals" in str(logged[0].exc_info[1])
+
+
+def test_a_stored_value_of_the_wrong_type_is_features_invalid(stub: pb_grpc.PredictionServiceStub) -> None:
+    error = predict_error(stub, BAD_TYPE)
+
+    assert error.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.info.reason == "FEATURES_INVALID"
+    assert dict(error.info.metadata) == {"userId": BAD_TYPE, "features": "monthly_fee"}
+    assert error.failing_features == ["monthly_fee"]
+    assert "eighty" not in error.status.message
 
 
 def test_batch_results_keep_order_and_carry_the_status_predict_returns(
@@ -352,38 +393,51 @@ def test_unreachable_online_store_is_unavailable_and_ids_are_checked_before_it(
     assert malformed.info.reason == "INVALID_USER_ID"
 
 
-def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(embedded_settings: Settings) -> None:
-    requests: queue.Queue[reflection_pb2.ServerReflectionRequest | None] = queue.Queue()
-    requests.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+def test_calls_beyond_the_concurrency_limit_are_resource_exhausted_and_health_still_answers(
+    embedded_settings: Settings,
+) -> None:
     with (
-        start_server(embedded_settings, max_concurrent_rpcs=1) as running,
+        start_server(embedded_settings, max_concurrent_rpcs=1, threads=1) as running,
         grpc.insecure_channel(running.local_address) as channel,
     ):
-        # A reflection stream stays open while it waits for more requests: the one call the server runs.
-        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter(requests.get, None)
-        )
-        assert next(stream).HasField("list_services_response")
-        with pytest.raises(grpc.RpcError) as failure:
-            pb_grpc.PredictionServiceStub(channel).Predict(pb.PredictRequest(user_id=FIRST_USER_ID))
-        requests.put(None)
-        assert list(stream) == []
+        stub = pb_grpc.PredictionServiceStub(channel)
+        # The server's one batch thread is kept busy, so an admitted BatchPredict stays in flight.
+        release = threading.Event()
+        running.pools[-1].submit(release.wait)
+        held = stub.BatchPredict.future(pb.BatchPredictRequest(user_ids=[FIRST_USER_ID]))
+        try:
+            deadline = time.monotonic() + 30
+            while running.guard.in_flight < 1:
+                assert time.monotonic() < deadline, "the BatchPredict never reached the server"
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as failure:
+                stub.Predict(pb.PredictRequest(user_id=FIRST_USER_ID))
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        finally:
+            release.set()
+        held_result = held.result(timeout=30)
 
-    assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    error = wire_error(failure.value)
+    assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.info.reason == "OVERLOADED"
+    assert dict(error.info.metadata) == {"maxConcurrentRpcs": "1"}
+    assert error.retry is not None and error.retry.retry_delay.ToMilliseconds() == 100
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert held_result.results[0].HasField("prediction")
 
 
-def test_when_one_users_data_breaks_a_coalesced_batch_only_that_call_fails(
-    error_server: PredictionServer,
+def test_when_one_users_scoring_fails_unexpectedly_in_a_coalesced_batch_only_that_call_fails(
+    broken_server: PredictionServer,
 ) -> None:
     with ThreadPoolExecutor(max_workers=1) as pool:
-        batcher = PredictBatcher(error_server.predictor.score, pool, max_batch_size=1000)
+        batcher = PredictBatcher(broken_server.predictor.score, pool, max_batch_size=1000)
 
         async def together() -> list[Prediction | BaseException]:
-            calls = (batcher.predict(user_id) for user_id in (FIRST_USER_ID, BAD_TYPE, UNKNOWN_USER))
+            calls = (batcher.predict(user_id) for user_id in (FIRST_USER_ID, BROKEN, UNKNOWN_USER))
             return await asyncio.gather(*calls, return_exceptions=True)
 
         good, broken, unknown = asyncio.run(together())
 
     assert isinstance(good, Prediction) and good.user_id == FIRST_USER_ID
-    assert isinstance(broken, TypeError)  # the servicer answers it as INTERNAL (test above)
+    assert isinstance(broken, RuntimeError)  # the guard answers it as INTERNAL (test above)
     assert isinstance(unknown, EntityNotFound) and unknown.user_id == UNKNOWN_USER

@@ -1,0 +1,167 @@
+"""The one layer every call of the server passes through, between grpc and the servicers.
+
+It registers each service's methods itself, with the request left as bytes, so that for every call:
+
+- the request is decoded here: bytes that are not a valid request message (invalid UTF-8 in a string,
+  random bytes) are INVALID_ARGUMENT `MALFORMED_REQUEST`, where grpc would answer UNKNOWN with a Python
+  class name and log a traceback per call;
+- admission control caps the PredictionService calls running at once (`settings.max_concurrent_rpcs`); the
+  excess gets a retryable RESOURCE_EXHAUSTED `OVERLOADED` with `RetryInfo`. Health is never counted, so probes
+  answer under any flood (grpc's own `maximum_concurrent_rpcs` counted them, and answered some rejected calls
+  CANCELLED);
+- a `ServingError` becomes its status from the error table, anything else INTERNAL with a request id; every
+  status is cut to fit a default client's metadata limit (`errors.bounded`);
+- the time of the last arrival is kept, so a drain can wait until every call the server received has been
+  dispatched before grpc's shutdown cancels the undispatched ones (`quiesce`).
+
+Servicers stay domain calls: a method takes the decoded request and returns the response or raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor, message_factory
+from google.protobuf.message import DecodeError, Message
+from google.rpc import status_pb2
+from grpc_status import rpc_status
+
+from server.errors import (
+    MalformedRequest,
+    Overloaded,
+    ServingError,
+    bounded,
+    internal_status,
+    row_of,
+    status_of,
+)
+from server.log_limits import ThrottledLog
+
+log = logging.getLogger(__name__)
+
+Method = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class CallGuard:
+    """Per process: counts the calls it admits, remembers the last arrival, throttles failure logs."""
+
+    def __init__(self, max_concurrent_rpcs: int) -> None:
+        self.max_concurrent_rpcs = max_concurrent_rpcs
+        self.in_flight = 0
+        self._last_arrival = 0.0
+        self._logs = ThrottledLog(log)
+
+    def admitted(self, method: Method, full_name: str) -> Method:
+        """`method` counted against the limit: over it, `Overloaded` before any work is done."""
+
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self.in_flight >= self.max_concurrent_rpcs:
+                self._logs.event(
+                    "overload",
+                    logging.WARNING,
+                    "overloaded: refusing %s with %d calls running",
+                    full_name,
+                    self.in_flight,
+                )
+                raise Overloaded(self.max_concurrent_rpcs)
+            self.in_flight += 1
+            try:
+                return await method(request, context)
+            finally:
+                self.in_flight -= 1
+
+        return run
+
+    def handler(self, method: Method, full_name: str, request_type: type[Message]) -> Method:
+        """`method` behind the decoding and error mapping every call gets; takes the request's bytes."""
+
+        async def run(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            self._last_arrival = time.monotonic()
+            try:
+                try:
+                    request = request_type.FromString(raw)
+                except DecodeError:
+                    self._logs.event(
+                        "undecodable",
+                        logging.WARNING,
+                        "undecodable %s request (%d bytes)",
+                        full_name,
+                        len(raw),
+                    )
+                    raise MalformedRequest(full_name, len(raw)) from None
+                return await method(request, context)
+            except Exception as exc:
+                status = self._status(exc, full_name)
+            # Outside the except block: abort raises, and must not be caught as an unexpected failure.
+            await _abort(context, bounded(status))
+
+        return run
+
+    def _status(self, exc: Exception, full_name: str) -> status_pb2.Status:
+        """The status of what a call raised: its row of the error table, else INTERNAL with a request id
+        whose traceback only the server log sees."""
+        if isinstance(exc, ServingError) and row_of(type(exc)) is not None:
+            return status_of(exc)
+        request_id = uuid.uuid4().hex
+        self._logs.event(
+            f"internal:{full_name}:{type(exc).__name__}",
+            logging.ERROR,
+            "%s failed unexpectedly (request id %s)",
+            full_name,
+            request_id,
+            exc_info=True,
+        )
+        return internal_status(request_id)
+
+    async def quiesce(self, quiet_s: float, timeout_s: float) -> None:
+        """Return once no call has arrived for `quiet_s` (or after `timeout_s`): grpc hands the loop one
+        received call per method per pass, so calls the server has received but not dispatched wait until
+        the loop gets round to them, and grpc's shutdown would cancel them."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and time.monotonic() - self._last_arrival < quiet_s:
+            await asyncio.sleep(quiet_s / 10)
+
+
+async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+    grpc_status = rpc_status.to_status(status)
+    await context.abort(grpc_status.code, grpc_status.details, grpc_status.trailing_metadata)
+
+
+def register(
+    server: grpc.aio.Server,
+    service: descriptor.ServiceDescriptor,
+    servicer: object,
+    guard: CallGuard,
+    admit: bool,
+) -> None:
+    """Serve `servicer`'s unary-request methods of `service` through `guard`; `admit` counts them against
+    the concurrency limit. A unary-stream method writes its responses with `context.write`."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        if method.client_streaming:
+            raise ValueError(f"{method.full_name}: client-streaming methods are not served through the guard")
+        full_name = f"/{service.full_name}/{method.name}"
+        request_type = message_factory.GetMessageClass(method.input_type)
+        response_type = message_factory.GetMessageClass(method.output_type)
+        behavior: Method = getattr(servicer, method.name)
+        if admit:
+            behavior = guard.admitted(behavior, full_name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            guard.handler(behavior, full_name, request_type),
+            request_deserializer=None,  # bytes: decoding is the guard's, so bad bytes get a real status
+            response_serializer=response_type.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    # As generated code does: registered methods skip grpc's per-call lookup (grpc-stubs predates them).
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
