@@ -8,6 +8,9 @@ that per call and costs several times more per user), and equal what that SDK ca
 user comes back either as a `FeatureRow` or as the `FeatureError` that keeps it from being scored, checked in
 this order:
 
+0. a value stored with a type other than the registry declares, or bytes that are no Feast value (a bug
+   upstream of the server: a loader writing below Feast's typed writer): `FeaturesInvalid`, naming the feature
+   and the stored type, never the raw value;
 1. every feature null (the store has no row of any view for the user): `EntityNotFound`;
 2. some features null: `FeaturesMissing`;
 3. staleness: a feature whose event time is older than its view's TTL, measured against
@@ -47,7 +50,7 @@ from server.errors import (
     FeaturesStale,
     FeatureStoreUnavailable,
 )
-from server.online_rows import Cell, ViewFeatures, online_rows
+from server.online_rows import UNDECODABLE, Cell, ViewFeatures, online_rows
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
@@ -108,6 +111,10 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     sqlalchemy.exc.OperationalError,
     OSError,
 )
+
+
+class _WrongType(Exception):
+    """A stored cell the feature's type cannot hold; `_classify` words it for the user's result."""
 
 
 class FeatureServiceError(StreamflowError):
@@ -206,7 +213,15 @@ class FeatureReader:
     def _classify(
         self, user_id: str, row: list[Cell], clock: datetime, cutoffs: tuple[datetime, ...]
     ) -> FeatureRow | FeatureError:
-        values = [value_of(proto) for value_of, (proto, _) in zip(self._value_of, row, strict=True)]
+        try:
+            values = [value_of(proto) for value_of, (proto, _) in zip(self._value_of, row, strict=True)]
+        except _WrongType:  # one user's corrupt row fails that user only, never the batch
+            wrong = [
+                problem
+                for f, (proto, _) in zip(self.schema, row, strict=True)
+                if (problem := _type_problem(f, proto)) is not None
+            ]
+            return FeaturesInvalid(user_id, wrong)
         times = [event_time for _, event_time in row]
         # Each check is one pass over the row; the problems are worded only for a row that fails it.
         if None in values:
@@ -261,7 +276,8 @@ def _oldest_fresh(clock: datetime, ttl: timedelta | None) -> datetime:
 
 
 def _value_reader(feature: FeatureSchema) -> Callable[[ValueProto], FeatureScalar | None]:
-    """The Python value of a stored cell, or None when null; a value of another type is a bug upstream."""
+    """The Python value of a stored cell, or None when null; raises `_WrongType` for a value of another type
+    or undecodable bytes (a bug upstream)."""
     fields = _VALUE_FIELDS[feature.type]
 
     def value_of(proto: ValueProto) -> FeatureScalar | None:
@@ -269,11 +285,30 @@ def _value_reader(feature: FeatureSchema) -> Callable[[ValueProto], FeatureScala
         if kind in fields:
             value: FeatureScalar = getattr(proto, kind)
             return value
-        if kind is None or kind == "null_val":
+        if (kind is None or kind == "null_val") and proto is not UNDECODABLE:
             return None
-        raise TypeError(f"online store holds a {kind} for {feature.type} feature {feature.name!r}")
+        raise _WrongType
 
     return value_of
+
+
+def _type_problem(feature: FeatureSchema, proto: ValueProto) -> FeatureProblem | None:
+    """What is wrong with the stored type of a cell, or None when `_value_reader` accepts it. The raw value
+    stays out: it is corrupt data of unknown size and content, not something to echo to callers."""
+    fields = _VALUE_FIELDS[feature.type]
+    kind = proto.WhichOneof("val")
+    if proto is UNDECODABLE:
+        stored = "bytes that do not decode as a Feast value"
+    elif kind is None or kind == "null_val" or kind in fields:
+        return None
+    else:
+        stored = f"a {kind}"
+    return FeatureProblem(
+        feature.name,
+        feature.feature_view,
+        f"the online store holds {stored} for this {feature.type} feature, which Feast stores as "
+        f"{' or '.join(fields)}; write the row again with the registered type",
+    )
 
 
 def _value_rule(feature: FeatureSchema) -> Callable[[FeatureScalar], FeatureProblem | None]:

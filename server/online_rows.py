@@ -31,6 +31,7 @@ from feast.infra.online_stores.sqlite import SqliteOnlineStore, _quote_id, _tabl
 from feast.infra.provider import Provider
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 Cell = tuple[ValueProto, datetime]
 """A stored feature value and the event time of its row (null and the epoch when the view has no row)."""
 NULL = ValueProto()
+UNDECODABLE = ValueProto()
+"""Stored bytes that are no ValueProto, known by identity: a corrupt cell fails its user only."""
 EPOCH = datetime.fromtimestamp(0, UTC)
 
 # Ids a fast key encoding must encode exactly as Feast does before it is used: empty, typical, long (a
@@ -134,7 +137,12 @@ def as_utc(event_time: datetime) -> datetime:
 
 def _value(raw: bytes | None) -> ValueProto:
     """A stored value; no bytes (no field, or no row of the feature) is null, as Feast reads it."""
-    return ValueProto.FromString(raw) if raw else NULL
+    if not raw:
+        return NULL
+    try:
+        return ValueProto.FromString(raw)
+    except DecodeError:
+        return UNDECODABLE
 
 
 class SqliteRows:
