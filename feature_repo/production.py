@@ -15,16 +15,19 @@ from streamflow import postgres
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
-REDIS_TIMEOUT_S = 2
-"""Socket connect/read timeout of the online store: a Redis outage must surface as an error within seconds
-(Predict answers UNAVAILABLE), not as a request stuck on a dead or unresponsive socket."""
+DEFAULT_TIMEOUT_S: float = Settings.model_fields["online_store_timeout_s"].default
+"""`STREAMFLOW_ONLINE_STORE_TIMEOUT_S`'s default, for callers without Settings."""
 
 REGISTRY_CACHE_TTL_S = 60
 """How long a process trusts its cached copy of the SQL registry before reading it again."""
 
 
-def redis_connection_string(redis_url: str) -> str:
-    """Feast's ``host:port,db=N[,password=...][,ssl=true]`` form of a ``redis://`` or ``rediss://`` URL."""
+def redis_connection_string(redis_url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+    """Feast's ``host:port,db=N[,password=...][,ssl=true]`` form of a ``redis://`` or ``rediss://`` URL.
+
+    `timeout_s` bounds each connect and each socket read (`STREAMFLOW_ONLINE_STORE_TIMEOUT_S`): a Redis that
+    is down or frozen (SIGSTOP, a hung host) surfaces as an error within it, not as a request stuck on a dead
+    socket. Feast json-decodes each ``key=value`` of the string, so the seconds reach redis-py as a float."""
     parts = urlsplit(redis_url)
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise StreamflowError(
@@ -40,7 +43,7 @@ def redis_connection_string(redis_url: str) -> str:
         options.append(f"password={unquote(parts.password)}")
     if parts.scheme == "rediss":
         options.append("ssl=true")
-    options += [f"socket_timeout={REDIS_TIMEOUT_S}", f"socket_connect_timeout={REDIS_TIMEOUT_S}"]
+    options += [f"socket_timeout={timeout_s:g}", f"socket_connect_timeout={timeout_s:g}"]
     # No client-side retries (`null` reaches redis-py as retry=None): its default retries 3 times with up to
     # 14 s of backoff, which outlasts a caller's deadline. The server answers UNAVAILABLE at once instead,
     # and callers retry that code (the client's service config does).
@@ -83,5 +86,8 @@ def production_repo_config(settings: Settings) -> RepoConfig:
             # Feast's own default is `require`; keep libpq's (`prefer`) unless the DSN asks for more.
             "sslmode": pg.get("sslmode", "prefer"),
         },
-        online_store={"type": "redis", "connection_string": redis_connection_string(settings.redis_url)},
+        online_store={
+            "type": "redis",
+            "connection_string": redis_connection_string(settings.redis_url, settings.online_store_timeout_s),
+        },
     )

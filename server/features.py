@@ -48,9 +48,9 @@ from server.errors import (
     FeaturesInvalid,
     FeaturesMissing,
     FeaturesStale,
-    FeatureStoreUnavailable,
 )
 from server.online_rows import UNDECODABLE, Cell, ViewFeatures, online_rows
+from server.store_health import StoreBreaker, breaker_for
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
@@ -160,7 +160,10 @@ class FeatureReader:
         self.feature_service = feature_service
         self.schema: tuple[FeatureSchema, ...] = tuple(schema)
         self._rows = online_rows(get_provider(store.config), store.config, views, JOIN_KEY)
-        self._store_type = str(store.config.online_store.type)
+        store_type = str(store.config.online_store.type)
+        self._breaker = breaker_for(
+            store, lambda: StoreBreaker(store_type, _UNREACHABLE, settings.online_store_probe_interval_s)
+        )
         self._ttls = ttls
         self._clock = settings.staleness_clock
         # Resolved per feature, in schema order, so classifying a row looks nothing up by name.
@@ -181,13 +184,12 @@ class FeatureReader:
         """Each user's stored cells in schema order, exactly as the SDK's `get_online_features` gives them.
 
         One read of every view for all distinct users; a view without a row for a user gives null values at
-        the epoch, as the SDK does. Raises `FeatureStoreUnavailable` when the store is down.
+        the epoch, as the SDK does. Raises `FeatureStoreUnavailable` when the store cannot be reached, at once
+        while the store's breaker is open (`server.store_health`: one breaker per FeatureStore, shared by every
+        model load and thread).
         """
         unique = list(dict.fromkeys(user_ids))
-        try:
-            cells = self._rows.read(unique)
-        except _UNREACHABLE as exc:
-            raise FeatureStoreUnavailable(self._store_type) from exc
+        cells = self._breaker.call(lambda: self._rows.read(unique))
         if len(unique) == len(user_ids):
             return cells
         by_user = dict(zip(unique, cells, strict=True))
