@@ -1,24 +1,37 @@
-"""Several server processes sharing one port, so every core serves: a supervisor forks the workers.
+"""Several server processes sharing one port, so every core serves: a supervisor forks and keeps the workers.
 
 gRPC objects must not exist before a fork (grpc `examples/python/multiprocessing`), so the supervisor creates
-none: it only reserves the port, forks, forwards SIGTERM/SIGINT and waits. Each worker then builds its own
-server on the shared port with `grpc.so_reuseport` (the kernel spreads new connections across the workers) and
-its own registry watcher, so each follows the registry on its own and swaps models independently.
+none: it claims the port, forks, restarts workers that die and forwards SIGTERM/SIGINT. Each worker then
+builds its own server on the shared port with `grpc.so_reuseport` (the kernel spreads new connections across
+the workers) and its own registry watcher, so each follows the registry and swaps models independently.
 
-If a worker dies on its own, the supervisor stops the others and exits non-zero: a half-strength server should
-be restarted by whatever runs it, not limp along.
+The port is claimed for this server alone before the workers share it: SO_REUSEPORT would otherwise let a
+second `streamflow serve` join the port and take half of the new connections. A bind without SO_REUSEPORT
+fails on any socket already bound there, and a per-port lock (an abstract Unix socket, scoped like the port to
+the network namespace) keeps two supervisors starting at the same instant from both passing that probe. A
+program of the same user that binds with SO_REUSEPORT on its own can still join: the kernel has no exclusive
+SO_REUSEPORT group.
+
+A worker that dies while the server is not stopping (killed, crashed, or exited on its own, even with code 0)
+is replaced after an exponential back-off, while the others keep the port served. A worker slot that dies
+`CRASH_LIMIT` times within `CRASH_WINDOW_S` is broken rather than unlucky: the supervisor stops the others and
+exits non-zero, so whatever runs the server sees it fail.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import signal
 import socket
 import sys
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from types import FrameType
+from dataclasses import dataclass, field
 
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
@@ -27,6 +40,21 @@ log = logging.getLogger(__name__)
 
 Worker = Callable[[Settings], int]
 """Runs one server process on `settings.port` (port sharing on) until SIGTERM; returns its exit code."""
+
+CRASH_LIMIT = 5
+"""Deaths of one worker slot within `CRASH_WINDOW_S` that make the supervisor give up and exit non-zero."""
+CRASH_WINDOW_S = 60.0
+"""Window, in seconds, over which a slot's deaths count towards `CRASH_LIMIT`."""
+RESTART_BACKOFF_S = 0.5
+"""Delay before the first restart of a slot; it doubles with each further death within the window."""
+RESTART_BACKOFF_MAX_S = 8.0
+"""Longest delay before a restart."""
+
+_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+"""What the supervisor waits for, blocked and taken synchronously with `sigtimedwait`: no handler races."""
+_IDLE_WAIT_S = 3600.0
+"""Wait when no restart is due; any signal ends it sooner."""
+_PR_SET_PDEATHSIG = 1
 
 
 def worker_count(settings: Settings) -> int:
@@ -37,66 +65,212 @@ def worker_count(settings: Settings) -> int:
 
 
 @contextlib.contextmanager
-def reserved_port(host: str, port: int) -> Iterator[int]:
-    """Hold `port` (a free one when 0) with SO_REUSEPORT, so workers can bind it and no one else takes it."""
+def claimed_port(host: str, port: int) -> Iterator[int]:
+    """Claim `port` (a free one when 0) for this server alone and hold it with SO_REUSEPORT for its workers.
+
+    Raises StreamflowError (`cannot listen on HOST:PORT: ...`) when any socket is bound to the port.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    with contextlib.ExitStack() as held:
+        probe = held.enter_context(socket.socket(family, socket.SOCK_STREAM))
+        # SO_REUSEADDR only skips connections of a previous server still in TIME_WAIT; without SO_REUSEPORT
+        # the bind fails on every other socket bound to the port, listening or reserved.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _bind(probe, host, port)
+        port = int(probe.getsockname()[1])
+        held.enter_context(_port_lock(host, port))
+        probe.close()  # the workers' SO_REUSEPORT sockets cannot join a socket bound without it
+        reserved = held.enter_context(socket.socket(family, socket.SOCK_STREAM))
+        reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _bind(reserved, host, port)
+        yield port
+
+
+def _bind(sock: socket.socket, host: str, port: int) -> None:
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise StreamflowError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+@contextlib.contextmanager
+def _port_lock(host: str, port: int) -> Iterator[None]:
+    """Hold the lock of `port` among StreamFlow supervisors; released when the holder exits, even killed."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as lock:
         try:
-            sock.bind((host, port))
+            lock.bind(f"\0streamflow-serve-port-{port}")
         except OSError as exc:
-            raise StreamflowError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-        yield int(sock.getsockname()[1])
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise StreamflowError(
+                f"cannot listen on {host}:{port}: another streamflow server holds this port"
+            ) from exc
+        yield
 
 
-def run_workers(settings: Settings, count: int, worker: Worker) -> int:
-    """Fork `count` workers on `settings.port`, supervise them until SIGTERM/SIGINT; 0 on a clean stop."""
-    stopping = False
+@dataclass
+class _Slot:
+    """One worker position: its current process and its recent deaths."""
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        log.info("%s received, stopping %d workers", signal.Signals(signum).name, count)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+    number: int
+    pid: int | None = None
+    deaths: deque[float] = field(default_factory=deque)
+    restart_at: float | None = None
 
-    pids: set[int] = set()
-    with reserved_port(settings.host, settings.port) as port:
-        worker_settings = settings.model_copy(update={"port": port})
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, on_signal)
+
+class _Supervisor:
+    """Forks the workers, replaces those that die, stops them all on a signal or when one keeps dying."""
+
+    def __init__(self, worker: Worker, settings: Settings, count: int, child_mask: set[int | signal.Signals]):
+        self._worker = worker
+        self._settings = settings
+        self._child_mask = child_mask
+        self._slots = [_Slot(number) for number in range(1, count + 1)]
+        self._stopping = False
+        self._failed = False
+
+    def start_all(self) -> None:
+        for slot in self._slots:
+            self._start(slot)
+
+    def run(self) -> int:
+        """Supervise until every worker has exited after a stop; 0 when all of them exited cleanly."""
+        while not self._stopping or any(slot.pid is not None for slot in self._slots):
+            due = [slot.restart_at for slot in self._slots if slot.restart_at is not None]
+            timeout = max(0.0, min(due) - time.monotonic()) if due else _IDLE_WAIT_S
+            received = signal.sigtimedwait(_SIGNALS, timeout)
+            if received is None:
+                self._restart_due()
+            elif received.si_signo == signal.SIGCHLD:
+                self._reap()
+            else:
+                self._stop(f"{signal.Signals(received.si_signo).name} received")
+        return 1 if self._failed else 0
+
+    def _start(self, slot: _Slot) -> None:
         # Anything still buffered would be written again by every child that flushes its inherited copy.
         sys.stdout.flush()
         sys.stderr.flush()
-        for _ in range(count):
-            pid = os.fork()
+        supervisor = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_run_child(self._worker, self._settings, self._child_mask, supervisor))
+        slot.pid, slot.restart_at = pid, None
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            if slot.restart_at is not None and slot.restart_at <= now:
+                self._start(slot)
+                log.info("worker %d restarted as process %d", slot.number, slot.pid)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
             if pid == 0:
-                os._exit(_run_child(worker, worker_settings))
-            pids.add(pid)
-        print(f"streamflow serve: listening on {settings.host}:{port} with {count} workers", flush=True)
-        failed = False
-        while pids:
-            pid, status = os.wait()
-            pids.discard(pid)
-            code = os.waitstatus_to_exitcode(status)
-            if not stopping:
-                log.error("worker %d exited with %d; stopping the others", pid, code)
-                failed = True
-                on_signal(signal.SIGTERM, None)
-            failed = failed or code != 0
-    return 1 if failed else 0
+                return
+            slot = next((s for s in self._slots if s.pid == pid), None)
+            if slot is not None:
+                slot.pid = None
+                self._exited(slot, pid, os.waitstatus_to_exitcode(status))
+
+    def _exited(self, slot: _Slot, pid: int, code: int) -> None:
+        how = _describe_exit(code)
+        if self._stopping:
+            if code != 0:
+                self._failed = True
+                log.warning("worker %d (process %d) %s while stopping", slot.number, pid, how)
+            return
+        now = time.monotonic()
+        slot.deaths.append(now)
+        while slot.deaths[0] < now - CRASH_WINDOW_S:
+            slot.deaths.popleft()
+        if len(slot.deaths) >= CRASH_LIMIT:
+            log.error(
+                "worker %d died %d times within %.0f s (last: process %d %s); stopping the server",
+                slot.number,
+                len(slot.deaths),
+                CRASH_WINDOW_S,
+                pid,
+                how,
+            )
+            self._failed = True
+            self._stop(None)
+            return
+        delay = min(RESTART_BACKOFF_S * 2 ** (len(slot.deaths) - 1), RESTART_BACKOFF_MAX_S)
+        slot.restart_at = now + delay
+        log.warning(
+            "worker %d (process %d) %s; restarting it in %.1f s "
+            "(%d deaths within %.0f s, %d stop the server)",
+            slot.number,
+            pid,
+            how,
+            delay,
+            len(slot.deaths),
+            CRASH_WINDOW_S,
+            CRASH_LIMIT,
+        )
+
+    def _stop(self, why: str | None) -> None:
+        """Stop every worker (each drains its calls); restarts still pending are dropped."""
+        if why is not None:
+            log.info("%s, stopping %d workers", why, sum(slot.pid is not None for slot in self._slots))
+        self._stopping = True
+        for slot in self._slots:
+            slot.restart_at = None
+            if slot.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGTERM)
 
 
-def _run_child(worker: Worker, settings: Settings) -> int:
-    """A worker's whole life: default signal handling (the worker installs its own), then serve."""
+def run_workers(settings: Settings, count: int, worker: Worker) -> int:
+    """Fork `count` workers on `settings.port` and keep them running until SIGTERM/SIGINT; 0 on a clean stop.
+
+    Raises StreamflowError when the port is taken.
+    """
+    with claimed_port(settings.host, settings.port) as port:
+        worker_settings = settings.model_copy(update={"port": port})
+        # Blocked before the first fork, so no death or signal can slip in between; workers restore the mask.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            supervisor = _Supervisor(worker, worker_settings, count, mask)
+            supervisor.start_all()
+            print(f"streamflow serve: listening on {settings.host}:{port} with {count} workers", flush=True)
+            return supervisor.run()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _run_child(worker: Worker, settings: Settings, mask: set[int | signal.Signals], supervisor: int) -> int:
+    """A worker's whole life: the signal state of a fresh process, then serve."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    _drain_when_orphaned(supervisor)
     try:
         return worker(settings)
     except StreamflowError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     except BaseException:
-        log.exception("worker %d failed", os.getpid())
+        log.exception("worker process %d failed", os.getpid())
         return 1
+
+
+def _drain_when_orphaned(supervisor: int) -> None:
+    """Have the kernel SIGTERM this worker when the supervisor dies, even killed: none runs unsupervised."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("worker process %d will outlive a killed supervisor: prctl failed", os.getpid())
+        return
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -7,13 +7,18 @@ pool, hence a new source port) are spread across the workers by the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -21,9 +26,13 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+from client.churn_client import ChurnClient
+from client.errors import ChurnServiceError
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
+from server.workers import CRASH_LIMIT, CRASH_WINDOW_S
 from streamflow.settings import Settings
+from training.demo_data import FIRST_USER_ID
 from training.registry import promote
 
 WORKERS = 2
@@ -58,40 +67,60 @@ def _workers_on(port: int, version: str) -> set[str]:
     return seen
 
 
+def _serve_env(settings: Settings, workers: int, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a `streamflow serve` child: only these STREAMFLOW_/MLFLOW_ variables."""
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("STREAMFLOW_", "MLFLOW_"))},
+        # Explicit: `mlflow.set_tracking_uri` in this process exports the session home's URI to children.
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "STREAMFLOW_HOME": str(settings.home),
+        "STREAMFLOW_HOST": "127.0.0.1",
+        "STREAMFLOW_PORT": str(port),
+        "STREAMFLOW_WORKERS": str(workers),
+        "STREAMFLOW_POLL_INTERVAL_S": "0.5",
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def _serving(
+    settings: Settings, log_path: Path, workers: int = WORKERS, port: int = 0, **extra: str
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """A `streamflow serve` process and the port it announced; SIGTERM and a bounded wait on exit."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "streamflow"), "serve"],
+            env=_serve_env(settings, workers, port, **extra),
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        try:
+            yield process, _announced_port(process, log_path, workers)
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+
+
+def _announced_port(process: subprocess.Popen[str], log_path: Path, workers: int) -> int:
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if workers > 1:
+        match = re.search(r"listening on [\d.]+:(\d+) with (\d+) workers", line)
+        assert match and int(match.group(2)) == workers, f"first line {line!r}; log: {log_path.read_text()}"
+    else:
+        match = re.search(r"listening on [\d.]+:(\d+)$", line.strip())
+        assert match, f"unexpected first line {line!r}; log: {log_path.read_text()}"
+    return int(match.group(1))
+
+
 @pytest.fixture
 def multi_worker_server(
     fresh_embedded_settings: Settings, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("STREAMFLOW_", "MLFLOW_"))},
-        # Explicit: `mlflow.set_tracking_uri` in this process exports the session home's URI to children.
-        "MLFLOW_TRACKING_URI": fresh_embedded_settings.tracking_uri,
-        "STREAMFLOW_HOME": str(fresh_embedded_settings.home),
-        "STREAMFLOW_HOST": "127.0.0.1",
-        "STREAMFLOW_PORT": "0",
-        "STREAMFLOW_WORKERS": str(WORKERS),
-        "STREAMFLOW_POLL_INTERVAL_S": "0.5",
-    }
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "streamflow"), "serve"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        match = re.search(r"listening on [\d.]+:(\d+) with (\d+) workers", line)
-        assert match, f"unexpected first line {line!r}; log: {(tmp_path / 'serve.log').read_text()}"
-        assert int(match.group(2)) == WORKERS
-        yield process, int(match.group(1))
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
-        log.close()
+    with _serving(fresh_embedded_settings, tmp_path / "serve.log") as served:
+        yield served
 
 
 def test_every_worker_swaps_to_a_newly_promoted_version(
@@ -120,3 +149,255 @@ def test_every_worker_swaps_to_a_newly_promoted_version(
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers)
+
+
+# --- one deployment per port --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    # Released before use: a test starting a server on it may lose it to another process, never share it.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _listeners(port: int) -> set[int]:
+    """Pids of the processes with a TCP socket listening on `port`."""
+    return {
+        c.pid
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid is not None
+    }
+
+
+def _serving_processes(process: subprocess.Popen[str], workers: int) -> set[int]:
+    """The processes that serve: the workers under a supervisor, or the one process itself."""
+    if workers == 1:
+        return {process.pid}
+    return {p.pid for p in _live(psutil.Process(process.pid).children())}
+
+
+def _live(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("first_workers", [WORKERS, 1], ids=["first-has-2-workers", "first-has-1-worker"])
+def test_a_second_server_on_a_taken_port_exits_with_one_sentence(
+    first_workers: int, embedded_settings: Settings, tmp_path: Path
+) -> None:
+    with _serving(embedded_settings, tmp_path / "first.log", workers=first_workers) as (first, port):
+        version = _serving_version(port)
+        serving = _serving_processes(first, first_workers)
+        _eventually(lambda: _listeners(port) == serving, "the first server's listeners")
+
+        second = subprocess.run(
+            [str(Path(sys.executable).parent / "streamflow"), "serve"],
+            env=_serve_env(embedded_settings, WORKERS, port),
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE_S,
+        )
+
+        assert second.returncode != 0
+        assert second.stdout == ""
+        errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"], second.stderr
+        # The first server still holds the port alone, and every fresh connection reaches it.
+        assert first.poll() is None
+        assert _listeners(port) == serving
+        for _ in range(20):
+            info = _model_info(port)
+            assert info is not None and info.model.version == version
+
+
+def test_two_servers_starting_together_on_one_port_leave_one_serving(
+    embedded_settings: Settings, tmp_path: Path
+) -> None:
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "streamflow"), "serve"]
+    env = _serve_env(embedded_settings, WORKERS, port)
+    logs = [(tmp_path / f"serve-{i}.log").open("w") for i in range(2)]
+    processes = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log, text=True) for log in logs
+    ]
+    try:
+        lines = [p.stdout.readline() if p.stdout else "" for p in processes]
+        winners = [p for p, line in zip(processes, lines, strict=True) if "listening on" in line]
+        losers = [p for p in processes if p not in winners]
+        assert len(winners) == 1, lines
+        assert losers[0].wait(timeout=DEADLINE_S) != 0
+        for log in logs:
+            log.flush()
+        loser_log = (tmp_path / f"serve-{processes.index(losers[0])}.log").read_text()
+        errors = [line for line in loser_log.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, loser_log
+        assert re.fullmatch(rf"error: cannot listen on 127\.0\.0\.1:{port}: .+", errors[0])
+        assert winners[0].poll() is None
+        _serving_version(port)
+        _eventually(
+            lambda: _listeners(port) == _serving_processes(winners[0], WORKERS), "the winner's listeners"
+        )
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+        for log in logs:
+            log.close()
+
+
+# --- supervision --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """What a ChurnClient loop saw: calls sent, calls failed, and how many ended with each status code."""
+
+    sent: int = 0
+    failed: int = 0
+    codes: Counter[str] = field(default_factory=Counter)
+
+
+@contextlib.contextmanager
+def _churning(port: int) -> Iterator[Tally]:
+    """A ChurnClient with default options calling Predict back to back on a thread while the block runs."""
+    tally = Tally()
+    stop = threading.Event()
+
+    def loop() -> None:
+        with ChurnClient(f"127.0.0.1:{port}") as client:
+            while not stop.is_set():
+                try:
+                    client.predict(FIRST_USER_ID)
+                    tally.codes["OK"] += 1
+                except Exception as exc:  # counted, so the test fails on it instead of the thread dying
+                    tally.failed += 1
+                    tally.codes[exc.code.name if isinstance(exc, ChurnServiceError) else repr(exc)] += 1
+                tally.sent += 1
+
+    thread = threading.Thread(target=loop, name="churn", daemon=True)
+    thread.start()
+    try:
+        yield tally
+    finally:
+        stop.set()
+        thread.join(timeout=DEADLINE_S)
+        assert not thread.is_alive()
+
+
+def _eventually(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+def _serving_version(port: int) -> str:
+    """The version a worker answers with once it has loaded its model."""
+    deadline = time.monotonic() + DEADLINE_S
+    while (info := _model_info(port)) is None:
+        assert time.monotonic() < deadline, "no worker loaded a model"
+        time.sleep(0.1)
+    return str(info.model.version)
+
+
+def _connected_worker(workers: list[psutil.Process], port: int) -> psutil.Process:
+    """The one worker holding a client connection (the churn loop's single channel)."""
+
+    def holders() -> list[psutil.Process]:
+        return [
+            w
+            for w in workers
+            if any(
+                c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+                for c in w.net_connections(kind="tcp")
+            )
+        ]
+
+    _eventually(lambda: len(holders()) == 1, "exactly one worker holding the client's connection")
+    return holders()[0]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "kill-TERM"])
+def test_a_dead_worker_is_replaced_while_a_client_sees_no_failed_call(
+    multi_worker_server: tuple[subprocess.Popen[str], int], signum: signal.Signals, tmp_path: Path
+) -> None:
+    process, port = multi_worker_server
+    version = _serving_version(port)
+    before = _workers_on(port, version)
+    supervisor = psutil.Process(process.pid)
+    workers = _live(supervisor.children())
+    assert len(workers) == WORKERS
+
+    with _churning(port) as tally:
+        _eventually(lambda: tally.sent >= 200, "the client's first 200 calls")
+        victim = _connected_worker(workers, port)
+        victim.send_signal(signum)
+
+        def replaced() -> bool:
+            pids = {p.pid for p in _live(supervisor.children())}
+            return len(pids) == WORKERS and victim.pid not in pids
+
+        _eventually(replaced, "a replacement worker")
+        after = _workers_on(port, version)  # the replacement answers over fresh connections
+        sent = tally.sent
+        _eventually(lambda: tally.sent >= sent + 200, "200 more calls")
+
+    print(f"\n{signal.Signals(signum).name} of a worker: {tally}")
+    assert tally.failed == 0, tally
+    assert len(after - before) == 1  # one worker kept its model, the other loaded it anew
+    log = (tmp_path / "serve.log").read_text()
+    death = "was killed by SIGKILL" if signum == signal.SIGKILL else "exited with code 0"
+    assert len(re.findall(rf"worker \d \(process {victim.pid}\) {death}; restarting it in", log)) == 1, log
+    assert log.count("restarting it in") == 1
+    survivors = _live(supervisor.children())
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    assert not _live(survivors)
+
+
+def test_a_worker_that_keeps_dying_stops_the_server_with_one_error_line(
+    embedded_settings: Settings, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "serve.log"
+    # Real and fast: MLflow knows no `htp` scheme, so each worker fails building its registry client right
+    # after the fork, before it binds the port. The supervisor does not open the registry, so it starts.
+    with _serving(embedded_settings, log_path, MLFLOW_TRACKING_URI="htp://127.0.0.1:5000") as (process, _):
+        supervisor = psutil.Process(process.pid)
+        seen: set[int] = set()
+
+        def stopped() -> bool:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                seen.update(p.pid for p in supervisor.children())
+            return process.poll() is not None
+
+        _eventually(stopped, "the supervisor to give up")
+
+    assert process.returncode != 0
+    log = log_path.read_text()
+    errors = [line for line in log.splitlines() if "stopping the server" in line]
+    assert len(errors) == 1, log
+    assert re.search(
+        rf"ERROR server\.workers: worker \d died {CRASH_LIMIT} times within {CRASH_WINDOW_S:.0f} s "
+        r"\(last: process \d+ exited with code 1\); stopping the server$",
+        errors[0],
+    )
+    assert log.count("restarting it in") >= CRASH_LIMIT - 1
+    assert len(seen) >= CRASH_LIMIT
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).ppid() == process.pid for pid in seen)
+
+
+def test_workers_stop_when_the_supervisor_is_killed(
+    multi_worker_server: tuple[subprocess.Popen[str], int],
+) -> None:
+    process, port = multi_worker_server
+    _serving_version(port)
+    workers = _live(psutil.Process(process.pid).children())
+    assert len(workers) == WORKERS
+
+    process.kill()
+    process.wait(timeout=60)
+
+    # Each orphan is sent SIGTERM by the kernel, drains and exits: no worker serves unsupervised.
+    _eventually(lambda: not _live(workers), "the orphaned workers to exit")
+    assert not _listeners(port)
