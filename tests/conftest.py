@@ -1,8 +1,11 @@
 """Fixtures shared by the whole suite; each fixtures module belongs to the package it exercises."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
+import mlflow.tracking._model_registry.utils as mlflow_registry_utils
 import pytest
 
 from tests.fixtures.production import *  # noqa: F403
@@ -12,6 +15,8 @@ from tests.fixtures.training import *  # noqa: F403
 # MLflow falls back to ./mlflow.db and ./mlruns when a code path forgets the configured tracking URI; such a
 # path would silently read or write the wrong registry, so the suite fails if one appears.
 _STRAY_MLFLOW_STORES = ("mlflow.db", "mlruns")
+# A developer's exported settings (and MLflow's own variables) would change what the tests test.
+_SETTING_PREFIXES = ("STREAMFLOW_", "MLFLOW_")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -21,3 +26,29 @@ def no_stray_mlflow_store() -> Iterator[None]:
     yield
     created = [name for name in _STRAY_MLFLOW_STORES if Path(name).exists() and name not in before]
     assert not created, f"a code path used MLflow's default store instead of the configured one: {created}"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_settings_from_the_shell() -> Iterator[None]:
+    """Run the suite without the shell's STREAMFLOW_* and MLFLOW_* variables: every setting a test depends
+    on is its own. (The machine's PostgreSQL and Redis addresses were read at import by
+    tests.fixtures.production, which is where the suite is told about them.)"""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith(_SETTING_PREFIXES)]:
+            patch.delenv(name)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_globals_between_tests() -> Iterator[None]:
+    """Forget MLflow's process-wide tracking and registry URIs after each test.
+
+    `training.train.mlflow_client` points MLflow's fluent API at a registry (training needs it), and
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI for subprocesses. Left in place, a later
+    test's `models:/` load or child process would silently use whichever registry ran last.
+    """
+    yield
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None is how MLflow unsets it
+    mlflow_registry_utils._registry_uri = None
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(name, None)
