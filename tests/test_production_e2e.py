@@ -11,17 +11,27 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import grpc
 import pytest
 import redis
+from mlflow import MlflowClient
 
-from client import ChurnClient, EntityNotFoundError, ModelRef, Prediction, ServiceUnavailableError
+from client import (
+    ChurnClient,
+    ChurnServiceError,
+    EntityNotFoundError,
+    ModelRef,
+    ServiceUnavailableError,
+)
 from feature_repo import store
 from feature_repo.definitions import FEATURE_NAMES, SNAPSHOT_DATES
 from streamflow import healthcheck, postgres
@@ -62,10 +72,71 @@ def production_version(settings: Settings) -> str:
     return str(version)
 
 
+@pytest.fixture
+def private_model(production_stack: ProductionStack) -> Iterator[Settings]:
+    """The stack's data and MLflow server under a registered model of this test's own, version 1 (trained at
+    the first snapshot, as bootstrap does) in Production: the scenario promotes and rolls back without
+    changing the registry state the other production tests read. The model is deleted afterwards."""
+    name = f"churn_{uuid.uuid4().hex[:12]}"
+    settings = production_stack.settings.model_copy(
+        update={"model_name": name, "model_uri": f"models:/{name}/Production"}
+    )
+    promote(settings, str(train(settings, SNAPSHOT_DATES[0]).version), "Production", force=True)
+    try:
+        yield settings
+    finally:
+        client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+        client.delete_registered_model(name)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            client.delete_experiment(experiment.experiment_id)
+
+
+@dataclass
+class SteadyCaller:
+    """Predicts one user back to back on a thread of its own, with no client retries (max_attempts=1), so
+    every call the server drops or refuses is counted, not hidden."""
+
+    address: str
+    versions: list[str] = field(default_factory=list)
+    failures: list[Exception] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with ChurnClient(self.address, timeout=30, max_attempts=1) as client:
+            while not self._stop.is_set():
+                try:
+                    self.versions.append(client.predict(USER).model.version)
+                except (ChurnServiceError, grpc.RpcError) as error:
+                    self.failures.append(error)
+
+    def wait_for(self, version: str, after: int, timeout_s: float = 120.0) -> int:
+        """The index of the first call after call `after` answered by `version` (bounded: liveness only)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            seen = self.versions[after:]
+            if version in seen:
+                return after + seen.index(version)
+            assert self._thread.is_alive(), "the calling thread died"
+            time.sleep(0.05)
+        raise AssertionError(f"no call was answered by version {version} within {timeout_s} s")
+
+    def stop(self) -> int:
+        """Stop calling; the number of calls sent."""
+        self._stop.set()
+        self._thread.join(60)
+        assert not self._thread.is_alive(), "a call hung past its 30 s deadline"
+        return len(self.versions) + len(self.failures)
+
+
 def test_scenario_reads_redis_and_postgres_and_follows_the_registry_over_http(
-    production_stack: ProductionStack,
+    private_model: Settings,
 ) -> None:
-    settings = production_stack.settings
+    settings = private_model
     tables = demo_data.generate_tables(settings.users, settings.seed)
     feb = demo_data.snapshot_timestamp(SNAPSHOT_DATES[-1])
     with postgres.connect(settings.postgres_dsn) as conn:
@@ -81,7 +152,6 @@ def test_scenario_reads_redis_and_postgres_and_follows_the_registry_over_http(
     )
     assert len(keys) == len(users), "one Redis hash per user, under this project"
     first = production_version(settings)
-    assert first == str(production_stack.report.production_version)
 
     with start_server(settings) as running, ChurnClient(running.local_address) as client:
         assert healthcheck.check(running.local_address) == "SERVING"
@@ -99,23 +169,24 @@ def test_scenario_reads_redis_and_postgres_and_follows_the_registry_over_http(
         assert unknown.value.user_id == UNKNOWN_USER
         assert set(unknown.value.missing_features) == set(FEATURE_NAMES)
 
+        # From here to the end of the rollback one caller never stops: no call may fail during either swap.
+        caller = SteadyCaller(running.local_address)
         second = str(train(settings, SNAPSHOT_DATES[-1]).version)
         promote(settings, second, "Production", force=True)
         assert production_version(settings) == second
-        served: list[Prediction] = []
-
-        def swapped_to(version: str) -> None:
-            # Every call in the loop must succeed: the swap never drops a request.
-            served.append(client.predict(USER))
-            assert served[-1].model.version == version and client.model_info().model.version == version
-
-        eventually(lambda: swapped_to(second), f"the server to swap to version {second}")
-        assert {p.model.version for p in served} <= {first, second}
+        swapped = caller.wait_for(second, after=0)
+        assert client.model_info().model.version == second
 
         rollback(settings)
         assert production_version(settings) == first
-        eventually(lambda: swapped_to(first), f"the server to roll back to version {first}")
+        caller.wait_for(first, after=swapped)
+        assert client.model_info().model.version == first
+        sent = caller.stop()
         assert client.predict(USER).churn_probability == prediction.churn_probability
+
+    assert caller.failures == [], f"{len(caller.failures)} of {sent} calls failed during the swaps"
+    assert set(caller.versions) == {first, second}
+    print(f"swap scenario: {sent} Predicts sent, {len(caller.failures)} failed")
 
 
 def test_redis_stopping_mid_run_is_unavailable_and_service_recovers(
