@@ -5,7 +5,9 @@ breaker and logs the outage once; from then on reads fail at once with `FeatureS
 probe read let through every `probe_interval_s`. The probe's success closes the breaker and logs the
 recovery once, with how long the store was away and how many reads failed meanwhile. Nothing is logged per
 failing read. Reads run on several threads at once, so the state sits behind one lock, held only to decide,
-never during a read.
+never during a read. A read let through before the last change of state (it opened or closed meanwhile) is
+only counted: a late answer of a read that was already on its way cannot close or reopen the breaker, so an
+outage is one WARNING and one INFO however the threads interleave.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class StoreBreaker:
         self._clock = clock
         self._lock = threading.Lock()
         self._down_since: float | None = None  # None while closed
+        self._epoch = 0  # counts changes of state; a read's outcome changes state only in its own epoch
         self._next_probe = 0.0
         self._probing = False
         self._failed_reads = 0
@@ -52,11 +55,11 @@ class StoreBreaker:
 
     def call(self, read: Callable[[], T]) -> T:
         """`read()`, or `FeatureStoreUnavailable` when the store is down or the read cannot reach it."""
-        probe = self._admit()
+        epoch, probe = self._admit()
         try:
             result = read()
         except self._unreachable as exc:
-            self._failed(exc, probe)
+            self._failed(exc, epoch, probe)
             raise FeatureStoreUnavailable(self.store_type) from exc
         except BaseException:
             # The store answered, but something else went wrong: no verdict on the store.
@@ -64,30 +67,33 @@ class StoreBreaker:
                 with self._lock:
                     self._probing = False
             raise
-        self._succeeded()
+        if probe:  # only the probe closes the breaker; nothing else is let through while it is open
+            self._recovered()
         return result
 
-    def _admit(self) -> bool:
-        """Let a read through (returns whether it is the probe) or fail it fast while the store is down."""
+    def _admit(self) -> tuple[int, bool]:
+        """Let a read through (returns its epoch and whether it is the probe), or fail it fast while open."""
         with self._lock:
             if self._down_since is None:
-                return False
-            now = self._clock()
-            if not self._probing and now >= self._next_probe:
+                return self._epoch, False
+            if not self._probing and self._clock() >= self._next_probe:
                 self._probing = True
-                return True
+                return self._epoch, True
             self._failed_reads += 1
         raise FeatureStoreUnavailable(self.store_type)
 
-    def _failed(self, exc: BaseException, probe: bool) -> None:
+    def _failed(self, exc: BaseException, epoch: int, probe: bool) -> None:
         with self._lock:
-            self._failed_reads += 1
             now = self._clock()
             if probe:
                 self._probing = False
                 self._next_probe = now + self._probe_interval_s
             if self._down_since is not None:
+                self._failed_reads += 1  # a failure during the outage, whenever it was let through
                 return
+            if epoch != self._epoch:
+                return  # let through before the store recovered: says nothing about the store now
+            self._epoch += 1
             self._down_since = now
             self._failed_reads = 1
             self._next_probe = now + self._probe_interval_s
@@ -100,12 +106,13 @@ class StoreBreaker:
             self._probe_interval_s,
         )
 
-    def _succeeded(self) -> None:
+    def _recovered(self) -> None:
         with self._lock:
             if self._down_since is None:
                 return
             down_s = self._clock() - self._down_since
             failed = self._failed_reads
+            self._epoch += 1
             self._down_since = None
             self._probing = False
             self._failed_reads = 0

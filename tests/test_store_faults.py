@@ -483,3 +483,56 @@ def test_an_error_that_is_not_an_outage_leaves_the_breaker_as_it_was() -> None:
     assert breaker.is_open
     assert breaker.call(lambda: "up") == "up"
     assert not breaker.is_open
+
+
+def test_reads_let_through_before_an_outage_neither_close_nor_reopen_the_breaker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    breaker = StoreBreaker("redis", (ConnectionError,), probe_interval_s=1.0, clock=clock)
+    started = threading.Semaphore(0)
+    finish_late_success, finish_late_failure = threading.Event(), threading.Event()
+
+    def late(finish: threading.Event, fails: bool) -> Callable[[], str]:
+        def read() -> str:
+            started.release()
+            assert finish.wait(WAIT_S)
+            if fails:
+                unreachable()
+            return "up"
+
+        return read
+
+    outcomes: list[str] = []
+
+    def call(read: Callable[[], str]) -> None:
+        try:
+            outcomes.append(breaker.call(read))
+        except FeatureStoreUnavailable:
+            outcomes.append("unavailable")
+
+    with caplog.at_level(logging.INFO, logger="server.store_health"):
+        # Two reads on their way while the store still answers...
+        slow = [
+            threading.Thread(target=call, args=(late(finish_late_success, False),)),
+            threading.Thread(target=call, args=(late(finish_late_failure, True),)),
+        ]
+        for thread in slow:
+            thread.start()
+        assert started.acquire(timeout=WAIT_S) and started.acquire(timeout=WAIT_S)
+        # ...then an outage: the late success must not close the breaker.
+        with pytest.raises(FeatureStoreUnavailable):
+            breaker.call(unreachable)
+        finish_late_success.set()
+        slow[0].join(WAIT_S)
+        assert breaker.is_open
+        clock.now += 1.0
+        assert breaker.call(lambda: "up") == "up"  # the probe closes it
+        # The late failure arrives after the recovery: it must not reopen the breaker.
+        finish_late_failure.set()
+        slow[1].join(WAIT_S)
+
+    assert sorted(outcomes) == ["unavailable", "up"]
+    assert not breaker.is_open
+    assert len(store_log(caplog, logging.WARNING)) == 1
+    assert len(store_log(caplog, logging.INFO)) == 1
