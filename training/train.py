@@ -43,6 +43,7 @@ from sklearn.preprocessing import OneHotEncoder
 
 from feature_repo.definitions import FEATURE_NAMES, FEATURE_SERVICE_NAME, VIEW_SPECS
 from streamflow.errors import StreamflowError
+from streamflow.model_contract import METRIC_VAL_AUC, TAG_AS_OF, TAG_FEATURE_SERVICE, TAG_FINGERPRINT
 from streamflow.settings import Profile, Settings
 from training.dataset import FEATURE_DTYPES, LABEL, training_set, training_set_fingerprint
 
@@ -55,10 +56,6 @@ CHURN_THRESHOLD = 0.5
 SKOPS_TRUSTED_TYPES = ["sklearn.tree._tree.Tree"]
 # What loading and running the logged pipeline needs, pinned to the versions installed here.
 MODEL_REQUIREMENTS = ("scikit-learn", "skops", "numpy", "pandas", "scipy")
-# Model-version tags of the training -> serving contract.
-TAG_FEATURE_SERVICE = "feature_service"
-TAG_AS_OF = "as_of"
-TAG_FINGERPRINT = "training_set_fingerprint"
 
 
 @dataclass(frozen=True)
@@ -146,7 +143,7 @@ def score(model: ClassifierMixin, validation: pd.DataFrame) -> dict[str, float]:
     probability = model.predict_proba(validation[list(FEATURE_NAMES)])[:, 1]
     predicted = (probability > CHURN_THRESHOLD).astype(int)
     return {
-        "val_auc": float(roc_auc_score(truth, probability)),
+        METRIC_VAL_AUC: float(roc_auc_score(truth, probability)),
         "val_f1": float(f1_score(truth, predicted, zero_division=0)),
         "val_accuracy": float(accuracy_score(truth, predicted)),
         "val_precision": float(precision_score(truth, predicted, zero_division=0)),
