@@ -67,7 +67,8 @@ class Prediction:
 
 @dataclass(frozen=True)
 class ReloadFailure:
-    """A model version the server refused to serve, and why."""
+    """A model version the server refused to serve, and why: `reason` is a short fixed sentence per kind of
+    refusal, safe for any caller (never an exception's text or a path); the server log has the detail."""
 
     model_version: str
     reason: str

@@ -3,6 +3,12 @@
 Runs only on the watcher's thread, never on a request thread: registry calls and artifact downloads are slow
 and may time out. A loaded model is an immutable `LoadedModel`: serving swaps the reference, never mutates
 it.
+
+Only what the training pipeline produced serves (`streamflow.model_contract`): a version is refused unless
+its logged signature takes exactly the features of its FeatureService, with their types, and it carries the
+pipeline's provenance (the `as_of` and training-set fingerprint tags, validation metrics on its run). Then
+the model must predict classes 0 and 1 and score one typed row. A refusal has two texts: the log gets the
+detail, ModelInfo callers a short fixed sentence (`ModelLoadError.reason`) that never holds exception text.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 import re
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import mlflow.artifacts
 import mlflow.sklearn
@@ -21,8 +27,10 @@ import pandas as pd
 from feast import FeatureStore
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
+from mlflow.types import DataType, Schema
 
 from server.domain import (
     FeatureScalar,
@@ -33,24 +41,40 @@ from server.domain import (
     ReloadFailure,
     Runtime,
 )
-from server.features import VALID_CATEGORIES, FeatureReader, FeatureRow
+from server.features import VALID_CATEGORIES, FeatureReader, FeatureRow, FeatureServiceError
 from server.onnx_runtime import Columns, ProbabilityModel, choose_runtime
 from streamflow.errors import StreamflowError
+from streamflow.model_contract import REQUIRED_METRICS, TAG_AS_OF, TAG_FEATURE_SERVICE, TAG_FINGERPRINT
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
-FEATURE_SERVICE_TAG = "feature_service"
-AS_OF_TAG = "as_of"
 CHURN_CLASS = 1
 """The pipeline's positive class: `predict_proba(columns)[:, 1]` is the churn probability."""
 
-_NOT_FOUND_CODES = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
+FAILED_TO_LOAD = "it failed to load; see the server log"
+"""What callers are told about a refusal nobody foresaw (an exception from MLflow, Feast, the model)."""
+
+# The MLflow signature type a training frame column of each served type gets (`infer_signature`).
+_SIGNATURE_TYPES: dict[FeatureType, str] = {
+    FeatureType.INT64: DataType.long.name,
+    FeatureType.DOUBLE: DataType.double.name,
+    FeatureType.BOOL: DataType.boolean.name,
+    FeatureType.STRING: DataType.string.name,
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+NOT_FOUND_CODES = {ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)}
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<stage_or_version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 
 class ModelLoadError(StreamflowError):
-    """A model version the server refuses to serve; the message says why."""
+    """A model version the server refuses to serve. The message is the detail for the log; `reason` is the
+    short fixed sentence ModelInfo hands callers (no exception text, no paths, no registry values beyond a
+    FeatureService name the server itself resolved)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -88,7 +112,7 @@ class ModelTarget:
                 return client.get_model_version(self.name, self.version)
         except MlflowException as exc:
             # An unknown version is RESOURCE_DOES_NOT_EXIST; an unset alias is INVALID_PARAMETER_VALUE.
-            if exc.error_code in _NOT_FOUND_CODES:
+            if exc.error_code in NOT_FOUND_CODES:
                 return None
             raise
         assert self.stage is not None
@@ -150,28 +174,106 @@ class LoadedModel:
 def load_model(
     settings: Settings, client: MlflowClient, store: FeatureStore, version: ModelVersion
 ) -> LoadedModel:
-    """Load one registry version and validate it; raise `ModelLoadError` when it must not serve."""
-    feature_service = version.tags.get(FEATURE_SERVICE_TAG)
+    """Load one registry version and validate it; raise `ModelLoadError` when it must not serve.
+
+    The cheap checks (tags, FeatureService, signature, run) come before the model itself is loaded."""
+    feature_service = version.tags.get(TAG_FEATURE_SERVICE)
     if not feature_service:
-        raise ModelLoadError(f"version {version.version} has no {FEATURE_SERVICE_TAG!r} tag")
-    reader = FeatureReader(store, feature_service, settings)
+        raise ModelLoadError(
+            f"version {version.version} has no {TAG_FEATURE_SERVICE!r} tag",
+            f"it has no {TAG_FEATURE_SERVICE} tag",
+        )
+    try:
+        reader = FeatureReader(store, feature_service, settings)
+    except FeatureServiceError as exc:
+        raise ModelLoadError(
+            str(exc), f"its {TAG_FEATURE_SERVICE} tag names no FeatureService this server can serve"
+        ) from exc
+    _check_inputs(version, reader, _signature_inputs(settings, client, version))
     run_id = version.run_id or ""
+    metrics = dict(client.get_run(run_id).data.metrics) if run_id else {}
+    _check_provenance(version, run_id, metrics)
     runtime, model = choose_runtime(settings, run_id, lambda: _load_pipeline(settings, client, version))
     _smoke_test(model, reader)
-    run = client.get_run(run_id)
     return LoadedModel(
         ref=ModelRef(version.name, str(version.version)),
         stage=version.current_stage or "None",
         aliases=tuple(sorted(version.aliases or ())),
         run_id=run_id,
         model_uri=settings.model_uri,
-        training_as_of=version.tags.get(AS_OF_TAG, run.data.params.get(AS_OF_TAG, "")),
-        metrics=dict(run.data.metrics),
+        training_as_of=version.tags[TAG_AS_OF],
+        metrics=metrics,
         loaded_at=datetime.now(UTC),
         runtime=runtime,
         model=model,
         reader=reader,
     )
+
+
+def _signature_inputs(
+    settings: Settings, client: MlflowClient, version: ModelVersion
+) -> dict[str, str] | None:
+    """The logged model's input columns and their MLflow types, or None when it logged no column signature.
+
+    Reads only the version's `MLmodel` file, not the model."""
+    location = client.get_model_version_download_uri(version.name, str(version.version))
+    with tempfile.TemporaryDirectory(prefix="streamflow-mlmodel-") as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{location.rstrip('/')}/MLmodel", dst_path=tmp, tracking_uri=settings.tracking_uri
+        )
+        signature = Model.load(path).signature
+    inputs = None if signature is None else signature.inputs
+    if not isinstance(inputs, Schema) or inputs.is_tensor_spec() or not inputs.has_input_names():
+        return None
+    return {
+        str(column.name): column.type.name if isinstance(column.type, DataType) else str(column.type)
+        for column in inputs.inputs
+    }
+
+
+def _check_inputs(version: ModelVersion, reader: FeatureReader, inputs: dict[str, str] | None) -> None:
+    """Refuse a model whose inputs are not exactly the FeatureService's features with their types."""
+    reason = f"its inputs do not match FeatureService {reader.feature_service}"
+    if inputs is None:
+        raise ModelLoadError(
+            f"version {version.version} logged no column signature to check against FeatureService "
+            f"{reader.feature_service}",
+            reason,
+        )
+    expected = {f.name: _SIGNATURE_TYPES[f.type] for f in reader.schema}
+    problems = [f"{name} ({kind}) missing" for name, kind in expected.items() if name not in inputs]
+    problems += [
+        f"{name} ({kind}) not in the FeatureService" for name, kind in inputs.items() if name not in expected
+    ]
+    problems += [
+        f"{name} is {inputs[name]}, the FeatureService says {kind}"
+        for name, kind in expected.items()
+        if name in inputs and inputs[name] != kind
+    ]
+    if problems:
+        raise ModelLoadError(
+            f"version {version.version}'s signature does not match FeatureService {reader.feature_service}: "
+            + "; ".join(problems),
+            reason,
+        )
+
+
+def _check_provenance(version: ModelVersion, run_id: str, metrics: dict[str, float]) -> None:
+    """Refuse a model the training pipeline did not produce: it tags the snapshot date and the training set's
+    fingerprint and logs validation metrics on the version's run."""
+    lacking = []
+    try:
+        date.fromisoformat(version.tags.get(TAG_AS_OF, ""))
+    except ValueError:
+        lacking.append(f"no {TAG_AS_OF} date tag")
+    if not _SHA256.fullmatch(version.tags.get(TAG_FINGERPRINT, "")):
+        lacking.append(f"no {TAG_FINGERPRINT} tag")
+    if not run_id:
+        lacking.append("no training run")
+    lacking += [f"no {metric} metric" for metric in REQUIRED_METRICS if run_id and metric not in metrics]
+    if lacking:
+        refusal = f"it lacks the training pipeline's provenance: {', '.join(lacking)}"
+        raise ModelLoadError(f"version {version.version}: {refusal}", refusal)
 
 
 def _load_pipeline(settings: Settings, client: MlflowClient, version: ModelVersion) -> SklearnModel:
@@ -190,7 +292,10 @@ def _load_pipeline(settings: Settings, client: MlflowClient, version: ModelVersi
     pipeline.set_params(**n_jobs)
     classes = [int(c) for c in getattr(pipeline, "classes_", [])]
     if classes != [0, CHURN_CLASS]:
-        raise ModelLoadError(f"version {version.version} predicts classes {classes}, not [0, 1] (1 = churn)")
+        raise ModelLoadError(
+            f"version {version.version} predicts classes {classes}, not [0, 1] (1 = churn)",
+            "it does not predict the classes 0 and 1 (1 = churn)",
+        )
     return SklearnModel(pipeline)
 
 
@@ -204,6 +309,9 @@ class SklearnModel:
     def predict_proba(self, columns: Columns) -> np.ndarray:
         probabilities: np.ndarray = self.pipeline.predict_proba(pd.DataFrame(columns))
         return probabilities
+
+
+_SMOKE_FAILED = "it failed a test prediction; see the server log"
 
 
 def _smoke_test(model: ProbabilityModel, reader: FeatureReader) -> None:
@@ -229,6 +337,8 @@ def _smoke_test(model: ProbabilityModel, reader: FeatureReader) -> None:
     try:
         probabilities = np.asarray(model.predict_proba(reader.columns([row])))
     except Exception as exc:
-        raise ModelLoadError(f"smoke prediction failed: {type(exc).__name__}: {exc}") from exc
+        raise ModelLoadError(f"smoke prediction failed: {type(exc).__name__}: {exc}", _SMOKE_FAILED) from exc
     if probabilities.shape != (1, 2) or not np.all((probabilities >= 0) & (probabilities <= 1)):
-        raise ModelLoadError(f"smoke prediction returned {probabilities!r}, not one pair of probabilities")
+        raise ModelLoadError(
+            f"smoke prediction returned {probabilities!r}, not one pair of probabilities", _SMOKE_FAILED
+        )

@@ -198,6 +198,9 @@ def test_server_falls_back_to_sklearn(
     client = _client(settings)
     production = _production(settings)
     run = client.create_run(client.get_run(_run_id(production)).info.experiment_id)
+    # The validation metrics training logs: without them the server refuses the version (no provenance).
+    for key, value in client.get_run(_run_id(production)).data.metrics.items():
+        client.log_metric(run.info.run_id, key, value)
     candidate = client.create_model_version(
         settings.model_name, _source(production), run_id=run.info.run_id, tags=production.tags
     )
