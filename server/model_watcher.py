@@ -2,7 +2,15 @@
 
 Requests read `current` once and keep that `LoadedModel` for their whole call, so a swap (one reference
 assignment) never changes a model under a running request. A version that fails to load or validate is
-refused: the old model keeps serving and `last_failure` says why until another version is loaded.
+refused: the old model keeps serving and `last_failure` says why (a short fixed sentence; the log has the
+detail) until another version is loaded.
+
+The thread is supervised: a poll that raises is logged once per episode and retried with back-off, a
+listener that raises is logged and skipped, and should the thread end some other way it starts its
+replacement. State changes are logged once each, never once per poll: the registry becoming unreachable and
+reachable again, the URI pointing at no version and at one again. While the URI points elsewhere than the
+served version, the served version's own registry record is read each poll, so ModelInfo reports its real
+stage and aliases.
 """
 
 from __future__ import annotations
@@ -14,12 +22,21 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 from feast import FeatureStore
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from feature_repo.store import open_store
 from server.domain import ReloadFailure
 from server.heap import settle_after_load
-from server.model_loader import LoadedModel, ModelTarget, load_model
+from server.model_loader import (
+    FAILED_TO_LOAD,
+    NOT_FOUND_CODES,
+    LoadedModel,
+    ModelLoadError,
+    ModelTarget,
+    load_model,
+)
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
@@ -29,7 +46,8 @@ REFUSED_RETRY_S = 300.0
 """A refused version is tried again after this long (its artifacts may have been unreachable for a moment), or
 as soon as its registry record changes (a fixed tag)."""
 
-_MAX_REASON_CHARS = 1000
+MAX_BACKOFF_S = 60.0
+"""Longest wait between two polls after failed ones (unless the poll interval itself is longer)."""
 
 
 class ModelWatcher:
@@ -45,7 +63,11 @@ class ModelWatcher:
         self._last_failure: ReloadFailure | None = None
         # (version, registry timestamp, monotonic time) of the last refusal, to avoid reloading it every poll.
         self._refused: tuple[str, int, float] | None = None
-        self._waiting = False  # logged that the URI points at nothing yet
+        # What was last logged, so each change is logged once: the URI points at nothing, the registry is
+        # unreachable, polls in a row that raised.
+        self._unresolved = False
+        self._unreachable = False
+        self._failures = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -59,6 +81,11 @@ class ModelWatcher:
         """The last version refused since the current model was loaded."""
         return self._last_failure
 
+    @property
+    def alive(self) -> bool:
+        """Whether the watcher thread runs (False before `start` and after `stop`)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def subscribe(self, listener: Callable[[LoadedModel], None]) -> None:
         """Call `listener` on the watcher's thread after each swap, and now if a model is already loaded."""
         self._listeners.append(listener)
@@ -67,40 +94,85 @@ class ModelWatcher:
 
     def start(self) -> None:
         """Poll now and then every poll interval, on a daemon thread, until `stop`."""
-        self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
-        self._thread.start()
+        self._start_thread(0.0)
 
     def stop(self) -> None:
         """Stop polling; waits for a load in progress to finish."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        thread = self._thread
+        while thread is not None and thread is not threading.current_thread():
+            thread.join()
+            if thread is self._thread:
+                break
+            thread = self._thread  # it started a replacement before it saw the stop
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
+    def _start_thread(self, delay: float) -> None:
+        self._thread = threading.Thread(target=self._run, args=(delay,), name="model-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self, delay: float) -> None:
+        try:
+            while not self._stop.wait(delay):
+                delay = self._guarded_poll()
+        except BaseException:
+            # Only what no poll guard catches (a library's SystemExit, say) gets here; it ends this thread
+            # either way, and the old model must not serve unwatched, so a new thread takes over.
+            self._failures += 1
+            log.critical("the model watcher thread ended unexpectedly; starting a new one", exc_info=True)
+            if not self._stop.is_set():
+                self._start_thread(self._backoff())
+
+    def _guarded_poll(self) -> float:
+        """One poll that never raises; returns the seconds to wait before the next one."""
+        try:
             self.poll()
-            self._stop.wait(self.settings.poll_interval_s)
+        except Exception:
+            self._failures += 1
+            if self._failures == 1:
+                log.exception(
+                    "the model watcher failed to poll %s; still serving %s, retrying with back-off",
+                    self.target.uri,
+                    self._serving(),
+                )
+            return self._backoff()
+        if self._failures:
+            log.info(
+                "the model watcher polls %s again after %d failed polls", self.target.uri, self._failures
+            )
+            self._failures = 0
+        return self.settings.poll_interval_s
+
+    def _backoff(self) -> float:
+        """Seconds before the next poll after `_failures` failed ones: doubling, capped."""
+        interval = self.settings.poll_interval_s
+        return float(min(interval * 2 ** min(self._failures, 20), max(MAX_BACKOFF_S, interval)))
 
     def poll(self) -> None:
         """One look at the registry; loads and swaps in a new version when the URI points at one."""
+        current = self._current
         try:
             version = self.target.resolve(self._client)
+            record = self._record_of(current, version)
         except Exception as exc:
-            log.warning(
-                "registry unreachable at %s, keeping the current model: %s", self.settings.tracking_uri, exc
-            )
-            return
-        if version is None:
-            if self._current is None and not self._waiting:
+            if not self._unreachable:
                 log.warning(
-                    "no version at %s yet; polling every %g s", self.target.uri, self.settings.poll_interval_s
+                    "registry unreachable at %s, keeping %s: %s",
+                    self.settings.tracking_uri,
+                    self._serving(),
+                    exc,
                 )
-            self._waiting = True
+            self._unreachable = True
             return
-        self._waiting = False
+        if self._unreachable:
+            log.info("registry reachable again at %s", self.settings.tracking_uri)
+            self._unreachable = False
+        if current is not None and record is not None:
+            current = self._current = current.with_registry_state(record)
+        self._note_resolution(version)
+        if version is None:
+            return
         if version.status not in (None, "READY"):
             return  # still being registered (artifacts uploading): look again next poll
-        current = self._current
         if current is not None and current.ref.version == str(version.version):
             self._current = current.with_registry_state(version)
             return
@@ -115,28 +187,76 @@ class ModelWatcher:
         try:
             loaded = load_model(self.settings, self._client, self._feature_store(), version)
         except Exception as exc:
-            expected = isinstance(exc, StreamflowError)
-            reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
-            self._refused = (str(version.version), stamp, time.monotonic())
-            self._last_failure = ReloadFailure(
-                str(version.version), reason[:_MAX_REASON_CHARS], datetime.now(UTC)
-            )
-            log.error(
-                "refused %s version %s, still serving %s: %s",
-                version.name,
-                version.version,
-                current.ref.version if current else "nothing",
-                reason,
-                exc_info=not expected,
-            )
+            self._refuse(version, stamp, exc)
             return
         settle_after_load()  # before the swap, so no request waits on the collection it runs
         self._current = loaded
         self._last_failure = None
         self._refused = None
         log.info("serving %s version %s (%s)", loaded.ref.name, loaded.ref.version, loaded.runtime)
-        for listener in self._listeners:
-            listener(loaded)
+        self._notify(loaded)
+
+    def _record_of(self, current: LoadedModel | None, version: ModelVersion | None) -> ModelVersion | None:
+        """The served version's registry record when the URI points elsewhere (its stage may have changed);
+        None when the URI points at it (its record is `version`) or it was deleted."""
+        if current is None or (version is not None and str(version.version) == current.ref.version):
+            return None
+        try:
+            return self._client.get_model_version(current.ref.name, current.ref.version)
+        except MlflowException as exc:
+            if exc.error_code in NOT_FOUND_CODES:
+                return None
+            raise
+
+    def _note_resolution(self, version: ModelVersion | None) -> None:
+        """Log once when the URI stops pointing at a version, and once when it points at one again."""
+        if version is None and not self._unresolved:
+            current = self._current
+            if current is None:
+                log.warning(
+                    "no version at %s yet; polling every %g s", self.target.uri, self.settings.poll_interval_s
+                )
+            else:
+                log.warning(
+                    "%s no longer points at any version; still serving version %s, now in stage %s",
+                    self.target.uri,
+                    current.ref.version,
+                    current.stage,
+                )
+        elif version is not None and self._unresolved:
+            log.info("%s points at version %s again", self.target.uri, version.version)
+        self._unresolved = version is None
+
+    def _refuse(self, version: ModelVersion, stamp: int, exc: Exception) -> None:
+        """Keep the current model; the log gets the detail, ModelInfo a short sentence without it."""
+        expected = isinstance(exc, StreamflowError)
+        reason = exc.reason if isinstance(exc, ModelLoadError) else FAILED_TO_LOAD
+        self._refused = (str(version.version), stamp, time.monotonic())
+        self._last_failure = ReloadFailure(str(version.version), reason, datetime.now(UTC))
+        log.error(
+            "refused %s version %s, still serving %s: %s",
+            version.name,
+            version.version,
+            self._serving(),
+            exc if expected else f"{type(exc).__name__}: {exc}",
+            exc_info=not expected,
+        )
+
+    def _notify(self, loaded: LoadedModel) -> None:
+        """Tell each listener of the swap; one that raises is logged and does not keep the others from it."""
+        for listener in list(self._listeners):
+            try:
+                listener(loaded)
+            except Exception:
+                log.exception(
+                    "a listener of model swaps failed on %s version %s; it serves regardless",
+                    loaded.ref.name,
+                    loaded.ref.version,
+                )
+
+    def _serving(self) -> str:
+        current = self._current
+        return "nothing" if current is None else f"version {current.ref.version}"
 
     def _feature_store(self) -> FeatureStore:
         """The Feast store, opened once. Loads resolve the FeatureService without the registry cache, and
