@@ -11,7 +11,7 @@ from feature_repo.definitions import SNAPSHOT_DATES
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 from tests.fixtures.training import registry_state
-from training.registry import PromotionRefused, current, gate, promote, rollback
+from training.registry import ProductionWouldEmpty, PromotionRefused, current, gate, promote, rollback
 from training.train import mlflow_client, train
 
 JAN = SNAPSHOT_DATES[0]
@@ -42,7 +42,7 @@ def test_stage_and_alias_move_together(fresh_embedded_settings: Settings) -> Non
     assert _stages(settings) == {"1": "Archived", "2": "Production"}
     assert _aliases(settings) == {"production": "2"}
 
-    promote(settings, 2, "Archived")
+    promote(settings, 2, "Archived", force=True)  # empties Production, so forced
     promote(settings, 1, "None")
     assert _stages(settings) == {"1": "None", "2": "Archived"}
     assert _aliases(settings) == {}
@@ -110,9 +110,27 @@ def test_unknown_version_or_stage_changes_nothing(
     assert registry_state(fresh_embedded_settings) == before
 
 
+@pytest.mark.parametrize("stage", ["Staging", "Archived", "None"])
+def test_moving_the_production_version_out_needs_force(fresh_embedded_settings: Settings, stage: str) -> None:
+    settings = fresh_embedded_settings
+    before = registry_state(settings)
+    with pytest.raises(ProductionWouldEmpty) as refusal:
+        promote(settings, 1, stage.lower())
+    assert str(refusal.value) == (
+        f"Version 1 is the Production version of streamflow_churn and moving it to {stage} would leave no "
+        "Production for servers to follow; promote another version first, or pass --force."
+    )
+    assert registry_state(settings) == before
+
+    done = promote(settings, 1, stage, force=True)
+    assert (done.version, done.stage) == (1, stage)
+    assert _stages(settings) == {"1": stage}
+    assert current(mlflow_client(settings), settings.model_name, "Production") is None
+
+
 def test_rollback_without_a_production_version(fresh_embedded_settings: Settings) -> None:
     settings = fresh_embedded_settings
-    promote(settings, 1, "Archived")
+    promote(settings, 1, "Archived", force=True)
     assert _aliases(settings) == {}
     with pytest.raises(StreamflowError) as error:
         rollback(settings)

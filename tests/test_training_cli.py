@@ -138,6 +138,12 @@ def _no_change(settings: Settings) -> None:
         ),
         (
             _no_change,
+            ["promote", "1", "--stage", "Staging"],
+            "Version 1 is the Production version of streamflow_churn and moving it to Staging would leave no "
+            "Production for servers to follow; promote another version first, or pass --force.",
+        ),
+        (
+            _no_change,
             ["rollback"],
             "Production version 1 of streamflow_churn replaced no earlier version, "
             "so there is nothing to roll back to.",
@@ -150,6 +156,7 @@ def _no_change(settings: Settings) -> None:
         "empty-join",
         "unknown-version",
         "unknown-stage",
+        "empty-production",
         "rollback",
     ],
 )
@@ -168,6 +175,17 @@ def test_bad_input_exits_1_with_one_sentence_and_changes_nothing(
     assert main(argv) == 1
     assert _one_sentence_error(capsys.readouterr().err) == message
     assert registry_state(fresh_embedded_settings) == before
+
+
+def test_force_moves_the_production_version_out(
+    fresh_embedded_settings: Settings, use: Use, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use(fresh_embedded_settings)
+    assert main(["promote", "1", "--stage", "Staging", "--force"]) == 0
+    assert capsys.readouterr().out == "streamflow_churn version 1 is now in Staging\n"
+    versions, aliases = registry_state(fresh_embedded_settings)
+    assert [(number, stage) for number, stage, _ in versions] == [("1", "Staging")]
+    assert aliases == {"staging": "1"}
 
 
 def test_the_installed_command_reports_errors_in_one_sentence(fresh_embedded_settings: Settings) -> None:

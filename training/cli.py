@@ -160,7 +160,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--stage", required=True, help="None, Staging, Production or Archived (Production is gated)"
     )
-    parser.add_argument("--force", action="store_true", help="promote to Production even if the gate refuses")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="promote to Production despite the gate, or move the Production version out of it",
+    )
     parser.set_defaults(handler=_promote)
 
     parser = subparsers.add_parser(

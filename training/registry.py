@@ -5,7 +5,8 @@ in stage Production always holds alias ``production`` and a version in Staging a
 version is in each of these stages. A promotion to Production passes a gate first: the candidate must score
 at least the current Production's AUC on the candidate's own validation split (``--force`` skips it). Each
 version promoted to Production records the version it replaced in the tag ``previous_production``, which is
-what ``rollback`` returns to.
+what ``rollback`` returns to. Moving the Production version to another stage would leave no Production for
+servers to follow, so it too needs ``--force``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ TAG_PREVIOUS = "previous_production"
 
 class PromotionRefused(StreamflowError):
     """The gate found the candidate worse than the current Production; nothing was changed."""
+
+
+class ProductionWouldEmpty(StreamflowError):
+    """Moving the Production version elsewhere would leave no Production; nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,11 @@ def promote(settings: Settings, version: int | str, stage: str, force: bool = Fa
     candidate = _version(client, name, version)
     number = int(candidate.version)
     if target != "Production":
+        if candidate.current_stage == "Production" and not force:
+            raise ProductionWouldEmpty(
+                f"Version {number} is the Production version of {name} and moving it to {target} would leave "
+                "no Production for servers to follow; promote another version first, or pass --force."
+            )
         _move(client, name, candidate, target)
         log.info("%s version %d is now in %s", name, number, target)
         return Promotion(number, target, None, None)
