@@ -8,9 +8,9 @@ that per call and costs several times more per user), and equal what that SDK ca
 user comes back either as a `FeatureRow` or as the `FeatureError` that keeps it from being scored, checked in
 this order:
 
-0. a value stored with a type other than the registry declares, or bytes that are no Feast value (a bug
-   upstream of the server: a loader writing below Feast's typed writer): `FeaturesInvalid`, naming the feature
-   and the stored type, never the raw value;
+0. a value stored with a type other than the registry declares, bytes that are no Feast value, or a row
+   whose event time does not decode (a bug upstream of the server: a loader writing below Feast's typed
+   writer): `FeaturesInvalid`, naming the feature and the stored type, never the raw value;
 1. every feature null (the store has no row of any view for the user): `EntityNotFound`;
 2. some features null: `FeaturesMissing`;
 3. staleness: a feature whose event time is older than its view's TTL, measured against
@@ -49,7 +49,7 @@ from server.errors import (
     FeaturesMissing,
     FeaturesStale,
 )
-from server.online_rows import UNDECODABLE, Cell, ViewFeatures, online_rows
+from server.online_rows import UNDATED, UNDECODABLE, Cell, ViewFeatures, online_rows
 from server.store_health import StoreBreaker, breaker_for
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
@@ -184,9 +184,9 @@ class FeatureReader:
         """Each user's stored cells in schema order, exactly as the SDK's `get_online_features` gives them.
 
         One read of every view for all distinct users; a view without a row for a user gives null values at
-        the epoch, as the SDK does. Raises `FeatureStoreUnavailable` when the store cannot be reached, at once
-        while the store's breaker is open (`server.store_health`: one breaker per FeatureStore, shared by every
-        model load and thread).
+        the epoch, as the SDK does. Raises `FeatureStoreUnavailable` when the store cannot be reached, at
+        once while the store's breaker is open (`server.store_health`: one breaker per FeatureStore, shared
+        by every model load and thread).
         """
         unique = list(dict.fromkeys(user_ids))
         cells = self._breaker.call(lambda: self._rows.read(unique))
@@ -287,7 +287,7 @@ def _value_reader(feature: FeatureSchema) -> Callable[[ValueProto], FeatureScala
         if kind in fields:
             value: FeatureScalar = getattr(proto, kind)
             return value
-        if (kind is None or kind == "null_val") and proto is not UNDECODABLE:
+        if (kind is None or kind == "null_val") and proto is not UNDECODABLE and proto is not UNDATED:
             return None
         raise _WrongType
 
@@ -299,6 +299,13 @@ def _type_problem(feature: FeatureSchema, proto: ValueProto) -> FeatureProblem |
     stays out: it is corrupt data of unknown size and content, not something to echo to callers."""
     fields = _VALUE_FIELDS[feature.type]
     kind = proto.WhichOneof("val")
+    if proto is UNDATED:
+        return FeatureProblem(
+            feature.name,
+            feature.feature_view,
+            f"the event time of feature view {feature.feature_view}'s row does not decode, so the value's "
+            "age is unknown; write the row again",
+        )
     if proto is UNDECODABLE:
         stored = "bytes that do not decode as a Feast value"
     elif kind is None or kind == "null_val" or kind in fields:

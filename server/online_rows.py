@@ -42,6 +42,9 @@ NULL = ValueProto()
 UNDECODABLE = ValueProto()
 """Stored bytes that are no ValueProto, known by identity: a corrupt cell fails its user only."""
 EPOCH = datetime.fromtimestamp(0, UTC)
+UNDATED = ValueProto()
+"""Every value of a view row whose stored event time does not decode (age unknown), known by identity."""
+_BAD_TIME = datetime.fromtimestamp(0, UTC)  # what a decoder returns for such an event time, known by identity
 
 # Ids a fast key encoding must encode exactly as Feast does before it is used: empty, typical, long (a
 # length above one byte) and non-ASCII (the length counts UTF-8 bytes, not characters).
@@ -192,7 +195,10 @@ class SqliteRows:
                     user_cells += [(NULL, EPOCH)] * len(view.names)
                 else:
                     event_time = event_times[view_stamps[key]]
-                    user_cells += [(protos[row.get(name)], event_time) for name in view.names]
+                    if event_time is _BAD_TIME:
+                        user_cells += [(UNDATED, EPOCH)] * len(view.names)
+                    else:
+                        user_cells += [(protos[row.get(name)], event_time) for name in view.names]
             cells.append(user_cells)
         return cells
 
@@ -203,7 +209,10 @@ class SqliteRows:
         return " UNION ALL ".join(f"{select} ({keys})" for select in self._selects)
 
     def _event_time(self, raw: bytes) -> datetime:
-        return as_utc(self._timestamp(raw))
+        try:
+            return as_utc(self._timestamp(raw))
+        except (ValueError, OverflowError, OSError):  # not a timestamp Feast wrote
+            return _BAD_TIME
 
 
 @dataclass(frozen=True)
@@ -255,7 +264,7 @@ class RedisRows:
             replies: list[list[bytes | None]] = pipe.execute()
         protos = _DecodedOnce(_value)
         event_times = _DecodedOnce(_redis_event_time)
-        return [
+        cells = [
             [
                 (protos[raw], event_times[reply[s.stop]])
                 for s in self._slices
@@ -263,14 +272,20 @@ class RedisRows:
             ]
             for reply in replies
         ]
+        if any(event_time is _BAD_TIME for event_time in event_times.values()):  # a handful of distinct times
+            cells = [[(UNDATED, EPOCH) if at is _BAD_TIME else (v, at) for v, at in row] for row in cells]
+        return cells
 
 
 def _redis_event_time(raw: bytes | None) -> datetime:
     """Feast's decoding of a view's `_ts:` field: no field (no row) is the epoch."""
     stamp = Timestamp()
-    if raw:
-        stamp.ParseFromString(raw)
-    return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1_000_000_000.0, tz=UTC)
+    try:
+        if raw:
+            stamp.ParseFromString(raw)
+        return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1_000_000_000.0, tz=UTC)
+    except (DecodeError, ValueError, OverflowError, OSError):  # not a timestamp Feast wrote
+        return _BAD_TIME
 
 
 class ProviderRows:

@@ -53,10 +53,13 @@ from training.demo_data import FIRST_USER_ID
 
 WRONG_TYPE = "WRONGTYPE-0001"  # months_active (int64) stored as a string_val
 GARBLED = "GARBLED-0001"  # watch_hours_30d holds bytes that do not decode as a Feast value
+UNDATED = "UNDATED-0001"  # the event time of its payments row does not decode
 WRONG_VALUE = "twelve months"  # the raw corrupt value, which no answer may echo
 GARBLE = b"\xff\xfe corrupt"
 CORRUPT_AT = datetime(2024, 3, 1, tzinfo=UTC)  # after the last snapshot, before the staleness clock
 USAGE_VIEW = VIEW_SPECS[1].name
+PAYMENTS_VIEW = VIEW_SPECS[2].name
+PAYMENTS_FEATURES = [name for name, _ in VIEW_SPECS[2].features]
 
 CALL_TIMEOUT_S = 30.0
 """Deadline of each client call: generous, so an answer of DEADLINE_EXCEEDED means the server stalled."""
@@ -82,22 +85,26 @@ def copy_user(feast: FeatureStore, target: str, **overrides: Value) -> None:
         provider.online_write_batch(feast.config, view, [(key, values, CORRUPT_AT, None)], None)
 
 
-def garble(feast: FeatureStore, user_id: str, view: str, feature: str) -> None:
-    """Overwrite one stored value with bytes that are no ValueProto, where Feast's layout keeps it."""
+def garble(feast: FeatureStore, user_id: str, view: str, feature: str | None) -> None:
+    """Overwrite one stored value (or, for None, the event time of the view's row) with bytes that are no
+    ValueProto (no timestamp), where Feast's layout keeps it."""
     config = feast.config
     key = EntityKey(join_keys=[JOIN_KEY], entity_values=[Value(string_val=user_id)])
     version = config.entity_key_serialization_version
     if config.online_store.type == "sqlite":
         table = _table_id(config.project, feast.get_feature_view(view))
+        serialized = serialize_entity_key(key, entity_key_serialization_version=version)
         with contextlib.closing(sqlite3.connect(config.online_store.path)) as db, db:
-            updated = db.execute(
-                f'UPDATE "{table}" SET value = ? WHERE entity_key = ? AND feature_name = ?',
-                (GARBLE, serialize_entity_key(key, entity_key_serialization_version=version), feature),
-            ).rowcount
-        assert updated == 1
+            if feature is None:
+                statement = f'UPDATE "{table}" SET event_ts = ? WHERE entity_key = ?'
+                updated = db.execute(statement, (GARBLE, serialized)).rowcount
+            else:
+                statement = f'UPDATE "{table}" SET value = ? WHERE entity_key = ? AND feature_name = ?'
+                updated = db.execute(statement, (GARBLE, serialized, feature)).rowcount
+        assert updated >= 1
     else:
         client = redis_client(feast)
-        field_key = _mmh3(f"{view}:{feature}")
+        field_key = f"_ts:{view}".encode() if feature is None else _mmh3(f"{view}:{feature}")
         redis_key = _redis_key(config.project, key, version)
         assert client.execute_command("HEXISTS", redis_key, field_key) == 1
         client.execute_command("HSET", redis_key, field_key, GARBLE)
@@ -116,53 +123,58 @@ def write_corrupt_rows(settings: Settings) -> None:
     copy_user(feast, WRONG_TYPE, months_active=Value(string_val=WRONG_VALUE))
     copy_user(feast, GARBLED)
     garble(feast, GARBLED, USAGE_VIEW, "watch_hours_30d")
+    copy_user(feast, UNDATED)
+    garble(feast, UNDATED, PAYMENTS_VIEW, None)
 
 
 def assert_corrupt_rows_fail_alone(address: str, store_type: str) -> None:
-    user_ids = [FIRST_USER_ID, WRONG_TYPE, GARBLED, FIRST_USER_ID]
+    corrupt = {
+        WRONG_TYPE: ["months_active"],
+        GARBLED: ["watch_hours_30d"],
+        UNDATED: PAYMENTS_FEATURES,
+    }
+    user_ids = [FIRST_USER_ID, WRONG_TYPE, GARBLED, UNDATED, FIRST_USER_ID]
     with prediction_stub(address) as stub:
         response = stub.BatchPredict(pb.BatchPredictRequest(user_ids=user_ids), timeout=CALL_TIMEOUT_S)
         failures: dict[str, WireError] = {}
-        for user_id in (WRONG_TYPE, GARBLED):
+        for user_id in corrupt:
             with pytest.raises(grpc.RpcError) as failure:
                 stub.Predict(pb.PredictRequest(user_id=user_id), timeout=CALL_TIMEOUT_S)
             failures[user_id] = wire_error(failure.value)
 
     assert [r.user_id for r in response.results] == user_ids
-    assert [r.WhichOneof("outcome") for r in response.results] == [
-        "prediction",
-        "error",
-        "error",
-        "prediction",
-    ]
-    for result in response.results[1:3]:
-        in_batch = WireError.of(result.error)
-        alone = failures[result.user_id]
+    outcomes = [r.WhichOneof("outcome") for r in response.results]
+    assert outcomes == ["prediction", "error", "error", "error", "prediction"]
+    for result in response.results[1:4]:
         # The batch result carries the very status Predict answers.
-        assert in_batch.status == alone.status
-    wrong, garbled = failures[WRONG_TYPE], failures[GARBLED]
-    for error, user_id, feature in (
-        (wrong, WRONG_TYPE, "months_active"),
-        (garbled, GARBLED, "watch_hours_30d"),
-    ):
+        assert WireError.of(result.error).status == failures[result.user_id].status
+    for user_id, features in corrupt.items():
+        error = failures[user_id]
         assert error.code == grpc.StatusCode.FAILED_PRECONDITION
         assert error.info.reason == "FEATURES_INVALID"
-        assert dict(error.info.metadata) == {"userId": user_id, "features": feature}
-        assert error.failing_features == [feature]
+        assert dict(error.info.metadata) == {"userId": user_id, "features": ",".join(features)}
+        assert error.failing_features == features
         assert error.precondition is not None
-        assert [v.type for v in error.precondition.violations] == ["FEATURE_INVALID"]
-        assert user_id in error.status.message and feature in error.status.message
+        assert {v.type for v in error.precondition.violations} == {"FEATURE_INVALID"}
+        assert user_id in error.status.message
         text = error.status.SerializeToString()
         assert WRONG_VALUE.encode() not in text and GARBLE not in text, f"the raw value leaked ({store_type})"
-    assert wrong.precondition is not None and garbled.precondition is not None
-    assert wrong.precondition.violations[0].description == (
+    descriptions = {
+        user_id: [v.description for v in failures[user_id].precondition.violations]  # type: ignore[union-attr]
+        for user_id in corrupt
+    }
+    assert descriptions[WRONG_TYPE] == [
         "the online store holds a string_val for this int64 feature, which Feast stores as int64_val or "
         "int32_val; write the row again with the registered type"
-    )
-    assert garbled.precondition.violations[0].description == (
+    ]
+    assert descriptions[GARBLED] == [
         "the online store holds bytes that do not decode as a Feast value for this double feature, which "
         "Feast stores as double_val or float_val; write the row again with the registered type"
-    )
+    ]
+    assert descriptions[UNDATED] == [
+        f"the event time of feature view {PAYMENTS_VIEW}'s row does not decode, so the value's age is "
+        "unknown; write the row again"
+    ] * len(PAYMENTS_FEATURES)
 
 
 def test_a_corrupt_sqlite_row_fails_only_its_user(embedded_settings: Settings, tmp_path: Path) -> None:
