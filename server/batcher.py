@@ -64,7 +64,8 @@ class PredictBatcher(Generic[Answer]):
                     continue
                 try:
                     answers = await self._answers([user_id for user_id, _ in batch])
-                    for (_, future), answer in zip(batch, answers, strict=True):
+                    # Paired in full first: a miscounted batch answers no caller with another's answer.
+                    for (_, future), answer in list(zip(batch, answers, strict=True)):
                         _resolve(future, answer)
                 except Exception as exc:  # a bug of the batch itself: every caller still gets an answer
                     for _, future in batch:

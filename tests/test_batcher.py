@@ -141,3 +141,20 @@ def test_concurrent_predicts_over_the_wire_equal_the_batch_answer(embedded_serve
     assert [a.prediction for a in answers] == [r.prediction for r in batch.results[:-1]]
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
     assert batch.results[-1].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+def test_a_batch_that_fails_as_a_whole_still_answers_every_caller(pool: RecordingPool) -> None:
+    def miscounted(user_ids: list[str]) -> list[str]:
+        return ["one answer", "too few"][: len(user_ids) - 1]  # a scoring bug: one answer short
+
+    batcher: PredictBatcher[str] = PredictBatcher(miscounted, pool, max_batch_size=10)
+
+    async def together() -> list[str | BaseException]:
+        calls = asyncio.gather(*(batcher.predict(f"user-{i}") for i in range(3)), return_exceptions=True)
+        # A bound for liveness only: before the fix, these callers waited forever.
+        return await asyncio.wait_for(calls, timeout=60)
+
+    answers = asyncio.run(together())
+
+    assert len(answers) == 3
+    assert all(isinstance(answer, ValueError) for answer in answers)  # zip(strict=True) on the short list
