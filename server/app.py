@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -52,6 +53,16 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 DISPATCH_QUIET_S = 0.2
 """A drain waits until no call has arrived for this long before grpc's shutdown, so every call the server
 received has reached its handler (grpc cancels received calls it has not yet dispatched)."""
+
+MAX_PENDING_CALLS = 50_000
+"""Calls grpc core may hold received but not yet taken by the event loop before it refuses more (below)."""
+FLOOD_OPTIONS = (
+    # grpc core keeps the calls it received but the loop has not yet taken (one per method per loop pass)
+    # in a pending queue, and past 1,000 of them (3,000 hard) it drops calls at random with CANCELLED before
+    # the guard ever sees them. Raised, so that an excess is the guard's retryable RESOURCE_EXHAUSTED.
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+)
 
 T = TypeVar("T")
 
@@ -165,8 +176,11 @@ async def _start(
     # No `maximum_concurrent_rpcs`: it counted health checks too, so probes failed under a flood; the guard
     # admits PredictionService calls only (server/rpc.py).
     server = grpc.aio.server(
-        # grpc turns SO_REUSEPORT on by default, so a second server would silently share the port.
-        options=[("grpc.so_reuseport", int(reuse_port))],
+        options=[
+            # grpc turns SO_REUSEPORT on by default, so a second server would silently share the port.
+            ("grpc.so_reuseport", int(reuse_port)),
+            *FLOOD_OPTIONS,
+        ],
     )
     register(server, pb.DESCRIPTOR.services_by_name["PredictionService"], servicer, guard, admit=True)
     health_service = HealthService(HEALTH_SERVICES)
@@ -212,12 +226,24 @@ def serve(settings: Settings) -> int:
     return _serve_process(settings, reuse_port=False)
 
 
-def serve_worker(settings: Settings) -> int:
-    """One of several processes serving `settings.port` (the supervisor announces the address)."""
-    return _serve_process(settings, reuse_port=True)
+def serve_worker(settings: Settings, replacement: bool = False) -> int:
+    """One of several processes serving `settings.port` (the supervisor announces the address).
+
+    A `replacement` of a dead worker loads its model before it binds the port: bound at once, it would be
+    handed new connections it could only answer MODEL_NOT_LOADED, while the other workers can serve them.
+    """
+    predictor = None
+    if replacement:
+        watcher = ModelWatcher(settings)
+        watcher.poll()
+        while watcher.current is None:  # the watcher logs why; SIGTERM ends the process, which serves nothing
+            time.sleep(settings.poll_interval_s)
+            watcher.poll()
+        predictor = Predictor(settings, watcher)
+    return _serve_process(settings, reuse_port=True, predictor=predictor)
 
 
-def _serve_process(settings: Settings, reuse_port: bool) -> int:
+def _serve_process(settings: Settings, reuse_port: bool, predictor: Predictor | None = None) -> int:
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -226,7 +252,7 @@ def _serve_process(settings: Settings, reuse_port: bool) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    running = create_server(settings, reuse_port=reuse_port)
+    running = create_server(settings, predictor, reuse_port=reuse_port)
     if reuse_port:
         log.info("worker %d listening on %s:%d", os.getpid(), settings.host, running.port)
     else:

@@ -35,11 +35,15 @@ MAX_FIELD_VIOLATIONS = 20
 """Most `BadRequest` violations one status lists; `violations` in its metadata counts them all."""
 
 
-def echo(text: str) -> str:
-    """`text` as an error repeats it: at most `MAX_ECHOED_CHARS`, a longer one cut and its length said."""
-    if len(text) <= MAX_ECHOED_CHARS:
-        return text
-    return f"{text[:MAX_ECHOED_CHARS]}... ({len(text)} characters)"
+def echo(text: str, quoted: bool = False) -> str:
+    """`text` as an error repeats it (`quoted`: as a Python literal, so control characters show): at most
+    `MAX_ECHOED_CHARS` of it, and the length of a longer one."""
+    shown = text[:MAX_ECHOED_CHARS]
+    if quoted:
+        shown = repr(shown)
+    if len(text) > MAX_ECHOED_CHARS:
+        shown += f"... ({len(text)} characters)"
+    return shown
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class InvalidUserId(ServingError):
 
     def __init__(self, user_id: str, problem: str) -> None:
         super().__init__(
-            f"user_id {echo(repr(user_id))} is invalid: {problem}; send 1 to 64 characters of "
+            f"user_id {echo(user_id, quoted=True)} is invalid: {problem}; send 1 to 64 characters of "
             "[A-Za-z0-9_-], e.g. 7590-VHVEG",
             {"userId": echo(user_id), "problem": problem},
             [FieldViolation("user_id", problem)],

@@ -120,11 +120,14 @@ class CallGuard:
         return internal_status(request_id)
 
     async def quiesce(self, quiet_s: float, timeout_s: float) -> None:
-        """Return once no call has arrived for `quiet_s` (or after `timeout_s`): grpc hands the loop one
-        received call per method per pass, so calls the server has received but not dispatched wait until
-        the loop gets round to them, and grpc's shutdown would cancel them."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and time.monotonic() - self._last_arrival < quiet_s:
+        """Return once the loop has run for `quiet_s` without a call arriving (or after `timeout_s`): grpc
+        hands the loop one received call per method per pass, so calls the server has received but not
+        dispatched (while the loop was busy or held) wait until the loop gets round to them, and grpc's
+        shutdown would cancel them. The window starts now at the earliest: an idle past proves nothing about
+        calls that arrived while the loop could not run."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        while (now := time.monotonic()) < deadline and now - max(self._last_arrival, started) < quiet_s:
             await asyncio.sleep(quiet_s / 10)
 
 
