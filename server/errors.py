@@ -189,7 +189,8 @@ class FeaturesStale(FeatureError):
 
 
 class FeaturesInvalid(FeatureError):
-    """Some of the user's feature values lie outside their valid range."""
+    """Some of the user's stored feature values cannot be used: out of their valid range, not finite, or not
+    of the feature's registered type."""
 
     violation_type = "FEATURE_INVALID"
 
@@ -198,7 +199,7 @@ class FeaturesInvalid(FeatureError):
         super().__init__(
             user_id,
             problems,
-            f"user {user_id} has {len(problems)} feature value(s) out of range: {names}; "
+            f"user {user_id} has {len(problems)} invalid feature value(s): {names}; "
             "fix the source rows and materialize them again",
         )
 

@@ -7,7 +7,7 @@ is a real single-thread executor that also records the batches it is handed. The
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -20,7 +20,7 @@ from feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, 
 from server.app import PredictionServer
 from server.batcher import PredictBatcher
 from server.domain import Prediction
-from server.errors import EntityNotFound, FeaturesStale, InvalidUserId, ModelNotLoaded
+from server.errors import EntityNotFound, FeatureError, FeaturesStale, InvalidUserId, ModelNotLoaded
 from server.model_watcher import ModelWatcher
 from server.predictor import Predictor
 from streamflow.settings import Settings
@@ -144,8 +144,9 @@ def test_concurrent_predicts_over_the_wire_equal_the_batch_answer(embedded_serve
 
 
 def test_a_batch_that_fails_as_a_whole_still_answers_every_caller(pool: RecordingPool) -> None:
-    def miscounted(user_ids: list[str]) -> list[str]:
-        return ["one answer", "too few"][: len(user_ids) - 1]  # a scoring bug: one answer short
+    def miscounted(user_ids: Sequence[str]) -> list[str | FeatureError]:
+        answers: list[str | FeatureError] = ["one answer", "two answers"]
+        return answers[: len(user_ids) - 1]  # a scoring bug: one answer short
 
     batcher: PredictBatcher[str] = PredictBatcher(miscounted, pool, max_batch_size=10)
 
