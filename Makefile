@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint protos mlflow-server constraints bench
+.PHONY: install run test lint protos mlflow-server constraints bench fuzz
 
 # Reinstalls only when pyproject.toml changes, so a second `make run` starts in seconds.
 $(STAMP): pyproject.toml
@@ -26,6 +26,11 @@ lint: install
 
 test: install lint
 	$(BIN)/pytest -q
+
+# The wire properties of tests/test_wire_properties.py with many more examples than make test draws.
+FUZZ_EXAMPLES ?= 20000
+fuzz: install
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider tests/test_wire_properties.py
 
 # Regenerates client/generated from protos/ (tests/test_contract.py fails when it is stale).
 protos: install

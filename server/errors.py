@@ -132,6 +132,17 @@ class Overloaded(ServingError):
         )
 
 
+class UnknownService(ServingError):
+    """A health check for a service name this server does not report."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(
+            f"this server reports no health for service {echo(service, quoted=True)}; ask for '' (the "
+            "whole server) or streamflow.serving.v1.PredictionService",
+            {"service": echo(service)},
+        )
+
+
 class FeatureError(ServingError):
     """A user whose features cannot be used; each subclass words one kind of problem."""
 
@@ -226,6 +237,7 @@ ERROR_TABLE: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
     InvalidBatch: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_BATCH"),
     MalformedRequest: (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST"),
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED"),
+    UnknownService: (grpc.StatusCode.NOT_FOUND, "SERVICE_UNKNOWN"),
     EntityNotFound: (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND"),
     FeaturesMissing: (grpc.StatusCode.FAILED_PRECONDITION, "FEATURES_MISSING"),
     FeaturesStale: (grpc.StatusCode.FAILED_PRECONDITION, "FEATURES_STALE"),

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server.errors import UnknownService
+
 ServingStatus = int
 """A `HealthCheckResponse.ServingStatus` value."""
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -48,7 +50,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
     ) -> health_pb2.HealthCheckResponse:
         status = self._statuses.get(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            raise UnknownService(request.service)  # NOT_FOUND, as grpc.health.v1 specifies
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
