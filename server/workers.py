@@ -13,7 +13,8 @@ program of the same user that binds with SO_REUSEPORT on its own can still join:
 SO_REUSEPORT group.
 
 A worker that dies while the server is not stopping (killed, crashed, or exited on its own, even with code 0)
-is replaced after an exponential back-off, while the others keep the port served. A worker slot that dies
+is replaced after an exponential back-off, while the others keep the port served; the replacement binds the
+port only once its model is loaded, so no new connection reaches a worker that cannot answer. A slot that dies
 `CRASH_LIMIT` times within `CRASH_WINDOW_S` is broken rather than unlucky: the supervisor stops the others and
 exits non-zero, so whatever runs the server sees it fail.
 """
@@ -32,14 +33,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Worker = Callable[[Settings], int]
-"""Runs one server process on `settings.port` (port sharing on) until SIGTERM; returns its exit code."""
+Worker = Callable[[Settings, bool], int]
+"""Runs one server process on `settings.port` (port sharing on) until SIGTERM; returns its exit code. The flag
+says whether it replaces a dead worker, which the others stand in for until it is ready."""
 
 CRASH_LIMIT = 5
 """Deaths of one worker slot within `CRASH_WINDOW_S` that make the supervisor give up and exit non-zero."""
@@ -114,6 +117,7 @@ class _Slot:
 
     number: int
     pid: int | None = None
+    starts: int = 0
     deaths: deque[float] = field(default_factory=deque)
     restart_at: float | None = None
 
@@ -154,8 +158,10 @@ class _Supervisor:
         supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
-            os._exit(_run_child(self._worker, self._settings, self._child_mask, supervisor))
+            replacement = slot.starts > 0
+            os._exit(_run_child(self._worker, self._settings, replacement, self._child_mask, supervisor))
         slot.pid, slot.restart_at = pid, None
+        slot.starts += 1
 
     def _restart_due(self) -> None:
         now = time.monotonic()
@@ -180,7 +186,8 @@ class _Supervisor:
     def _exited(self, slot: _Slot, pid: int, code: int) -> None:
         how = _describe_exit(code)
         if self._stopping:
-            if code != 0:
+            # A replacement still loading its model has no handler yet: the stop's SIGTERM ends it at once.
+            if code not in (0, -signal.SIGTERM):
                 self._failed = True
                 log.warning("worker %d (process %d) %s while stopping", slot.number, pid, how)
             return
@@ -233,6 +240,7 @@ def run_workers(settings: Settings, count: int, worker: Worker) -> int:
     """
     with claimed_port(settings.host, settings.port) as port:
         worker_settings = settings.model_copy(update={"port": port})
+        _note_connection_migration()
         # Blocked before the first fork, so no death or signal can slip in between; workers restore the mask.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
@@ -244,20 +252,33 @@ def run_workers(settings: Settings, count: int, worker: Worker) -> int:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+def _note_connection_migration() -> None:
+    """Say once when the kernel resets, instead of handing to another worker, the connections a dying worker
+    had not yet accepted (Linux 5.14+ migrates them when net.ipv4.tcp_migrate_req is 1)."""
+    with contextlib.suppress(OSError):
+        if Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip() == "0":
+            log.info(
+                "net.ipv4.tcp_migrate_req is 0: connections a dying worker has not accepted yet are reset, "
+                "not handed to another worker"
+            )
+
+
 def _describe_exit(code: int) -> str:
     if code < 0:
         return f"was killed by {signal.Signals(-code).name}"
     return f"exited with code {code}"
 
 
-def _run_child(worker: Worker, settings: Settings, mask: set[int | signal.Signals], supervisor: int) -> int:
+def _run_child(
+    worker: Worker, settings: Settings, replacement: bool, mask: set[int | signal.Signals], supervisor: int
+) -> int:
     """A worker's whole life: the signal state of a fresh process, then serve."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     _drain_when_orphaned(supervisor)
     try:
-        return worker(settings)
+        return worker(settings, replacement)
     except StreamflowError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
