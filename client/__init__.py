@@ -14,6 +14,7 @@ from client.errors import (
     FeaturesUnavailableError,
     FieldViolation,
     InvalidArgumentError,
+    OverloadedError,
     PreconditionViolation,
     ServiceUnavailableError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "InvalidArgumentError",
     "ModelInfo",
     "ModelRef",
+    "OverloadedError",
     "PreconditionViolation",
     "Prediction",
     "ReloadFailure",

@@ -43,6 +43,8 @@ class ChurnServiceError(Exception):
     metadata: dict[str, str] = field(default_factory=dict)
     field_violations: tuple[FieldViolation, ...] = ()
     precondition_violations: tuple[PreconditionViolation, ...] = ()
+    retry_delay_s: float | None = None
+    """How long the server asks the caller to wait before a retry (`google.rpc.RetryInfo`), if it said."""
 
     def __str__(self) -> str:
         reason = f" ({self.reason})" if self.reason else ""
@@ -58,6 +60,7 @@ class ChurnServiceError(Exception):
             "metadata": dict(self.metadata),
             "field_violations": [vars(v) for v in self.field_violations],
             "precondition_violations": [vars(v) for v in self.precondition_violations],
+            "retry_delay_s": self.retry_delay_s,
         }
 
 
@@ -101,12 +104,18 @@ class DeadlineExceededError(ChurnServiceError):
     """The call did not finish within its deadline (DEADLINE_EXCEEDED)."""
 
 
+class OverloadedError(ChurnServiceError):
+    """The server process runs its maximum of concurrent calls (RESOURCE_EXHAUSTED, reason `OVERLOADED`);
+    retry after `retry_delay_s`, with backoff."""
+
+
 _ERROR_CLASSES: dict[grpc.StatusCode, type[ChurnServiceError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: EntityNotFoundError,
     grpc.StatusCode.FAILED_PRECONDITION: FeaturesUnavailableError,
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
 }
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
@@ -117,9 +126,10 @@ def error_from_status(status: status_pb2.Status) -> ChurnServiceError:
     info = error_details_pb2.ErrorInfo()
     bad_request = error_details_pb2.BadRequest()
     precondition = error_details_pb2.PreconditionFailure()
+    retry = error_details_pb2.RetryInfo()
     for detail in status.details:
         # Details of other types are skipped: AIP-193 lets servers add more without breaking clients.
-        for message in (info, bad_request, precondition):
+        for message in (info, bad_request, precondition, retry):
             if detail.Is(message.DESCRIPTOR):
                 detail.Unpack(message)
     return _ERROR_CLASSES.get(code, ChurnServiceError)(
@@ -132,6 +142,7 @@ def error_from_status(status: status_pb2.Status) -> ChurnServiceError:
         precondition_violations=tuple(
             PreconditionViolation(v.type, v.subject, v.description) for v in precondition.violations
         ),
+        retry_delay_s=retry.retry_delay.ToNanoseconds() / 1e9 if retry.HasField("retry_delay") else None,
     )
 
 

@@ -22,6 +22,7 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client import ChurnClient, OverloadedError
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from feature_repo import store
@@ -412,6 +413,8 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted_and_health_st
                 time.sleep(0.01)
             with pytest.raises(grpc.RpcError) as failure:
                 stub.Predict(pb.PredictRequest(user_id=FIRST_USER_ID))
+            with ChurnClient(running.local_address) as client, pytest.raises(OverloadedError) as typed:
+                client.predict(FIRST_USER_ID)
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         finally:
             release.set()
@@ -422,6 +425,8 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted_and_health_st
     assert error.info.reason == "OVERLOADED"
     assert dict(error.info.metadata) == {"maxConcurrentRpcs": "1"}
     assert error.retry is not None and error.retry.retry_delay.ToMilliseconds() == 100
+    assert (typed.value.reason, typed.value.retry_delay_s) == ("OVERLOADED", 0.1)
+    assert typed.value.metadata == {"maxConcurrentRpcs": "1"}
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     assert held_result.results[0].HasField("prediction")
 
