@@ -28,6 +28,7 @@ from client import (
     FeaturesUnavailableError,
     InvalidArgumentError,
     ModelRef,
+    OverloadedError,
     Prediction,
     ServiceUnavailableError,
 )
@@ -145,7 +146,7 @@ def test_max_attempts_of_one_disables_retry(scripted: tuple[ScriptedService, str
         (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError),
         (grpc.StatusCode.NOT_FOUND, EntityNotFoundError),
         (grpc.StatusCode.FAILED_PRECONDITION, FeaturesUnavailableError),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, ChurnServiceError),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, OverloadedError),
         (grpc.StatusCode.INTERNAL, ChurnServiceError),
     ],
 )
