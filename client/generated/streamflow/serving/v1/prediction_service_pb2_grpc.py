@@ -77,8 +77,13 @@ class PredictionServiceServicer:
         null, older than their view's time-to-live, or out of their valid range.
         - UNAVAILABLE (MODEL_NOT_LOADED or FEATURE_STORE_UNAVAILABLE) when no model is loaded yet or the
         online store cannot be reached; safe to retry.
-        - RESOURCE_EXHAUSTED when the server runs its maximum number of concurrent calls.
+        - INVALID_ARGUMENT (MALFORMED_REQUEST) when the request bytes do not decode as a PredictRequest.
+        - RESOURCE_EXHAUSTED (OVERLOADED, with a `google.rpc.RetryInfo`) when the server process runs its maximum
+        number of concurrent calls; safe to retry after the delay, with backoff.
         - INTERNAL with a request id for anything unexpected.
+
+        Every error status, message and details together, stays under 8 KiB of trailers whatever the input:
+        echoed input is cut to 80 characters and a `BadRequest` lists at most 20 violations.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,7 +100,9 @@ class PredictionServiceServicer:
         - INVALID_ARGUMENT (INVALID_BATCH) when `user_ids` is empty, longer than the server's maximum batch size
         (1,000 by default; `STREAMFLOW_MAX_BATCH_SIZE`) or holds a malformed id; a `BadRequest` names each
         offending `user_ids[i]`.
-        - UNAVAILABLE, RESOURCE_EXHAUSTED and INTERNAL as for Predict, for the whole batch.
+        At most 20 violations are listed; `ErrorInfo.metadata["violations"]` counts them all.
+        - INVALID_ARGUMENT (MALFORMED_REQUEST), UNAVAILABLE, RESOURCE_EXHAUSTED and INTERNAL as for Predict, for
+        the whole batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +114,7 @@ class PredictionServiceServicer:
 
         Returns:
         - UNAVAILABLE (MODEL_NOT_LOADED) when no model is loaded yet.
+        - INVALID_ARGUMENT (MALFORMED_REQUEST) and RESOURCE_EXHAUSTED (OVERLOADED) as for Predict.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
