@@ -8,19 +8,11 @@ tracking server, which must not keep the server from starting, answering and log
 
 from __future__ import annotations
 
-import os
-import queue
 import re
-import signal
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
 
 import grpc
 import pytest
@@ -30,56 +22,11 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from feature_repo.definitions import SNAPSHOT_DATES
 from streamflow.settings import Settings
+from tests.fixtures.processes import START_TIMEOUT_S, serve_env, serving_process
 from tests.fixtures.serving import departed_users, prediction_stub, wire_error
 from training.demo_data import FIRST_USER_ID
 from training.registry import promote
 from training.train import train
-
-STREAMFLOW = Path(sys.executable).parent / "streamflow"
-LISTENING = re.compile(r"streamflow serve: listening on (\S+):(\d+)$")
-START_TIMEOUT_S = 120.0
-"""Upper bound on a server process's start (imports, first model load); liveness only, not a budget."""
-
-
-def serve_env(home: Path, **values: str) -> dict[str, str]:
-    """The environment of a `streamflow serve` process on `home`: the shell's STREAMFLOW_* and MLFLOW_*
-    variables dropped, one worker, plus `values`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMFLOW_", "MLFLOW_"))}
-    return {**env, "STREAMFLOW_HOME": str(home), "STREAMFLOW_WORKERS": "1", **values}
-
-
-def read_line(stream: IO[str], timeout_s: float) -> str:
-    """The next line of `stream`, or AssertionError after `timeout_s` (pipes have no timeout of their own)."""
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: lines.put(stream.readline()), daemon=True).start()
-    try:
-        return lines.get(timeout=timeout_s)
-    except queue.Empty:
-        raise AssertionError(f"no line within {timeout_s} s") from None
-
-
-@contextmanager
-def serve(env: dict[str, str], log: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """A `streamflow serve` process and the address it announced; its log (stderr) goes to `log`.
-
-    Stopped with SIGTERM afterwards, and it must then exit 0 (killed if it does not exit at all)."""
-    with log.open("w") as stderr:
-        process = subprocess.Popen(
-            [str(STREAMFLOW), "serve"], env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
-        )
-    try:
-        assert process.stdout is not None
-        line = read_line(process.stdout, START_TIMEOUT_S)
-        match = LISTENING.search(line.strip())
-        assert match, f"no address announced: {line!r}; log: {log.read_text()[-2000:]}"
-        host, port = match.groups()
-        yield process, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0, log.read_text()[-2000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def health_status(address: str, timeout_s: float = 10.0) -> int:
@@ -111,7 +58,7 @@ def test_serve_reads_every_setting_it_is_given_from_the_environment(
     promote(settings, train(settings, SNAPSHOT_DATES[-1]).version, "Production", force=True)
     leaver = departed_users(settings)[0]
     env = serve_env(
-        settings.home,
+        STREAMFLOW_HOME=str(settings.home),
         STREAMFLOW_HOST="::1",
         STREAMFLOW_PORT="0",
         STREAMFLOW_MODEL_URI="models:/streamflow_churn/1",
@@ -122,7 +69,7 @@ def test_serve_reads_every_setting_it_is_given_from_the_environment(
         STREAMFLOW_LOG_LEVEL="WARNING",
     )
     log = tmp_path / "serve.log"
-    with serve(env, log) as (_, address):
+    with serving_process(env, log) as (_, address):
         assert address.startswith("[::1]:")
         wait_serving(address)
         with prediction_stub(address) as stub:
@@ -162,7 +109,7 @@ def test_a_hung_registry_is_bounded_by_the_registry_timeout(
 ) -> None:
     uri = "models:/streamflow_churn/Production"
     env = serve_env(
-        embedded_settings.home,
+        STREAMFLOW_HOME=str(embedded_settings.home),
         STREAMFLOW_HOST="127.0.0.1",
         STREAMFLOW_PORT="0",
         STREAMFLOW_POLL_INTERVAL_S="0.5",
@@ -170,7 +117,7 @@ def test_a_hung_registry_is_bounded_by_the_registry_timeout(
         MLFLOW_TRACKING_URI=hung_tracking_server,
     )
     log = tmp_path / "serve.log"
-    with serve(env, log) as (process, address):
+    with serving_process(env, log) as (process, address):
         # MLflow's own default waits 120 s per request, 7 times over; bounded, the outage shows well within a
         # minute (a liveness bound, not a measured budget).
         deadline = time.monotonic() + 60
