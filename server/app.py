@@ -52,7 +52,11 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 
 DISPATCH_QUIET_S = 0.2
 """A drain waits until no call has arrived for this long before grpc's shutdown, so every call the server
-received has reached its handler (grpc cancels received calls it has not yet dispatched)."""
+received has reached its handler (grpc cancels received calls it has not yet dispatched)..."""
+DISPATCH_WAIT_MAX_S = 2.0
+"""...but no longer than this: new connections keep arriving while the server still listens (the kernel hands
+a draining worker its share of a shared port), and a steady stream of them must not hold the drain for the
+whole grace."""
 
 MAX_PENDING_CALLS = 50_000
 """Calls grpc core may hold received but not yet taken by the event loop before it refuses more (below)."""
@@ -132,7 +136,7 @@ class PredictionServer:
         self.health.start_drain()
         if grace is not None:
             await asyncio.sleep(self.settings.drain_delay_s)
-            await self.guard.quiesce(DISPATCH_QUIET_S, timeout_s=grace)
+            await self.guard.quiesce(DISPATCH_QUIET_S, timeout_s=min(grace, DISPATCH_WAIT_MAX_S))
         await self.server.stop(grace)
 
 

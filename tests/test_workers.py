@@ -369,12 +369,9 @@ def test_a_dead_worker_is_replaced_while_a_client_sees_no_failed_call(
     # kernel (unless net.ipv4.tcp_migrate_req is 1) and a new channel then backs off before reconnecting, so
     # a call sent just then may fail UNAVAILABLE; that is the client's connect, not a worker's answer.
     assert all(started < replacement.create_time() for started in fresh.failed_starts), fresh
-    if signum == signal.SIGKILL:
-        assert set(fresh.codes) <= {"OK", "UNAVAILABLE "}, fresh
-    # Not asserted for SIGTERM: the draining worker keeps its listener (so the kernel keeps handing it new
-    # connections) until no call has arrived for 0.2 s, which a steady stream of new connections never
-    # allows; its drain then lasts the whole grace and a call arriving as grpc stops can end in
-    # DEADLINE_EXCEEDED (seen once in 2,178 calls). That is the drain's defect (server/app.py), reported.
+    # A draining worker listens for at most 2.2 s after SIGTERM (server/app.py DISPATCH_WAIT_MAX_S), so the
+    # kernel's share of new connections that reaches it meanwhile is answered, not left to time out.
+    assert set(fresh.codes) <= {"OK", "UNAVAILABLE "}, fresh
     assert len(after - before) == 1  # one worker kept its model, the other loaded it anew
     log = (tmp_path / "serve.log").read_text()
     death = "was killed by SIGKILL" if signum == signal.SIGKILL else "exited with code 0"
