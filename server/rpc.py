@@ -23,8 +23,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf import descriptor, message_factory
@@ -48,12 +50,52 @@ log = logging.getLogger(__name__)
 Method = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-class CallGuard:
-    """Per process: counts the calls it admits, remembers the last arrival, throttles failure logs."""
+@dataclass
+class Call:
+    """One call as the cross-cutting concerns see it. The guard fills in what grpc knows; the servicer adds
+    what only the domain knows (the model version that answered, how many users were scored)."""
 
-    def __init__(self, max_concurrent_rpcs: int) -> None:
+    service: str
+    """e.g. `streamflow.serving.v1.PredictionService`."""
+    method: str
+    """e.g. `Predict`."""
+    request_id: str
+    """A fresh id per call: in the access log, and in an INTERNAL error's message and metadata."""
+    context: grpc.aio.ServicerContext
+    started: float = field(default_factory=time.perf_counter)
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    model_version: str = ""
+    users: int = 0
+
+    @property
+    def seconds(self) -> float:
+        """Time since the call reached the guard."""
+        return time.perf_counter() - self.started
+
+
+CURRENT_CALL: ContextVar[Call] = ContextVar("streamflow_call")
+"""The call the running handler serves (set by the guard for the handler's task)."""
+
+
+class CallObserver(Protocol):
+    """A cross-cutting concern (metrics, access log, tracing): told when each call starts and ends.
+
+    Both run on the event loop in the call's task, so `started` may set context (a span) that the handler
+    sees and `finished` resets; they must be cheap: they sit on every call."""
+
+    def started(self, call: Call) -> None: ...
+
+    def finished(self, call: Call) -> None: ...
+
+
+class CallGuard:
+    """Per process: counts the calls it admits, remembers the last arrival, throttles failure logs, and
+    tells the observers of each call."""
+
+    def __init__(self, max_concurrent_rpcs: int, observers: Sequence[CallObserver] = ()) -> None:
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.in_flight = 0
+        self._observers = tuple(observers)
         self._last_arrival = 0.0
         self._logs = ThrottledLog(log)
 
@@ -79,10 +121,16 @@ class CallGuard:
         return run
 
     def handler(self, method: Method, full_name: str, request_type: type[Message]) -> Method:
-        """`method` behind the decoding and error mapping every call gets; takes the request's bytes."""
+        """`method` behind the decoding, error mapping and observers every call gets; takes the request's
+        bytes."""
+        service, name = full_name.strip("/").split("/")
 
         async def run(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             self._last_arrival = time.monotonic()
+            call = Call(service, name, uuid.uuid4().hex, context)
+            CURRENT_CALL.set(call)  # the handler's own task: no reset needed
+            for observer in self._observers:
+                observer.started(call)
             try:
                 try:
                     request = request_type.FromString(raw)
@@ -95,29 +143,42 @@ class CallGuard:
                         len(raw),
                     )
                     raise MalformedRequest(full_name, len(raw)) from None
-                return await method(request, context)
+                response = await method(request, context)
+            except asyncio.CancelledError:  # the caller went away or its deadline passed
+                call.code = grpc.StatusCode.CANCELLED
+                self._finished(call)
+                raise
             except Exception as exc:
-                status = self._status(exc, full_name)
+                status = self._status(exc, call)
+            else:
+                self._finished(call)
+                return response
+            call.code = _CODES[status.code]
+            self._finished(call)
             # Outside the except block: abort raises, and must not be caught as an unexpected failure.
             await _abort(context, bounded(status))
 
         return run
 
-    def _status(self, exc: Exception, full_name: str) -> status_pb2.Status:
-        """The status of what a call raised: its row of the error table, else INTERNAL with a request id
-        whose traceback only the server log sees."""
+    def _finished(self, call: Call) -> None:
+        for observer in reversed(self._observers):
+            observer.finished(call)
+
+    def _status(self, exc: Exception, call: Call) -> status_pb2.Status:
+        """The status of what a call raised: its row of the error table, else INTERNAL with the call's
+        request id, whose traceback only the server log sees."""
         if isinstance(exc, ServingError) and row_of(type(exc)) is not None:
             return status_of(exc)
-        request_id = uuid.uuid4().hex
         self._logs.event(
-            f"internal:{full_name}:{type(exc).__name__}",
+            f"internal:{call.service}/{call.method}:{type(exc).__name__}",
             logging.ERROR,
-            "%s failed unexpectedly (request id %s)",
-            full_name,
-            request_id,
+            "/%s/%s failed unexpectedly (request id %s)",
+            call.service,
+            call.method,
+            call.request_id,
             exc_info=True,
         )
-        return internal_status(request_id)
+        return internal_status(call.request_id)
 
     async def quiesce(self, quiet_s: float, timeout_s: float) -> None:
         """Return once the loop has run for `quiet_s` without a call arriving (or after `timeout_s`): grpc
@@ -129,6 +190,9 @@ class CallGuard:
         deadline = started + timeout_s
         while (now := time.monotonic()) < deadline and now - max(self._last_arrival, started) < quiet_s:
             await asyncio.sleep(quiet_s / 10)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:

@@ -9,6 +9,7 @@ thread pool, so the loop keeps answering while a large batch is scored; ModelInf
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Sequence
 from concurrent.futures import Executor
 
@@ -19,6 +20,7 @@ from server import converters
 from server.batcher import PredictBatcher
 from server.errors import FeatureError
 from server.predictor import Predictor
+from server.rpc import CURRENT_CALL
 
 
 class PredictionServicer:
@@ -40,7 +42,11 @@ class PredictionServicer:
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.PredictResponse:
-        return await self._batcher.predict(request.user_id)
+        call = CURRENT_CALL.get()
+        call.users = 1
+        response = await self._batcher.predict(request.user_id)
+        call.model_version = response.prediction.model.version
+        return response
 
     async def BatchPredict(
         self, request: pb.BatchPredictRequest, context: grpc.aio.ServicerContext
@@ -49,9 +55,20 @@ class PredictionServicer:
             user_ids = list(request.user_ids)
             return converters.batch_response(user_ids, self._predictor.batch_predict(user_ids))
 
-        return await asyncio.get_running_loop().run_in_executor(self._batch_pool, work)
+        call = CURRENT_CALL.get()
+        call.users = len(request.user_ids)
+        # The caller's context (its trace, its call) goes with the work to the pool's thread.
+        response = await asyncio.get_running_loop().run_in_executor(
+            self._batch_pool, contextvars.copy_context().run, work
+        )
+        call.model_version = next(
+            (r.prediction.model.version for r in response.results if r.HasField("prediction")), ""
+        )
+        return response
 
     async def ModelInfo(
         self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfoResponse:
-        return converters.model_info(self._predictor.model_info())
+        response = converters.model_info(self._predictor.model_info())
+        CURRENT_CALL.get().model_version = response.model.version
+        return response
