@@ -36,6 +36,7 @@ from server.health import SERVING, HealthService
 from server.heap import limit_malloc_arenas
 from server.model_loader import LoadedModel, ModelTarget
 from server.model_watcher import ModelWatcher
+from server.observers import call_observers
 from server.predictor import Predictor
 from server.rpc import CallGuard, register
 from server.servicer import PredictionServicer
@@ -154,7 +155,7 @@ def create_server(
     batch_pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="batch")
     predict_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
     servicer = PredictionServicer(predictor, predict_pool, batch_pool, settings.max_batch_size)
-    guard = CallGuard(settings.max_concurrent_rpcs)
+    guard = CallGuard(settings.max_concurrent_rpcs, call_observers(settings))
     try:
         server, port, health_service = event_loop.run(_start(settings, servicer, guard, reuse_port))
     except BaseException:

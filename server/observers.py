@@ -1,0 +1,12 @@
+"""The call observers a server runs (server/rpc.py `CallObserver`): one place that decides, from the settings,
+which cross-cutting concerns watch every call."""
+
+from __future__ import annotations
+
+from server.rpc import CallObserver
+from streamflow.settings import Settings
+
+
+def call_observers(settings: Settings) -> list[CallObserver]:
+    """The observers of every call of a server with these settings, outermost first."""
+    return []
