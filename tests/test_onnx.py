@@ -8,6 +8,7 @@ import logging
 from datetime import date
 from pathlib import Path
 
+import mlflow
 import mlflow.artifacts
 import mlflow.sklearn
 import numpy as np
@@ -40,6 +41,10 @@ from training.train import build_pipeline, feature_kinds, validation_frame
 
 
 def _client(settings: Settings) -> MlflowClient:
+    # MLflow resolves a version's `models:/m-...` source against its process-wide URIs, whatever the client:
+    # point them at this home for the test (tests/conftest.py forgets them after each test).
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
     return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 
