@@ -13,6 +13,7 @@ import grpc
 import pandas as pd
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from mlflow import MlflowClient
 
 from client import ChurnClient, DeadlineExceededError
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
@@ -24,7 +25,7 @@ from tests.fixtures.proxy import counting_proxy
 from tests.fixtures.serving import prediction_stub, start_server
 from training.demo_data import FIRST_USER_ID, snapshot_timestamp, table_path
 from training.registry import promote
-from training.train import mlflow_client, train
+from training.train import train
 
 LIVENESS_TIMEOUT_S = 120.0
 """Upper bound on waiting for something that must happen; liveness only, never a measured budget."""
@@ -41,7 +42,10 @@ def test_model_info_reports_sklearn_after_an_onnx_fallback(
     fresh_embedded_settings: Settings, served_embedded: str
 ) -> None:
     settings = fresh_embedded_settings
-    run_id = str(mlflow_client(settings).get_model_version(settings.model_name, "1").run_id)
+    # An explicit client, not training's mlflow_client: nothing process-wide may point MLflow at this home,
+    # the server must find the model from its own settings.
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    run_id = str(client.get_model_version(settings.model_name, "1").run_id)
     # Version 1 without its ONNX export: the same model of record, nothing compiled to serve it with.
     (export,) = settings.artifact_root.glob(f"**/{run_id}/artifacts/{ARTIFACT_DIR}")
     shutil.rmtree(export)
