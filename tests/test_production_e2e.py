@@ -37,6 +37,7 @@ from feature_repo.definitions import FEATURE_NAMES, SNAPSHOT_DATES
 from streamflow import healthcheck, postgres
 from streamflow.settings import Settings
 from tests.fixtures.deploy import serving_image, serving_only_environment
+from tests.fixtures.processes import serve_env, serving_process
 from tests.fixtures.production import ProductionStack, free_port, running_mlflow_server, start_private_redis
 from tests.fixtures.serving import start_server
 from training import demo_data
@@ -57,9 +58,9 @@ def eventually(attempt: Callable[[], _T], what: str, timeout_s: float = 60.0) ->
     while True:
         try:
             return attempt()
-        except (AssertionError, grpc.RpcError, ServiceUnavailableError):
+        except (AssertionError, grpc.RpcError, ServiceUnavailableError) as error:
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}") from None
+                raise AssertionError(f"timed out waiting for {what}; last: {error!r}") from None
             time.sleep(0.2)
 
 
@@ -264,8 +265,9 @@ def test_image_entrypoint_keeps_serving_and_healthy_while_the_mlflow_server_is_d
             with ChurnClient(f"127.0.0.1:{port}") as client:
                 before = client.predict(USER)
 
-                mlflow.stop()
+                # Measured first: the watcher may meet the outage (and log it, once) while stop() waits.
                 seen = len(log.read_text())
+                mlflow.stop()
                 eventually(lambda: _registry_unreachable_logged(log, seen), "the poller to meet the outage")
                 during = client.predict(USER)
                 assert health() == 0, "health stays SERVING while the registry is away"
@@ -280,3 +282,64 @@ def test_image_entrypoint_keeps_serving_and_healthy_while_the_mlflow_server_is_d
     assert during.model == ModelRef(settings.model_name, str(production_stack.report.production_version))
     assert health() == 1, "after SIGTERM nothing answers the HEALTHCHECK"
     assert "Traceback" not in log.read_text()
+
+
+def test_a_hung_mlflow_server_is_bounded_and_serving_goes_on(
+    production_stack: ProductionStack, tmp_path: Path
+) -> None:
+    """SIGSTOP freezes the real MLflow server: the kernel still accepts connections, nothing answers them,
+    the way a hung server behaves (a stopped one refuses at once). The watcher's calls must give up after
+    STREAMFLOW_REGISTRY_TIMEOUT_S, the outage and the recovery be logged once each, and every Predict
+    (no client retries) be answered by the loaded model meanwhile."""
+    settings = production_stack.settings
+    with running_mlflow_server(
+        production_stack.mlflow.backend_dsn, production_stack.mlflow.artifacts, tmp_path / "mlflow.log"
+    ) as mlflow:
+        env = serve_env(
+            STREAMFLOW_PROFILE="production",
+            STREAMFLOW_HOME=str(tmp_path / "home"),
+            STREAMFLOW_HOST="127.0.0.1",
+            STREAMFLOW_PORT="0",
+            STREAMFLOW_POSTGRES_DSN=settings.postgres_dsn,
+            STREAMFLOW_REDIS_URL=settings.redis_url,
+            STREAMFLOW_REDIS_KEY_PREFIX=settings.redis_key_prefix,
+            STREAMFLOW_POLL_INTERVAL_S="0.5",
+            STREAMFLOW_REGISTRY_TIMEOUT_S="1",
+            MLFLOW_TRACKING_URI=mlflow.url,
+        )
+        log = tmp_path / "server.log"
+        sent, failures = 0, []
+        with serving_process(env, log) as (_, address), ChurnClient(address, max_attempts=1) as client:
+            eventually(lambda: _assert_serving(address), "the server to load its model", timeout_s=180)
+            before = client.predict(USER)
+            os.killpg(mlflow.process.pid, signal.SIGSTOP)
+            try:
+                # Predict all along, until the outage is logged (bounded: MLflow's own default is 120 s x 7).
+                deadline = time.monotonic() + 60
+                while sent < 100 or "registry unreachable" not in log.read_text():
+                    assert time.monotonic() < deadline, "the hung registry was never noticed"
+                    sent += 1
+                    try:
+                        assert client.predict(USER) == before
+                    except ChurnServiceError as error:
+                        failures.append(error)
+                health_during = healthcheck.check(address)
+            finally:
+                os.killpg(mlflow.process.pid, signal.SIGCONT)
+            eventually(lambda: _logged(log, "registry reachable again"), "the watcher to see MLflow again")
+
+    print(f"hung MLflow: {sent} Predicts sent, {len(failures)} failed")
+    assert failures == []
+    assert sent > 0
+    assert health_during == "SERVING"
+    text = log.read_text()
+    assert (text.count("registry unreachable"), text.count("registry reachable again")) == (1, 1)
+    assert "Traceback" not in text
+
+
+def _assert_serving(address: str) -> None:
+    assert healthcheck.check(address) == "SERVING"
+
+
+def _logged(log: Path, line: str) -> None:
+    assert line in log.read_text()
