@@ -14,6 +14,7 @@ flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -32,6 +33,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
+from server import metrics
 from server.health import SERVING, HealthService
 from server.heap import limit_malloc_arenas
 from server.model_loader import LoadedModel, ModelTarget
@@ -40,7 +42,7 @@ from server.observers import call_observers
 from server.predictor import Predictor
 from server.rpc import CallGuard, register
 from server.servicer import PredictionServicer
-from server.workers import run_workers, worker_count
+from server.workers import METRICS_CHECK_S, run_workers, worker_count
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
@@ -225,10 +227,17 @@ def serve(settings: Settings) -> int:
     bound_registry_calls(settings)
     limit_malloc_arenas()  # before any thread exists; forked workers inherit it
     workers = worker_count(settings)
-    if workers > 1:
-        ModelTarget.parse(settings.model_uri)  # a malformed URI: one clear error, not one per worker
-        return run_workers(settings, workers, serve_worker)
-    return _serve_process(settings, reuse_port=False)
+    with contextlib.ExitStack() as stack:
+        endpoint = None
+        if settings.metrics_port:
+            # Before the fork: every worker writes its samples there.
+            path = stack.enter_context(metrics.multiprocess_dir())
+            endpoint = metrics.MetricsEndpoint(settings.host, settings.metrics_port, path)
+            stack.callback(endpoint.close)
+        if workers > 1:
+            ModelTarget.parse(settings.model_uri)  # a malformed URI: one clear error, not one per worker
+            return run_workers(settings, workers, serve_worker, endpoint)
+        return _serve_process(settings, reuse_port=False, endpoint=endpoint)
 
 
 def serve_worker(settings: Settings, replacement: bool = False) -> int:
@@ -248,7 +257,13 @@ def serve_worker(settings: Settings, replacement: bool = False) -> int:
     return _serve_process(settings, reuse_port=True, predictor=predictor)
 
 
-def _serve_process(settings: Settings, reuse_port: bool, predictor: Predictor | None = None) -> int:
+def _serve_process(
+    settings: Settings,
+    reuse_port: bool,
+    predictor: Predictor | None = None,
+    endpoint: metrics.MetricsEndpoint | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; `endpoint` (one worker only) is kept serving meanwhile."""
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -262,7 +277,12 @@ def _serve_process(settings: Settings, reuse_port: bool, predictor: Predictor | 
         log.info("worker %d listening on %s:%d", os.getpid(), settings.host, running.port)
     else:
         print(f"streamflow serve: listening on {settings.host}:{running.port}", flush=True)
-    stopping.wait()
+    if endpoint is None:
+        stopping.wait()
+    else:
+        endpoint.check()
+        while not stopping.wait(METRICS_CHECK_S):
+            endpoint.check()
     running.stop(settings.grace_s)
     log.info("stopped")
     return 0

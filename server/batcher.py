@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
+from server import metrics
 from server.errors import FeatureError, ServingError
 from server.predictor import check_user_id
 
@@ -62,6 +63,7 @@ class PredictBatcher(Generic[Answer]):
                 del self._pending[: self._max_batch_size]
                 if not batch:
                     continue
+                metrics.batch_size("predict", len(batch))
                 try:
                     answers = await self._answers([user_id for user_id, _ in batch])
                     # Paired in full first: a miscounted batch answers no caller with another's answer.

@@ -40,6 +40,7 @@ from feast.infra.provider import get_provider
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Bool, FeastType, Float32, Float64, Int32, Int64, String
 
+from server import metrics
 from server.domain import FeatureScalar, FeatureSchema, FeatureType, FeatureValue
 from server.errors import (
     EntityNotFound,
@@ -160,7 +161,8 @@ class FeatureReader:
         self.feature_service = feature_service
         self.schema: tuple[FeatureSchema, ...] = tuple(schema)
         self._rows = online_rows(get_provider(store.config), store.config, views, JOIN_KEY)
-        store_type = str(store.config.online_store.type)
+        store_type = self.store_type = str(store.config.online_store.type)
+        metrics.store_error_series(store_type)  # 0 from the first scrape, so an alert's rate() starts at 0
         self._breaker = breaker_for(
             store, lambda: StoreBreaker(store_type, _UNREACHABLE, settings.online_store_probe_interval_s)
         )

@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from feature_repo.store import open_store
+from server import metrics
 from server.domain import ReloadFailure
 from server.heap import settle_after_load
 from server.model_loader import (
@@ -126,6 +127,7 @@ class ModelWatcher:
         """One poll that never raises; returns the seconds to wait before the next one."""
         try:
             self.poll()
+            metrics.model_served_by(self._current)
         except Exception:
             self._failures += 1
             if self._failures == 1:
@@ -193,6 +195,7 @@ class ModelWatcher:
         self._current = loaded
         self._last_failure = None
         self._refused = None
+        metrics.model_reload("loaded")
         log.info("serving %s version %s (%s)", loaded.ref.name, loaded.ref.version, loaded.runtime)
         self._notify(loaded)
 
@@ -232,6 +235,7 @@ class ModelWatcher:
         expected = isinstance(exc, StreamflowError)
         reason = exc.reason if isinstance(exc, ModelLoadError) else FAILED_TO_LOAD
         self._refused = (str(version.version), stamp, time.monotonic())
+        metrics.model_reload("refused")
         self._last_failure = ReloadFailure(str(version.version), reason, datetime.now(UTC))
         log.error(
             "refused %s version %s, still serving %s: %s",

@@ -7,10 +7,12 @@ cannot mix two models in one answer.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 
 import numpy as np
 
+from server import metrics
 from server.domain import ModelInfo, Prediction
 from server.errors import FeatureError, FieldViolation, InvalidBatch, InvalidUserId, ModelNotLoaded
 from server.features import FeatureRow
@@ -61,6 +63,7 @@ class Predictor:
             violations.insert(0, FieldViolation("user_ids", f"holds {len(user_ids)} ids, more than {limit}"))
         if violations:
             raise InvalidBatch(violations, len(user_ids), limit)
+        metrics.batch_size("batch_predict", len(user_ids))
         return self.score(user_ids)
 
     def model_info(self) -> ModelInfo:
@@ -78,11 +81,14 @@ class Predictor:
 
         Raises `ModelNotLoaded` or `FeatureStoreUnavailable`, which concern every id alike."""
         model = self._model()
+        read_started = time.perf_counter()
         read = model.reader.read(user_ids)
+        read_s, inference_started = time.perf_counter() - read_started, time.perf_counter()
         rows = [r for r in read if isinstance(r, FeatureRow)]
         probabilities = (
             model.model.predict_proba(model.reader.columns(rows))[:, CHURN_CLASS] if rows else np.empty(0)
         )
+        metrics.scoring(model, read, probabilities, read_s, time.perf_counter() - inference_started)
         scored = iter(zip(rows, probabilities, strict=True))
         results: list[Prediction | FeatureError] = []
         for item in read:

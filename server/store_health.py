@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
+from server import metrics
 from server.errors import FeatureStoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class StoreBreaker:
             result = read()
         except self._unreachable as exc:
             self._failed(exc, epoch, probe)
+            metrics.store_error(self.store_type)
             raise FeatureStoreUnavailable(self.store_type) from exc
         except BaseException:
             # The store answered, but something else went wrong: no verdict on the store.
@@ -80,6 +82,7 @@ class StoreBreaker:
                 self._probing = True
                 return self._epoch, True
             self._failed_reads += 1
+        metrics.store_error(self.store_type)
         raise FeatureStoreUnavailable(self.store_type)
 
     def _failed(self, exc: BaseException, epoch: int, probe: bool) -> None:

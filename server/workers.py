@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server import metrics
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
@@ -58,6 +59,8 @@ _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 _IDLE_WAIT_S = 3600.0
 """Wait when no restart is due; any signal ends it sooner."""
 _PR_SET_PDEATHSIG = 1
+METRICS_CHECK_S = 1.0
+"""Seconds between two checks that the metrics endpoint's thread still runs (it is started again if not)."""
 
 
 def worker_count(settings: Settings) -> int:
@@ -125,8 +128,16 @@ class _Slot:
 class _Supervisor:
     """Forks the workers, replaces those that die, stops them all on a signal or when one keeps dying."""
 
-    def __init__(self, worker: Worker, settings: Settings, count: int, child_mask: set[int | signal.Signals]):
+    def __init__(
+        self,
+        worker: Worker,
+        settings: Settings,
+        count: int,
+        child_mask: set[int | signal.Signals],
+        endpoint: metrics.MetricsEndpoint | None,
+    ):
         self._worker = worker
+        self._endpoint = endpoint
         self._settings = settings
         self._child_mask = child_mask
         self._slots = [_Slot(number) for number in range(1, count + 1)]
@@ -135,6 +146,7 @@ class _Supervisor:
 
     def start_all(self) -> None:
         for slot in self._slots:
+            metrics.WORKER_RESTARTS.labels(str(slot.number))  # 0 from the first scrape, so rate() works
             self._start(slot)
 
     def run(self) -> int:
@@ -142,6 +154,9 @@ class _Supervisor:
         while not self._stopping or any(slot.pid is not None for slot in self._slots):
             due = [slot.restart_at for slot in self._slots if slot.restart_at is not None]
             timeout = max(0.0, min(due) - time.monotonic()) if due else _IDLE_WAIT_S
+            if self._endpoint is not None:
+                self._endpoint.check()
+                timeout = min(timeout, METRICS_CHECK_S)
             received = signal.sigtimedwait(_SIGNALS, timeout)
             if received is None:
                 self._restart_due()
@@ -158,6 +173,8 @@ class _Supervisor:
         supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
+            if self._endpoint is not None:
+                self._endpoint.close_inherited()
             replacement = slot.starts > 0
             os._exit(_run_child(self._worker, self._settings, replacement, self._child_mask, supervisor))
         slot.pid, slot.restart_at = pid, None
@@ -168,6 +185,7 @@ class _Supervisor:
         for slot in self._slots:
             if slot.restart_at is not None and slot.restart_at <= now:
                 self._start(slot)
+                metrics.WORKER_RESTARTS.labels(str(slot.number)).inc()
                 log.info("worker %d restarted as process %d", slot.number, slot.pid)
 
     def _reap(self) -> None:
@@ -179,6 +197,7 @@ class _Supervisor:
             if pid == 0:
                 return
             slot = next((s for s in self._slots if s.pid == pid), None)
+            metrics.process_dead(pid)  # its live gauges go; its counters stay in the sums
             if slot is not None:
                 slot.pid = None
                 self._exited(slot, pid, os.waitstatus_to_exitcode(status))
@@ -233,8 +252,12 @@ class _Supervisor:
                     os.kill(slot.pid, signal.SIGTERM)
 
 
-def run_workers(settings: Settings, count: int, worker: Worker) -> int:
+def run_workers(
+    settings: Settings, count: int, worker: Worker, endpoint: metrics.MetricsEndpoint | None = None
+) -> int:
     """Fork `count` workers on `settings.port` and keep them running until SIGTERM/SIGINT; 0 on a clean stop.
+    The supervisor serves `endpoint` (every worker's metrics) meanwhile, started after the signals are blocked
+    so its threads never take one.
 
     Raises StreamflowError when the port is taken.
     """
@@ -244,7 +267,7 @@ def run_workers(settings: Settings, count: int, worker: Worker) -> int:
         # Blocked before the first fork, so no death or signal can slip in between; workers restore the mask.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
-            supervisor = _Supervisor(worker, worker_settings, count, mask)
+            supervisor = _Supervisor(worker, worker_settings, count, mask, endpoint)
             supervisor.start_all()
             print(f"streamflow serve: listening on {settings.host}:{port} with {count} workers", flush=True)
             return supervisor.run()
