@@ -57,8 +57,11 @@ def require_h2load() -> str:
     return path
 
 
-def run(endpoint: Endpoint, concurrency: int, duration_s: float, warm_up_s: float = 1.0) -> LoadResult:
-    """POST `endpoint` from `concurrency` connections, one request in flight on each, for `duration_s`."""
+def run(
+    endpoint: Endpoint, concurrency: int, duration_s: float, warm_up_s: float = 1.0, streams: int = 1
+) -> LoadResult:
+    """POST `endpoint` from `concurrency` connections, `streams` requests in flight on each, for
+    `duration_s`."""
     with tempfile.TemporaryDirectory() as tmp:
         body = Path(tmp) / "body"
         body.write_bytes(endpoint.body)
@@ -68,7 +71,7 @@ def run(endpoint: Endpoint, concurrency: int, duration_s: float, warm_up_s: floa
             "--clients",
             str(concurrency),
             "--max-concurrent-streams",
-            "1",
+            str(streams),
             "--threads",
             "1",
             f"--duration={duration_s:g}",

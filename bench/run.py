@@ -32,7 +32,7 @@ from statistics import median
 import grpc
 import pandas as pd
 
-from bench import h2load
+from bench import h2load, observability
 from bench.floor import feast_sdk_call, feature_frame, floor_call, load_served_model, time_calls
 from bench.services import BIN, Service, free_port, grpc_serving, http_ok, start
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
@@ -310,10 +310,21 @@ def render(columns: list[Column], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def watching_table(env: dict[str, str], user_id: str, duration: float, rounds: int) -> str:
+    print("cost of metrics and access logs, and health under a flood ...", flush=True)
+    log = RESULTS / "observability.log"
+    cost = observability.measure_cost(env, user_id, duration, rounds, log)
+    health = observability.measure_health_under_flood(env, user_id, duration, log)
+    return observability.render(cost, health)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark StreamFlow against the alternatives.")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per measured run")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each load; the table keeps medians")
+    parser.add_argument(
+        "--observability-only", action="store_true", help="only the cost of watching and health under a flood"
+    )
     args = parser.parse_args()
     h2load.require_h2load()
     env = {"STREAMFLOW_HOME": str(HOME)}
@@ -322,6 +333,10 @@ def main() -> None:
     workers = settings.workers or os.cpu_count() or 1
     users = demo_users(settings)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    watching = watching_table(env, users[0], args.duration, args.rounds)
+    if args.observability_only:
+        print(watching)
+        return
 
     print("in-process floor and Feast SDK path ...", flush=True)
     floor, sdk = measure_in_process(settings, users)
@@ -345,7 +360,7 @@ def main() -> None:
         f"{args.duration:g} s of load per run, median of {args.rounds} runs "
         "(h2load, one request in flight per connection)."
     )
-    table = render([ours, floor, sdk, seed, mlflow_serve], header)
+    table = render([ours, floor, sdk, seed, mlflow_serve], header) + watching
     print("\n" + table)
     (RESULTS / "latest.md").write_text(table)
     (ROOT / "bench" / "RESULTS.md").write_text(table)

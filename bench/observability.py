@@ -1,0 +1,166 @@
+"""What watching the server costs, and whether health stays fast under a flood; part of `make bench`.
+
+- Cost: the same `streamflow serve` with metrics and access logs on (the defaults) and off, started in turn
+  round after round (so the machine's drift falls on both alike), each driven by h2load: Predict p50 at
+  concurrency 1 and Predict/s at concurrency 32. Tracing stays off in both (it is off unless an OTLP endpoint
+  is set). Budget (issue 10): at most 5% of throughput and 0.05 ms of p50.
+- Health under a flood: while h2load floods Predict far past `STREAMFLOW_MAX_CONCURRENT_RPCS`, a probe opens
+  a fresh connection per `grpc.health.v1.Health/Check`, as the kubelet does; its p99 (target: under 100 ms)
+  and the flood's answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench import h2load
+from bench.services import BIN, free_port, grpc_serving, start
+from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
+
+SERVICE = "streamflow.serving.v1.PredictionService"
+OBSERVABILITY_OFF = {"STREAMFLOW_METRICS_PORT": "0", "STREAMFLOW_ACCESS_LOG_RATE": "0"}
+"""The settings that turn metrics and access logs off."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    on_p50_ms: float
+    off_p50_ms: float
+    on_rps32: float
+    off_rps32: float
+
+
+@dataclass(frozen=True)
+class HealthUnderFlood:
+    probes: int
+    probe_failures: int
+    p50_ms: float
+    p99_ms: float
+    worst_ms: float
+    flood_rps: float
+    flood_http_failures: int
+
+
+def _predict(port: int, user_id: str) -> h2load.Endpoint:
+    request = pb.PredictRequest(user_id=user_id).SerializeToString()
+    return h2load.Endpoint(
+        f"http://127.0.0.1:{port}/{SERVICE}/Predict", h2load.grpc_frame(request), h2load.GRPC_HEADERS
+    )
+
+
+def _serving(env: dict[str, str], extra: dict[str, str], log: Path) -> tuple[Callable[[], None], int]:
+    port = free_port()
+    service = start(
+        "StreamFlow gRPC",
+        [str(BIN / "streamflow"), "serve"],
+        {**env, **extra, "STREAMFLOW_HOST": "127.0.0.1", "STREAMFLOW_PORT": str(port)},
+        grpc_serving,
+        port,
+        log,
+    )
+    return service.stop, port
+
+
+def measure_cost(env: dict[str, str], user_id: str, duration: float, rounds: int, log: Path) -> Cost:
+    figures: dict[str, dict[str, list[float]]] = {"on": {"p50": [], "rps": []}, "off": {"p50": [], "rps": []}}
+    for round_ in range(rounds):
+        for name, extra in (
+            ("on", {"STREAMFLOW_METRICS_PORT": str(free_port())}),
+            ("off", OBSERVABILITY_OFF),
+        ):
+            print(f"  observability {name}, round {round_ + 1} of {rounds}", flush=True)
+            stop, port = _serving(env, extra, log)
+            try:
+                endpoint = _predict(port, user_id)
+                figures[name]["p50"].append(h2load.run(endpoint, 1, duration).percentile(50))
+                figures[name]["rps"].append(h2load.run(endpoint, 32, duration).throughput)
+            finally:
+                stop()
+    return Cost(
+        median(figures["on"]["p50"]),
+        median(figures["off"]["p50"]),
+        median(figures["on"]["rps"]),
+        median(figures["off"]["rps"]),
+    )
+
+
+def measure_health_under_flood(
+    env: dict[str, str], user_id: str, duration: float, log: Path
+) -> HealthUnderFlood:
+    stop, port = _serving(env, {"STREAMFLOW_MAX_CONCURRENT_RPCS": "16"}, log)
+    latencies: list[float] = []
+    failures = 0
+    flooding = threading.Event()
+
+    def probe() -> None:
+        nonlocal failures
+        while not flooding.is_set():
+            time.sleep(0.01)
+        while flooding.is_set():
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # a fresh connection per probe
+                started = time.perf_counter()
+                try:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=5
+                    )
+                    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                        failures += 1
+                except grpc.RpcError:
+                    failures += 1
+                latencies.append((time.perf_counter() - started) * 1000)
+            time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        flooding.set()
+        # 256 connections, 8 streams each: far past the 16 calls a worker admits at once.
+        flood = h2load.run(_predict(port, user_id), 256, duration, streams=8)
+    finally:
+        flooding.clear()
+        prober.join()
+        stop()
+    latencies.sort()
+    return HealthUnderFlood(
+        probes=len(latencies),
+        probe_failures=failures,
+        p50_ms=median(latencies),
+        p99_ms=latencies[int(len(latencies) * 0.99)],
+        worst_ms=latencies[-1],
+        flood_rps=flood.throughput,
+        flood_http_failures=flood.failed,
+    )
+
+
+def render(cost: Cost, health: HealthUnderFlood) -> str:
+    p50_delta = cost.on_p50_ms - cost.off_p50_ms
+    rps_delta = (cost.off_rps32 - cost.on_rps32) / cost.off_rps32 * 100
+    return "\n".join(
+        [
+            "",
+            "What watching costs (metrics and access logs on vs off, tracing off; medians, same runs):",
+            "",
+            "| measure | on | off | cost | budget |",
+            "|---|---:|---:|---:|---:|",
+            f"| Predict p50, concurrency 1 (ms) | {cost.on_p50_ms:.3f} | {cost.off_p50_ms:.3f} | "
+            f"{p50_delta:+.3f} ms | 0.05 ms |",
+            f"| Predict calls/s, concurrency 32 | {cost.on_rps32:,.0f} | {cost.off_rps32:,.0f} | "
+            f"{rps_delta:+.1f}% | 5% |",
+            "",
+            f"Health under a flood (256 connections x 8 streams of Predict, "
+            f"{health.flood_rps:,.0f} answers/s, "
+            f"at most 16 calls admitted per worker; HTTP failures {health.flood_http_failures}): "
+            f"{health.probes} probes on fresh connections, {health.probe_failures} not SERVING; "
+            f"p50 {health.p50_ms:.1f} ms, p99 {health.p99_ms:.1f} ms (target under 100 ms), "
+            f"worst {health.worst_ms:.1f} ms.",
+            "",
+        ]
+    )
