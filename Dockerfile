@@ -36,7 +36,10 @@ RUN pip install --no-cache-dir --no-deps /tmp/src \
 USER 10001:10001
 ENV STREAMFLOW_PROFILE=production \
     STREAMFLOW_HOST=0.0.0.0 \
-    STREAMFLOW_PORT=50051
+    STREAMFLOW_PORT=50051 \
+    STREAMFLOW_METRICS_PORT=9464
+# Prometheus /metrics of every worker process.
+EXPOSE 9464
 EXPOSE 50051
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "streamflow.healthcheck"]

@@ -24,7 +24,9 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 
+# promtool (Debian's `prometheus`) checks the alert rules in tests/test_operator_configs.py.
 test: install lint
+	command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
 	$(BIN)/pytest -q
 
 # The wire properties of tests/test_wire_properties.py with many more examples than make test draws.
