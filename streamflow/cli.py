@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -27,9 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; expected failures exit 1 with one sentence on stderr and no traceback."""
-    args = build_parser().parse_args(argv)
     settings = load_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Before the parser imports the packages: MLflow reads its logging variables when it is imported.
+    from server.logs import configure_logging
+
+    configure_logging(settings)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args, settings) or 0)
     except StreamflowError as exc:

@@ -22,6 +22,13 @@ class Profile(StrEnum):
     PRODUCTION = "production"  # Feast on PostgreSQL + Redis, MLflow tracking server over HTTP
 
 
+class LogFormat(StrEnum):
+    """How log lines on stderr are written."""
+
+    JSON = "json"  # one JSON object per line, for log collectors
+    TEXT = "text"  # `time LEVEL logger: message`, for people
+
+
 class Settings(BaseSettings):
     """StreamFlow settings; each field is ``STREAMFLOW_<FIELD>`` in the environment."""
 
@@ -124,6 +131,14 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     """Python log level of the server and the CLI."""
 
+    log_format: LogFormat | None = None
+    """`json` or `text` log lines on stderr. Unset: `json` in the production profile, `text` in the embedded
+    one (see `log_style`)."""
+
+    access_log_rate: int = Field(default=100, ge=0)
+    """Access-log lines one server process writes per second at most, for successful calls and as many again
+    for failed ones; what a second drops is counted in one line. 0 turns the access log off."""
+
     @property
     def tracking_uri(self) -> str:
         """The MLflow tracking URI in force for this profile."""
@@ -132,6 +147,13 @@ class Settings(BaseSettings):
         if self.profile is Profile.PRODUCTION:
             return "http://127.0.0.1:5000"
         return f"sqlite:///{(self.home / 'mlflow' / 'mlflow.db').resolve()}"
+
+    @property
+    def log_style(self) -> LogFormat:
+        """The log format in force: `log_format`, else the profile's (JSON for production)."""
+        if self.log_format is not None:
+            return self.log_format
+        return LogFormat.JSON if self.profile is Profile.PRODUCTION else LogFormat.TEXT
 
     @property
     def artifact_root(self) -> Path:

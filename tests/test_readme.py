@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from streamflow.settings import Profile, Settings
+from streamflow.settings import LogFormat, Profile, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -86,6 +86,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "workers": ("3", 3),
     "grace_s": ("2.5", 2.5),
     "log_level": ("DEBUG", "DEBUG"),
+    "log_format": ("json", LogFormat.JSON),
 }
 
 
