@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from server import metrics
+from server import metrics, tracing
 from server.health import SERVING, HealthService
 from server.heap import limit_malloc_arenas
 from server.model_loader import LoadedModel, ModelTarget
@@ -284,5 +284,6 @@ def _serve_process(
         while not stopping.wait(METRICS_CHECK_S):
             endpoint.check()
     running.stop(settings.grace_s)
+    tracing.shutdown()  # flush the spans still batched: a worker's exit skips atexit
     log.info("stopped")
     return 0

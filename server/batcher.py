@@ -14,11 +14,14 @@ unexpected one (a stored value of the wrong type) has each call scored alone, so
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
 
-from server import metrics
+from opentelemetry.trace import SpanContext
+
+from server import metrics, tracing
 from server.errors import FeatureError, ServingError
 from server.predictor import check_user_id
 
@@ -42,7 +45,8 @@ class PredictBatcher(Generic[Answer]):
         self._score = score
         self._pool = pool  # a single thread: batches never overlap, so calls pile up for the next one
         self._max_batch_size = max_batch_size
-        self._pending: list[tuple[str, asyncio.Future[Answer]]] = []
+        # Each caller's user, its answer to come, and its server span (None when tracing is off).
+        self._pending: list[tuple[str, asyncio.Future[Answer], SpanContext | None]] = []
         self._draining: asyncio.Task[None] | None = None
 
     async def predict(self, user_id: str) -> Answer:
@@ -50,7 +54,7 @@ class PredictBatcher(Generic[Answer]):
         check_user_id(user_id)  # a malformed id fails alone, before it can join a batch
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Answer] = loop.create_future()
-        self._pending.append((user_id, future))
+        self._pending.append((user_id, future, tracing.current_span_context()))
         if self._draining is None:
             self._draining = loop.create_task(self._drain())
         return await future
@@ -65,12 +69,15 @@ class PredictBatcher(Generic[Answer]):
                     continue
                 metrics.batch_size("predict", len(batch))
                 try:
-                    answers = await self._answers([user_id for user_id, _ in batch])
+                    # One scoring run for several calls: its spans hang under the first call's span and
+                    # link to the others' (server/tracing.py).
+                    with tracing.batch_span([span for _, _, span in batch]):
+                        answers = await self._answers([user_id for user_id, _, _ in batch])
                     # Paired in full first: a miscounted batch answers no caller with another's answer.
-                    for (_, future), answer in list(zip(batch, answers, strict=True)):
+                    for (_, future, _), answer in list(zip(batch, answers, strict=True)):
                         _resolve(future, answer)
                 except Exception as exc:  # a bug of the batch itself: every caller still gets an answer
-                    for _, future in batch:
+                    for _, future, _ in batch:
                         _resolve(future, exc)
         finally:
             self._draining = None
@@ -79,7 +86,9 @@ class PredictBatcher(Generic[Answer]):
         """Each id's answer, or the exception (a `FeatureError` among them) its caller is to get."""
         loop = asyncio.get_running_loop()
         try:
-            return list(await loop.run_in_executor(self._pool, self._score, user_ids))
+            # The batch's trace context goes with the work to the scoring thread.
+            run = contextvars.copy_context().run
+            return list(await loop.run_in_executor(self._pool, run, self._score, user_ids))
         except ServingError as exc:  # no model, the store down: the same for every caller
             return [exc] * len(user_ids)
         except Exception as exc:

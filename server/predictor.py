@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from server import metrics
+from server import metrics, tracing
 from server.domain import ModelInfo, Prediction
 from server.errors import FeatureError, FieldViolation, InvalidBatch, InvalidUserId, ModelNotLoaded
 from server.features import FeatureRow
@@ -81,13 +81,16 @@ class Predictor:
 
         Raises `ModelNotLoaded` or `FeatureStoreUnavailable`, which concern every id alike."""
         model = self._model()
+        version = model.ref.version
         read_started = time.perf_counter()
-        read = model.reader.read(user_ids)
+        with tracing.span("streamflow.feature_read", version, len(user_ids)):
+            read = model.reader.read(user_ids)
         read_s, inference_started = time.perf_counter() - read_started, time.perf_counter()
         rows = [r for r in read if isinstance(r, FeatureRow)]
-        probabilities = (
-            model.model.predict_proba(model.reader.columns(rows))[:, CHURN_CLASS] if rows else np.empty(0)
-        )
+        with tracing.span("streamflow.inference", version, len(rows)):
+            probabilities = (
+                model.model.predict_proba(model.reader.columns(rows))[:, CHURN_CLASS] if rows else np.empty(0)
+            )
         metrics.scoring(model, read, probabilities, read_s, time.perf_counter() - inference_started)
         scored = iter(zip(rows, probabilities, strict=True))
         results: list[Prediction | FeatureError] = []

@@ -16,8 +16,9 @@ from concurrent.futures import Executor
 import grpc
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from server import converters
+from server import converters, tracing
 from server.batcher import PredictBatcher
+from server.domain import Prediction
 from server.errors import FeatureError
 from server.predictor import Predictor
 from server.rpc import CURRENT_CALL
@@ -34,10 +35,12 @@ class PredictionServicer:
         self._batch_pool = batch_pool
 
     def _predict_responses(self, user_ids: Sequence[str]) -> list[pb.PredictResponse | FeatureError]:
-        return [
-            result if isinstance(result, FeatureError) else converters.predict_response(result)
-            for result in self._predictor.score(user_ids)
-        ]
+        results = self._predictor.score(user_ids)
+        with tracing.span("streamflow.build_response", _version_of(results), len(results)):
+            return [
+                result if isinstance(result, FeatureError) else converters.predict_response(result)
+                for result in results
+            ]
 
     async def Predict(
         self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
@@ -53,7 +56,9 @@ class PredictionServicer:
     ) -> pb.BatchPredictResponse:
         def work() -> pb.BatchPredictResponse:
             user_ids = list(request.user_ids)
-            return converters.batch_response(user_ids, self._predictor.batch_predict(user_ids))
+            results = self._predictor.batch_predict(user_ids)
+            with tracing.span("streamflow.build_response", _version_of(results), len(results)):
+                return converters.batch_response(user_ids, results)
 
         call = CURRENT_CALL.get()
         call.users = len(request.user_ids)
@@ -72,3 +77,8 @@ class PredictionServicer:
         response = converters.model_info(self._predictor.model_info())
         CURRENT_CALL.get().model_version = response.model.version
         return response
+
+
+def _version_of(results: Sequence[Prediction | FeatureError]) -> str:
+    """The model version that scored `results` ("" when none was scored)."""
+    return next((r.model.version for r in results if isinstance(r, Prediction)), "")
