@@ -30,6 +30,7 @@ from feature_repo.store import open_store
 from server import metrics
 from server.domain import ReloadFailure
 from server.heap import settle_after_load
+from server.logs import event
 from server.model_loader import (
     FAILED_TO_LOAD,
     NOT_FOUND_CODES,
@@ -119,7 +120,11 @@ class ModelWatcher:
             # Only what no poll guard catches (a library's SystemExit, say) gets here; it ends this thread
             # either way, and the old model must not serve unwatched, so a new thread takes over.
             self._failures += 1
-            log.critical("the model watcher thread ended unexpectedly; starting a new one", exc_info=True)
+            log.critical(
+                "the model watcher thread ended unexpectedly; starting a new one",
+                exc_info=True,
+                extra=event("watcher_restarted"),
+            )
             if not self._stop.is_set():
                 self._start_thread(self._backoff())
 
@@ -135,11 +140,15 @@ class ModelWatcher:
                     "the model watcher failed to poll %s; still serving %s, retrying with back-off",
                     self.target.uri,
                     self._serving(),
+                    extra=event("watcher_failing", model_uri=self.target.uri),
                 )
             return self._backoff()
         if self._failures:
             log.info(
-                "the model watcher polls %s again after %d failed polls", self.target.uri, self._failures
+                "the model watcher polls %s again after %d failed polls",
+                self.target.uri,
+                self._failures,
+                extra=event("watcher_recovered", model_uri=self.target.uri, failed_polls=self._failures),
             )
             self._failures = 0
         return self.settings.poll_interval_s
@@ -162,11 +171,16 @@ class ModelWatcher:
                     self.settings.tracking_uri,
                     self._serving(),
                     exc,
+                    extra=event("registry_unreachable", registry=self.settings.tracking_uri, error=str(exc)),
                 )
             self._unreachable = True
             return
         if self._unreachable:
-            log.info("registry reachable again at %s", self.settings.tracking_uri)
+            log.info(
+                "registry reachable again at %s",
+                self.settings.tracking_uri,
+                extra=event("registry_reachable", registry=self.settings.tracking_uri),
+            )
             self._unreachable = False
         if current is not None and record is not None:
             current = self._current = current.with_registry_state(record)
@@ -185,7 +199,12 @@ class ModelWatcher:
             and time.monotonic() - self._refused[2] < REFUSED_RETRY_S
         ):
             return
-        log.info("loading %s version %s", version.name, version.version)
+        log.info(
+            "loading %s version %s",
+            version.name,
+            version.version,
+            extra=event("model_loading", model_name=version.name, model_version=str(version.version)),
+        )
         try:
             loaded = load_model(self.settings, self._client, self._feature_store(), version)
         except Exception as exc:
@@ -196,7 +215,20 @@ class ModelWatcher:
         self._last_failure = None
         self._refused = None
         metrics.model_reload("loaded")
-        log.info("serving %s version %s (%s)", loaded.ref.name, loaded.ref.version, loaded.runtime)
+        log.info(
+            "serving %s version %s (%s)",
+            loaded.ref.name,
+            loaded.ref.version,
+            loaded.runtime,
+            # The first model is loaded; any later one swaps out the version served until now.
+            extra=event(
+                "model_loaded" if current is None else "model_swapped",
+                model_name=loaded.ref.name,
+                model_version=loaded.ref.version,
+                runtime=str(loaded.runtime),
+                previous_version=None if current is None else current.ref.version,
+            ),
+        )
         self._notify(loaded)
 
     def _record_of(self, current: LoadedModel | None, version: ModelVersion | None) -> ModelVersion | None:
@@ -217,7 +249,10 @@ class ModelWatcher:
             current = self._current
             if current is None:
                 log.warning(
-                    "no version at %s yet; polling every %g s", self.target.uri, self.settings.poll_interval_s
+                    "no version at %s yet; polling every %g s",
+                    self.target.uri,
+                    self.settings.poll_interval_s,
+                    extra=event("model_unresolved", model_uri=self.target.uri, model_version=None),
                 )
             else:
                 log.warning(
@@ -225,9 +260,17 @@ class ModelWatcher:
                     self.target.uri,
                     current.ref.version,
                     current.stage,
+                    extra=event(
+                        "model_unresolved", model_uri=self.target.uri, model_version=current.ref.version
+                    ),
                 )
         elif version is not None and self._unresolved:
-            log.info("%s points at version %s again", self.target.uri, version.version)
+            log.info(
+                "%s points at version %s again",
+                self.target.uri,
+                version.version,
+                extra=event("model_resolved", model_uri=self.target.uri, model_version=str(version.version)),
+            )
         self._unresolved = version is None
 
     def _refuse(self, version: ModelVersion, stamp: int, exc: Exception) -> None:
@@ -244,6 +287,13 @@ class ModelWatcher:
             self._serving(),
             exc if expected else f"{type(exc).__name__}: {exc}",
             exc_info=not expected,
+            extra=event(
+                "model_refused",
+                model_name=version.name,
+                model_version=str(version.version),
+                reason=reason,
+                serving=self._serving(),
+            ),
         )
 
     def _notify(self, loaded: LoadedModel) -> None:

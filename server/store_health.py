@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from server import metrics
 from server.errors import FeatureStoreUnavailable
+from server.logs import event
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class StoreBreaker:
             type(exc).__name__,
             exc,
             self._probe_interval_s,
+            extra=event("store_outage", store=self.store_type, error=f"{type(exc).__name__}: {exc}"),
         )
 
     def _recovered(self) -> None:
@@ -124,6 +126,9 @@ class StoreBreaker:
             self.store_type,
             down_s,
             failed,
+            extra=event(
+                "store_recovered", store=self.store_type, down_s=round(down_s, 3), failed_reads=failed
+            ),
         )
 
 

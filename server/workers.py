@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server import metrics
+from server.logs import event
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
@@ -186,7 +187,12 @@ class _Supervisor:
             if slot.restart_at is not None and slot.restart_at <= now:
                 self._start(slot)
                 metrics.WORKER_RESTARTS.labels(str(slot.number)).inc()
-                log.info("worker %d restarted as process %d", slot.number, slot.pid)
+                log.info(
+                    "worker %d restarted as process %d",
+                    slot.number,
+                    slot.pid,
+                    extra=event("worker_restarted", worker=slot.number, pid=slot.pid),
+                )
 
     def _reap(self) -> None:
         while True:
@@ -208,7 +214,13 @@ class _Supervisor:
             # A replacement still loading its model has no handler yet: the stop's SIGTERM ends it at once.
             if code not in (0, -signal.SIGTERM):
                 self._failed = True
-                log.warning("worker %d (process %d) %s while stopping", slot.number, pid, how)
+                log.warning(
+                    "worker %d (process %d) %s while stopping",
+                    slot.number,
+                    pid,
+                    how,
+                    extra=event("worker_failed_stopping", worker=slot.number, pid=pid, exit=how),
+                )
             return
         now = time.monotonic()
         slot.deaths.append(now)
@@ -222,6 +234,9 @@ class _Supervisor:
                 CRASH_WINDOW_S,
                 pid,
                 how,
+                extra=event(
+                    "worker_crash_loop", worker=slot.number, pid=pid, exit=how, deaths=len(slot.deaths)
+                ),
             )
             self._failed = True
             self._stop(None)
@@ -238,12 +253,16 @@ class _Supervisor:
             len(slot.deaths),
             CRASH_WINDOW_S,
             CRASH_LIMIT,
+            extra=event("worker_died", worker=slot.number, pid=pid, exit=how, restart_in_s=delay),
         )
 
     def _stop(self, why: str | None) -> None:
         """Stop every worker (each drains its calls); restarts still pending are dropped."""
         if why is not None:
-            log.info("%s, stopping %d workers", why, sum(slot.pid is not None for slot in self._slots))
+            running = sum(slot.pid is not None for slot in self._slots)
+            log.info(
+                "%s, stopping %d workers", why, running, extra=event("workers_stopping", workers=running)
+            )
         self._stopping = True
         for slot in self._slots:
             slot.restart_at = None
