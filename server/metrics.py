@@ -22,6 +22,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
@@ -146,25 +147,26 @@ PROBLEM_REASONS = {
 """Feature error class name -> `reason` label (by name: server.errors imports nothing from here)."""
 BATCH_KINDS = ("predict", "batch_predict")
 
-_reloads = {outcome: MODEL_RELOADS.labels(outcome) for outcome in RELOAD_OUTCOMES}
-_predictions = {True: PREDICTIONS.labels("churn"), False: PREDICTIONS.labels("stay")}
-_problems = {name: FEATURE_PROBLEMS.labels(reason) for name, reason in PROBLEM_REASONS.items()}
-_batches = {kind: BATCH_SIZE.labels(kind) for kind in BATCH_KINDS}
+_reloads: dict[str, Counter] = {}
+_predictions: dict[bool, Counter] = {}
+_problems: dict[str, Counter] = {}
+_batches: dict[str, Histogram] = {}
 _served: tuple[str, str, str, str] | None = None
 _served_lock = threading.Lock()
 
 
-def reset_children() -> None:
-    """Make the fixed children again, in the storage in force now (see `multiprocess_dir`). Zero-valued
-    children are exported at once, so `rate()` and alerts see every reason from the first scrape."""
+def _make_fixed_children() -> None:
+    """Make the children of the known label values in the storage in force now (see `multiprocess_dir`).
+    Zero-valued children are exported at once, so `rate()` and alerts see every reason from the start."""
     global _reloads, _predictions, _problems, _batches, _served
-    for metric in ALL_METRICS:
-        metric.clear()  # `.labels` would hand back the children made before
     _served = None
     _reloads = {outcome: MODEL_RELOADS.labels(outcome) for outcome in RELOAD_OUTCOMES}
     _predictions = {True: PREDICTIONS.labels("churn"), False: PREDICTIONS.labels("stay")}
     _problems = {name: FEATURE_PROBLEMS.labels(reason) for name, reason in PROBLEM_REASONS.items()}
     _batches = {kind: BATCH_SIZE.labels(kind) for kind in BATCH_KINDS}
+
+
+_make_fixed_children()
 
 
 # --- call sites of the domain (one line each) ---------------------------------------------------------------
@@ -286,13 +288,19 @@ class MetricsObserver:
 def multiprocess_dir() -> Iterator[str]:
     """A fresh private folder every process of this server run writes its samples to; removed on exit.
 
-    Call before any worker exists and before any metric child is made in this process."""
-    path = tempfile.mkdtemp(prefix="streamflow-metrics-")
-    previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    Call before any worker exists and before any metric child is made in this process. Folders left by a
+    server that was killed (its pid is in the name) are removed first."""
+    _remove_orphaned_dirs()
+    path = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
+    previous = os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    for metric in ALL_METRICS:
+        # `.labels` would hand back the children made so far, stored in memory. Before the variable is set:
+        # `clear` warns in multiprocess mode.
+        metric.clear()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path  # workers inherit it, and so the storage below
     stored_in = values.ValueClass
     values.ValueClass = values.MultiProcessValue()
-    reset_children()
+    _make_fixed_children()
     try:
         yield path
     finally:
@@ -302,6 +310,26 @@ def multiprocess_dir() -> Iterator[str]:
         else:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
         shutil.rmtree(path, ignore_errors=True)
+
+
+_DIR_PREFIX = "streamflow-metrics-"
+
+
+def _remove_orphaned_dirs() -> None:
+    for folder in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+        owner = folder.name[len(_DIR_PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def process_dead(pid: int) -> None:

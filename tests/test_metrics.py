@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 import threading
 import urllib.request
 from pathlib import Path
@@ -22,7 +25,7 @@ from prometheus_client import REGISTRY
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from feature_repo.definitions import VIEW_SPECS
 from server.errors import FeatureStoreUnavailable
-from server.metrics import MetricsEndpoint
+from server.metrics import MetricsEndpoint, _remove_orphaned_dirs
 from server.store_health import StoreBreaker
 from streamflow.settings import Settings
 from tests.fixtures.metrics import (
@@ -284,3 +287,19 @@ def test_metrics_port_0_opens_no_port_but_grpc(fresh_embedded_settings: Settings
             if c.status == psutil.CONN_LISTEN
         }
         assert listening == {int(address.rsplit(":", 1)[1])}
+
+
+def test_folders_of_killed_servers_are_removed_and_live_ones_kept() -> None:
+    """A server killed with SIGKILL cannot remove its folder; the next server start does."""
+    exited = subprocess.Popen(["true"])
+    exited.wait()  # reaped: its pid names no process now
+    orphan = Path(tempfile.mkdtemp(prefix=f"streamflow-metrics-{exited.pid}-"))
+    (orphan / "counter_1.db").write_bytes(b"")
+    live = Path(tempfile.mkdtemp(prefix=f"streamflow-metrics-{os.getpid()}-"))
+    try:
+        _remove_orphaned_dirs()
+        assert not orphan.exists()
+        assert live.exists()
+    finally:
+        shutil.rmtree(orphan, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)
