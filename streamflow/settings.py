@@ -124,6 +124,7 @@ class Settings(BaseSettings):
     drain_delay_s: float = Field(default=0.0, ge=0)
     """Seconds a server keeps accepting calls after SIGTERM while its health already says NOT_SERVING, so a
     load balancer that polls health stops sending first (Kubernetes uses the pod's preStop sleep instead)."""
+
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     """Port of the Prometheus endpoint `http://<host>:<port>/metrics`, which adds up every worker process
     (served by the supervisor, or by the server itself with one worker); 0 turns it off."""
