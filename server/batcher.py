@@ -87,8 +87,12 @@ class PredictBatcher(Generic[Answer]):
         loop = asyncio.get_running_loop()
         try:
             # The batch's trace context goes with the work to the scoring thread.
-            run = contextvars.copy_context().run
-            return list(await loop.run_in_executor(self._pool, run, self._score, user_ids))
+            context = contextvars.copy_context()
+
+            def score(ids: Sequence[str]) -> Sequence[Answer | FeatureError]:
+                return context.run(self._score, ids)
+
+            return list(await loop.run_in_executor(self._pool, score, user_ids))
         except ServingError as exc:  # no model, the store down: the same for every caller
             return [exc] * len(user_ids)
         except Exception as exc:

@@ -18,8 +18,8 @@ size as an attribute; so each call's trace either holds the scoring or links to 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING
 
@@ -127,23 +127,19 @@ def current_trace_id() -> str:
     return format(trace_id, "032x") if trace_id else ""
 
 
-@contextmanager
-def batch_span(calls: Sequence[SpanContext | None]) -> Iterator[None]:
+def batch_span(calls: Sequence[SpanContext | None]) -> AbstractContextManager[object]:
     """The span of one coalesced scoring run for `calls` (their server spans, in batch order): a child of
     the first, linked to the others. Nothing when tracing is off."""
-    tracer = _tracer
-    if tracer is None:
-        yield
-        return
+    if _tracer is None:
+        return _NOTHING
     spans = [c for c in calls if c is not None and c.is_valid]
     parent = trace.set_span_in_context(trace.NonRecordingSpan(spans[0])) if spans else None
-    with tracer.start_as_current_span(
+    return _tracer.start_as_current_span(
         "streamflow.predict_batch",
         context=parent,
         links=[Link(c) for c in spans[1:]],
         attributes={"streamflow.batch_size": len(calls)},
-    ):
-        yield
+    )
 
 
 _SERVER_SPAN: ContextVar[tuple[trace.Span, Token[otel_context.Context]]] = ContextVar(

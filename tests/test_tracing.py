@@ -9,6 +9,7 @@ tracer provider after the fork and flushes it when it drains.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
@@ -30,6 +31,7 @@ from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from server import tracing
 from server.app import PredictionServer
+from server.logs import ACCESS_LOGGER, JsonFormatter
 from server.observers import call_observers
 from streamflow.settings import Settings
 from tests.fixtures.processes import START_TIMEOUT_S, serve_env, serving_process
@@ -307,3 +309,32 @@ def test_forked_workers_trace_with_their_own_provider_and_flush_on_drain(
     assert set(sent) <= traced_ids
     assert {s["resource"]["attributes"]["service.name"] for s in spans} == {"streamflow-under-test"}
     assert all(s["kind"] == "SpanKind.SERVER" for s in spans)
+
+
+def test_the_access_line_carries_the_calls_trace_id(
+    traced: tuple[PredictionServer, InMemorySpanExporter],
+) -> None:
+    running, _ = traced
+    lines: list[dict[str, Any]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(self.format(record)))
+
+    handler = Collect()
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger(ACCESS_LOGGER)
+    level = access.level
+    access.setLevel(logging.INFO)
+    access.addHandler(handler)
+    header, trace_id, _ = traceparent()
+    try:
+        with prediction_stub(running.local_address) as stub:
+            stub.Predict(pb.PredictRequest(user_id=FIRST_USER_ID), metadata=[("traceparent", header)])
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+
+    (line,) = [line for line in lines if line["method"] == f"/{PREDICT}"]
+    assert line["trace_id"] == f"{trace_id:032x}"
+    assert line["code"] == "OK" and line["users"] == 1
