@@ -29,9 +29,12 @@ from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc a
 from server.errors import FeatureStoreUnavailable
 from server.logs import JsonFormatter, TextFormatter
 from server.store_health import StoreBreaker
+from streamflow.model_contract import TAG_FINGERPRINT
 from streamflow.settings import LogFormat, Profile, Settings
 from tests.fixtures.processes import START_TIMEOUT_S, serve_env, serving_process
 from tests.fixtures.production import start_private_redis
+from tests.fixtures.serving import prediction_stub, start_server
+from tests.test_server_registry import move_straight_to_production, register_copy
 from training.demo_data import FIRST_USER_ID
 
 PREDICTION_SERVICE = "/streamflow.serving.v1.PredictionService/"
@@ -284,3 +287,54 @@ def test_no_format_writes_ansi_colour_codes() -> None:
 
     assert TextFormatter().format(record).endswith("mlflow: coloured x")
     assert json.loads(JsonFormatter().format(record))["message"] == "coloured x"
+
+
+@pytest.fixture
+def watcher_events() -> Iterator[list[dict[str, Any]]]:
+    """The lifecycle events the model watcher logs, as the server's JSON formatter writes them."""
+    lines: list[dict[str, Any]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            line = json.loads(self.format(record))
+            if "event" in line:
+                lines.append(line)
+
+    handler = Collect()
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("server.model_watcher")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_a_refused_version_and_a_swap_are_events_with_their_versions(
+    fresh_embedded_settings: Settings, watcher_events: list[dict[str, Any]]
+) -> None:
+    settings = fresh_embedded_settings
+    with start_server(settings) as running, prediction_stub(running.local_address) as stub:
+        broken = register_copy(settings, {TAG_FINGERPRINT: None})
+        move_straight_to_production(settings, broken)
+        deadline = time.monotonic() + WAIT_S
+        while not stub.ModelInfo(pb.ModelInfoRequest()).HasField("last_reload_failure"):
+            assert time.monotonic() < deadline, "no refusal"
+            time.sleep(0.1)
+        good = register_copy(settings)
+        move_straight_to_production(settings, good)
+        while stub.ModelInfo(pb.ModelInfoRequest()).model.version != good:
+            assert time.monotonic() < deadline, "no swap"
+            time.sleep(0.1)
+
+    by_event = {e["event"]: e for e in watcher_events}
+    assert by_event["model_loaded"]["model_version"] == "1"
+    refused = by_event["model_refused"]
+    assert (refused["level"], refused["model_version"], refused["serving"]) == ("ERROR", broken, "version 1")
+    assert refused["reason"] == "it lacks the training pipeline's provenance: no training_set_fingerprint tag"
+    swapped = by_event["model_swapped"]
+    assert (swapped["model_version"], swapped["previous_version"]) == (good, "1")
+    assert [e["event"] for e in watcher_events].count("model_refused") == 1  # once, though polled many times
