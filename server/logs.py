@@ -116,6 +116,9 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # Feast refreshes its registry cache per FeatureService lookup while a model loads: an INFO line each.
     logging.getLogger("feast.infra.registry.registry").addFilter(_DropMessage("Registry cache expired"))
+    # urllib3 warns "Retrying ..." at each retry of MLflow's HTTP client: every failed registry poll of every
+    # worker (276 lines in 70 s during an outage). The watcher logs the outage and its end once each.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 class AccessLog:

@@ -137,4 +137,5 @@ def test_a_hung_registry_is_bounded_by_the_registry_timeout(
     assert dict(error.info.metadata) == {"modelUri": uri}
     text = log.read_text()
     assert text.count("registry unreachable") == 1, "an outage is logged once, not once per poll"
+    assert "Retrying" not in text, "urllib3 logged a line per retry of a failed poll"
     assert hung_tracking_server in text
