@@ -37,7 +37,8 @@ def test_health_is_not_serving_until_a_model_loads_then_serving_then_not_serving
     ):
         health = health_pb2_grpc.HealthStub(channel)
         watches = {
-            name: health.Watch(health_pb2.HealthCheckRequest(service=name)) for name in HEALTH_SERVICES
+            name: health.Watch(health_pb2.HealthCheckRequest(service=name), timeout=120)
+            for name in HEALTH_SERVICES
         }
         before = {name: next(watch).status for name, watch in watches.items()}
         checked_before = {

@@ -19,6 +19,7 @@ from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc a
 from server.app import PredictionServer, create_server
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
+from tests.fixtures.processes import START_TIMEOUT_S, read_line
 from tests.fixtures.serving import server_settings
 from training.demo_data import FIRST_USER_ID
 
@@ -54,11 +55,13 @@ def serve_process(embedded_settings: Settings) -> Iterator[tuple[subprocess.Pope
     )
     try:
         assert process.stdout is not None
-        match = LISTENING.search(process.stdout.readline())
+        match = LISTENING.search(read_line(process.stdout, START_TIMEOUT_S))
         assert match, "streamflow serve did not announce its address"
         address = f"127.0.0.1:{match.group(1)}"
         with grpc.insecure_channel(address) as channel:
-            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=120
+            )
             for update in watch:
                 if update.status == health_pb2.HealthCheckResponse.SERVING:
                     watch.cancel()
@@ -78,7 +81,7 @@ def test_sigterm_drains_calls_in_flight_then_exits_zero(
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.PredictionServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
-        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         calls = [stub.BatchPredict.future(request) for _ in range(8)]
         # The asyncio server starts a handler for each call as it arrives, and the batch pool (2 threads)

@@ -32,6 +32,7 @@ from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from server.workers import CRASH_LIMIT, CRASH_WINDOW_S
 from streamflow.settings import Settings
+from tests.fixtures.processes import START_TIMEOUT_S, read_line
 from training.demo_data import FIRST_USER_ID
 from training.registry import promote
 
@@ -106,7 +107,7 @@ def _serving(
 
 def _announced_port(process: subprocess.Popen[str], log_path: Path, workers: int) -> int:
     assert process.stdout is not None
-    line = process.stdout.readline()
+    line = read_line(process.stdout, START_TIMEOUT_S)
     if workers > 1:
         match = re.search(r"listening on [\d.]+:(\d+) with (\d+) workers", line)
         assert match and int(match.group(2)) == workers, f"first line {line!r}; log: {log_path.read_text()}"
@@ -222,7 +223,7 @@ def test_two_servers_starting_together_on_one_port_leave_one_serving(
         subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log, text=True) for log in logs
     ]
     try:
-        lines = [p.stdout.readline() if p.stdout else "" for p in processes]
+        lines = [read_line(p.stdout, START_TIMEOUT_S) if p.stdout else "" for p in processes]
         winners = [p for p, line in zip(processes, lines, strict=True) if "listening on" in line]
         losers = [p for p in processes if p not in winners]
         assert len(winners) == 1, lines
