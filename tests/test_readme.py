@@ -125,7 +125,12 @@ def _setup_commands() -> list[str]:
 def _make_would_run(target: str) -> list[str]:
     """The commands `make <target>` runs on a fresh clone (-B: as if nothing were built; -n: print only)."""
     result = subprocess.run(
-        ["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+        ["make", "--no-print-directory", "-n", "-B", target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
