@@ -24,7 +24,7 @@ import re
 import sys
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from streamflow.settings import LogFormat, Settings
 
@@ -94,13 +94,27 @@ class _DropMessage(logging.Filter):
         return self._text not in record.getMessage()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted, not when the handler was made: a process
+    that swaps stderr (pytest's capture, a daemonizing wrapper) would otherwise leave the handler writing to
+    a closed file."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass  # fixed to the current sys.stderr
+
+
 def configure_logging(settings: Settings) -> None:
     """Set up this process's logging (the CLI calls it before anything imports MLflow or Feast)."""
     # MLflow otherwise installs a handler of its own on `mlflow` (coloured, not propagating), and draws
     # progress bars on stderr for each artifact download.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(JsonFormatter() if settings.log_style is LogFormat.JSON else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
