@@ -94,7 +94,7 @@ class _DropMessage(logging.Filter):
         return self._text not in record.getMessage()
 
 
-class _StderrHandler(logging.StreamHandler):
+class StderrHandler(logging.StreamHandler):
     """Writes to whatever `sys.stderr` is when a record is emitted, not when the handler was made: a process
     that swaps stderr (pytest's capture, a daemonizing wrapper) would otherwise leave the handler writing to
     a closed file."""
@@ -114,7 +114,7 @@ def configure_logging(settings: Settings) -> None:
     # progress bars on stderr for each artifact download.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    handler = _StderrHandler()
+    handler = StderrHandler()
     handler.setFormatter(JsonFormatter() if settings.log_style is LogFormat.JSON else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

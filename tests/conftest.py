@@ -1,5 +1,6 @@
 """Fixtures shared by the whole suite; each fixtures module belongs to the package it exercises."""
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -8,6 +9,7 @@ import mlflow
 import mlflow.tracking._model_registry.utils as mlflow_registry_utils
 import pytest
 
+from server.logs import StderrHandler
 from tests.fixtures.production import *  # noqa: F403
 from tests.fixtures.serving import *  # noqa: F403
 from tests.fixtures.training import *  # noqa: F403
@@ -52,3 +54,15 @@ def no_mlflow_globals_between_tests() -> Iterator[None]:
     mlflow_registry_utils._registry_uri = None
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         os.environ.pop(name, None)
+
+
+@pytest.fixture(autouse=True)
+def no_log_handlers_between_tests() -> Iterator[None]:
+    """Undo what a CLI command run in-process did to the root logger (`configure_logging` installs the
+    server's stderr handler and level for the whole process): later tests' servers would log through it."""
+    root = logging.getLogger()
+    handlers, level = set(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in handlers and isinstance(h, StderrHandler)]:
+        root.removeHandler(handler)
+    root.setLevel(level)

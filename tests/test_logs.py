@@ -15,6 +15,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -222,20 +223,23 @@ def test_a_killed_worker_is_logged_as_events_and_replaced(
     assert stopping["workers"] == 2
 
 
-@pytest.fixture
-def captured() -> Iterator[list[str]]:
-    """The JSON lines the store breaker logs, formatted by the server's own formatter."""
-    lines: list[str] = []
+@contextmanager
+def json_events(logger_name: str) -> Iterator[list[dict[str, Any]]]:
+    """The lifecycle events `logger_name` logs at INFO and above (as `serve` runs by default), each as the
+    server's JSON formatter writes it."""
+    lines: list[dict[str, Any]] = []
 
     class Collect(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            lines.append(self.format(record))
+            line = json.loads(self.format(record))
+            if "event" in line:
+                lines.append(line)
 
     handler = Collect()
     handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("server.store_health")
+    logger = logging.getLogger(logger_name)
     level = logger.level
-    logger.setLevel(logging.INFO)  # as `serve` runs by default: the recovery is an INFO line
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
         yield lines
@@ -244,7 +248,16 @@ def captured() -> Iterator[list[str]]:
         logger.setLevel(level)
 
 
-def test_a_store_outage_and_its_recovery_are_one_event_each(tmp_path: Path, captured: list[str]) -> None:
+@pytest.fixture
+def store_events() -> Iterator[list[dict[str, Any]]]:
+    """The lifecycle events the store breaker logs."""
+    with json_events("server.store_health") as lines:
+        yield lines
+
+
+def test_a_store_outage_and_its_recovery_are_one_event_each(
+    tmp_path: Path, store_events: list[dict[str, Any]]
+) -> None:
     with start_private_redis(tmp_path / "redis") as private:
         client = redis.Redis(port=private.port, socket_connect_timeout=1, socket_timeout=1)
         breaker = StoreBreaker("redis", (redis.ConnectionError, redis.TimeoutError), probe_interval_s=0.05)
@@ -266,7 +279,7 @@ def test_a_store_outage_and_its_recovery_are_one_event_each(tmp_path: Path, capt
                 assert time.monotonic() < deadline, "the store did not come back"
                 time.sleep(0.05)
 
-    events = [json.loads(line) for line in captured]
+    events = store_events
     assert [e["event"] for e in events] == ["store_outage", "store_recovered"]
     assert events[0]["store"] == "redis" and events[0]["level"] == "WARNING"
     assert events[0]["error"].startswith("ConnectionError")
@@ -291,26 +304,9 @@ def test_no_format_writes_ansi_colour_codes() -> None:
 
 @pytest.fixture
 def watcher_events() -> Iterator[list[dict[str, Any]]]:
-    """The lifecycle events the model watcher logs, as the server's JSON formatter writes them."""
-    lines: list[dict[str, Any]] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            line = json.loads(self.format(record))
-            if "event" in line:
-                lines.append(line)
-
-    handler = Collect()
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("server.model_watcher")
-    level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(handler)
-    try:
+    """The lifecycle events the model watcher logs."""
+    with json_events("server.model_watcher") as lines:
         yield lines
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def test_a_refused_version_and_a_swap_are_events_with_their_versions(

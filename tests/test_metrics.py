@@ -120,26 +120,14 @@ def test_counts_from_every_worker_add_up_and_survive_a_worker_restart(
         delta = {name: after.value(name) - before.value(name) for name in _DOMAIN_SAMPLES}
         assert delta["streamflow_predictions_total"] == 42
         assert delta["streamflow_churn_probability_count"] == 42
-        assert (
-            after.value("streamflow_feature_problems_total", reason="unknown_user")
-            - before.value("streamflow_feature_problems_total", reason="unknown_user")
-            == 16
-        )
-        assert (
-            after.value("streamflow_batch_size_sum", kind="predict")
-            - before.value("streamflow_batch_size_sum", kind="predict")
-            == 40
-        )
-        assert (
-            after.value("streamflow_batch_size_count", kind="batch_predict")
-            - before.value("streamflow_batch_size_count", kind="batch_predict")
-            == 6
-        )
-        assert (
-            after.value("streamflow_batch_size_sum", kind="batch_predict")
-            - before.value("streamflow_batch_size_sum", kind="batch_predict")
-            == 18
-        )
+
+        def grew(name: str, **labels: str) -> float:
+            return after.value(name, **labels) - before.value(name, **labels)
+
+        assert grew("streamflow_feature_problems_total", reason="unknown_user") == 16
+        assert grew("streamflow_batch_size_sum", kind="predict") == 40
+        assert grew("streamflow_batch_size_count", kind="batch_predict") == 6
+        assert grew("streamflow_batch_size_sum", kind="batch_predict") == 18
         assert delta["streamflow_feature_read_seconds_count"] >= 1  # one per scoring call, coalesced or not
         assert delta["streamflow_inference_seconds_count"] >= 1
         assert after.value("streamflow_model_reloads_total", outcome="loaded") == 2  # one per worker
