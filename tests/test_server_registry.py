@@ -187,6 +187,18 @@ def test_promotion_and_rollback_swap_the_model_while_calls_keep_succeeding(
     assert changes == ["1", str(trained.version), "1"]
 
 
+def refuse(
+    settings: Settings, running: PredictionServer, register: Callable[[Settings], str]
+) -> tuple[str, pb.ModelInfoResponse]:
+    """Register a version with `register`, move it straight to Production, and wait until the server reports
+    refusing it: (its version, the ModelInfo then)."""
+    with prediction_stub(running.local_address) as stub:
+        broken = register(settings)
+        move_straight_to_production(settings, broken)
+        wait_for(lambda: model_info(stub).HasField("last_reload_failure"), "ModelInfo reports the refusal")
+        return broken, model_info(stub)
+
+
 @pytest.mark.parametrize(
     ("register", "reason", "logged"),
     [
@@ -232,13 +244,9 @@ def test_a_version_training_did_not_produce_or_that_breaks_is_refused_and_the_ol
     logged: str,
 ) -> None:
     settings, running, loop = live
-    with prediction_stub(running.local_address) as stub:
-        broken = register(settings)
-        move_straight_to_production(settings, broken)
-        wait_for(lambda: model_info(stub).HasField("last_reload_failure"), "ModelInfo reports the refusal")
-        refused = model_info(stub)
-        calls_after_refusal = len(loop.versions)
-        wait_for(lambda: len(loop.versions) > calls_after_refusal, "a Predict after the refusal")
+    broken, refused = refuse(settings, running, register)
+    calls_after_refusal = len(loop.versions)
+    wait_for(lambda: len(loop.versions) > calls_after_refusal, "a Predict after the refusal")
 
     assert refused.model.version == "1"
     assert refused.last_reload_failure.model_version == broken
@@ -260,11 +268,7 @@ def test_an_unexpected_refusal_keeps_its_detail_in_the_log_only(
     live: tuple[Settings, PredictionServer, PredictLoop], caplog: pytest.LogCaptureFixture
 ) -> None:
     settings, running, _ = live
-    with prediction_stub(running.local_address) as stub:
-        broken = register_copy_without_files(settings)
-        move_straight_to_production(settings, broken)
-        wait_for(lambda: model_info(stub).HasField("last_reload_failure"), "ModelInfo reports the refusal")
-        refused = model_info(stub)
+    broken, refused = refuse(settings, running, register_copy_without_files)
 
     refusal = next(
         r for r in caplog.records if r.getMessage().startswith(f"refused streamflow_churn version {broken}")
