@@ -371,9 +371,15 @@ def test_a_dead_worker_is_replaced_while_a_client_sees_no_failed_call(
     # kernel (unless net.ipv4.tcp_migrate_req is 1) and a new channel then backs off before reconnecting, so
     # a call sent just then may fail UNAVAILABLE; that is the client's connect, not a worker's answer.
     assert all(started < replacement.create_time() for started in fresh.failed_starts), fresh
-    # A draining worker listens for at most 2.2 s after SIGTERM (server/app.py DISPATCH_WAIT_MAX_S), so the
-    # kernel's share of new connections that reaches it meanwhile is answered, not left to time out.
-    assert set(fresh.codes) <= {"OK", "UNAVAILABLE "}, fresh
+    if signum == signal.SIGKILL:
+        assert set(fresh.codes) <= {"OK", "UNAVAILABLE "}, fresh
+    else:
+        # A draining worker listens for up to 2.2 s after SIGTERM (server/app.py DISPATCH_WAIT_MAX_S), and the
+        # kernel keeps handing it its share of new connections meanwhile. A call that lands in the instant
+        # grpc stops is cancelled by grpc before the server sees it: a known race (1 in 715 in one CI run,
+        # 0 in 2,858 over three others), reported, and bounded here so that a real drain defect still fails.
+        assert set(fresh.codes) <= {"OK", "UNAVAILABLE ", "CANCELLED "}, fresh
+        assert fresh.failed <= max(1, fresh.sent // 100), fresh
     assert len(after - before) == 1  # one worker kept its model, the other loaded it anew
     log = (tmp_path / "serve.log").read_text()
     death = "was killed by SIGKILL" if signum == signal.SIGKILL else "exited with code 0"
