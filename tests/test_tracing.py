@@ -210,10 +210,12 @@ def test_coalesced_predicts_share_one_batch_span_under_the_first_linked_to_the_o
         assert batch.attributes is not None and batch.attributes["streamflow.batch_size"] == 1 + len(linked)
         served += [batch.parent.span_id, *linked]
         assert {s.name for s in children(exporter.get_finished_spans(), batch)} == STEPS
-    # Every call is served by exactly one batch; the first waited alone behind the held thread, the other
-    # four were scored together.
+    # Every call is served by exactly one batch. The first batch took the calls that had arrived when its
+    # drain began (one, or a few that reached the loop in the same pass) and waited behind the held thread;
+    # every later call piled up into the second.
     assert sorted(served) == sorted(server_ids)
-    assert sorted(int(str(b.attributes["streamflow.batch_size"])) for b in batches if b.attributes) == [1, 4]
+    sizes = [int(str(b.attributes["streamflow.batch_size"])) for b in batches if b.attributes]
+    assert len(sizes) == 2 and sum(sizes) == len(calls)
 
 
 def test_with_tracing_off_nothing_is_recorded(
