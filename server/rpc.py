@@ -20,6 +20,7 @@ Servicers stay domain calls: a method takes the decoded request and returns the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -59,13 +60,17 @@ class Call:
     """e.g. `streamflow.serving.v1.PredictionService`."""
     method: str
     """e.g. `Predict`."""
-    request_id: str
-    """A fresh id per call: in the access log, and in an INTERNAL error's message and metadata."""
     context: grpc.aio.ServicerContext
     started: float = field(default_factory=time.perf_counter)
     code: grpc.StatusCode = grpc.StatusCode.OK
     model_version: str = ""
     users: int = 0
+
+    @functools.cached_property
+    def request_id(self) -> str:
+        """A fresh id per call, made when first asked for: a written access line, a span or an INTERNAL
+        error needs it; most calls under the access log's rate limit never do."""
+        return uuid.uuid4().hex
 
     @property
     def seconds(self) -> float:
@@ -127,7 +132,7 @@ class CallGuard:
 
         async def run(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             self._last_arrival = time.monotonic()
-            call = Call(service, name, uuid.uuid4().hex, context)
+            call = Call(service, name, context)
             CURRENT_CALL.set(call)  # the handler's own task: no reset needed
             for observer in self._observers:
                 observer.started(call)
