@@ -16,8 +16,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from mlflow import MlflowClient
 
 from server.app import HEALTH_SERVICES, SERVICE_NAME
+from server.errors import echo, trailer_bytes
 from streamflow.settings import Settings
-from tests.fixtures.serving import start_server
+from tests.fixtures.serving import start_server, wire_error
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -61,11 +62,16 @@ def test_health_is_not_serving_until_a_model_loads_then_serving_then_not_serving
     assert on_shutdown == {"": NOT_SERVING, SERVICE_NAME: NOT_SERVING}
 
 
-def test_health_of_an_unknown_service_is_not_found(served_embedded: str) -> None:
+@pytest.mark.parametrize("service", ["no.such.Service", "é" * 100_000], ids=["short", "100,000 characters"])
+def test_health_of_an_unknown_service_is_not_found(served_embedded: str, service: str) -> None:
     with grpc.insecure_channel(served_embedded) as channel, pytest.raises(grpc.RpcError) as failure:
-        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="no.such.Service"))
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
 
-    assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+    error = wire_error(failure.value)
+    assert error.code == grpc.StatusCode.NOT_FOUND
+    assert error.info.reason == "SERVICE_UNKNOWN"
+    assert dict(error.info.metadata) == {"service": echo(service)}
+    assert trailer_bytes(error.status) < 8 * 1024
 
 
 def test_reflection_lists_the_services_and_resolves_the_error_detail_types(served_embedded: str) -> None:
