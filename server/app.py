@@ -118,7 +118,7 @@ class PredictionServer:
     @property
     def local_address(self) -> str:
         """Where a client on this machine dials the server, e.g. `127.0.0.1:50051`."""
-        host = "[::1]" if ":" in self.settings.host else "127.0.0.1"
+        host = "[::1]" if ":" in self.settings.listen_host else "127.0.0.1"
         return f"{host}:{self.port}"
 
     def stop(self, grace: float | None) -> None:
@@ -146,7 +146,7 @@ class PredictionServer:
 def create_server(
     settings: Settings, predictor: Predictor | None = None, reuse_port: bool = False
 ) -> PredictionServer:
-    """Start a server on `settings.host:settings.port` and its registry watcher.
+    """Start a server on `settings.listen_host:settings.port` and its registry watcher.
 
     Health reports NOT_SERVING until the watcher has loaded a model. `reuse_port` lets several workers
     share the port; off, a port in use is an error. Raises StreamflowError when the port cannot be bound.
@@ -171,7 +171,7 @@ def create_server(
 
     predictor.watcher.subscribe(serving)
     predictor.watcher.start()
-    log.info("listening on %s:%d for %s", settings.host, port, settings.model_uri)
+    log.info("listening on %s:%d for %s", settings.listen_host, port, settings.model_uri)
     return PredictionServer(
         settings, server, port, health_service, guard, predictor, event_loop, (predict_pool, batch_pool)
     )
@@ -192,11 +192,11 @@ async def _start(
     register(server, pb.DESCRIPTOR.services_by_name["PredictionService"], servicer, guard, admit=True)
     health_service = HealthService(HEALTH_SERVICES)
     register(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_service, guard, admit=False)
-    if settings.reflection:
+    if settings.reflection_on:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    host = f"[{settings.listen_host}]" if ":" in settings.listen_host else settings.listen_host
     address = f"{host}:{settings.port}"
     try:
         # grpcio 1.85 raises where older releases returned port 0; both mean the bind failed.
@@ -232,7 +232,7 @@ def serve(settings: Settings) -> int:
         if settings.metrics_port:
             # Before the fork: every worker writes its samples there.
             path = stack.enter_context(metrics.multiprocess_dir())
-            endpoint = metrics.MetricsEndpoint(settings.host, settings.metrics_port, path)
+            endpoint = metrics.MetricsEndpoint(settings.listen_host, settings.metrics_port, path)
             stack.callback(endpoint.close)
         if workers > 1:
             ModelTarget.parse(settings.model_uri)  # a malformed URI: one clear error, not one per worker
@@ -274,9 +274,9 @@ def _serve_process(
         signal.signal(signum, on_signal)
     running = create_server(settings, predictor, reuse_port=reuse_port)
     if reuse_port:
-        log.info("worker %d listening on %s:%d", os.getpid(), settings.host, running.port)
+        log.info("worker %d listening on %s:%d", os.getpid(), settings.listen_host, running.port)
     else:
-        print(f"streamflow serve: listening on {settings.host}:{running.port}", flush=True)
+        print(f"streamflow serve: listening on {settings.listen_host}:{running.port}", flush=True)
     if endpoint is None:
         stopping.wait()
     else:

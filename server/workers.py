@@ -280,7 +280,7 @@ def run_workers(
 
     Raises StreamflowError when the port is taken.
     """
-    with claimed_port(settings.host, settings.port) as port:
+    with claimed_port(settings.listen_host, settings.port) as port:
         worker_settings = settings.model_copy(update={"port": port})
         _note_connection_migration()
         # Blocked before the first fork, so no death or signal can slip in between; workers restore the mask.
@@ -288,7 +288,8 @@ def run_workers(
         try:
             supervisor = _Supervisor(worker, worker_settings, count, mask, endpoint)
             supervisor.start_all()
-            print(f"streamflow serve: listening on {settings.host}:{port} with {count} workers", flush=True)
+            address = f"{settings.listen_host}:{port}"
+            print(f"streamflow serve: listening on {address} with {count} workers", flush=True)
             return supervisor.run()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)

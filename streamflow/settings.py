@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -77,8 +77,9 @@ class Settings(BaseSettings):
     """Trees in the RandomForest."""
 
     # --- serving -----------------------------------------------------------------------------------
-    host: str = "0.0.0.0"
-    """Address the gRPC server listens on."""
+    host: str | None = None
+    """Address the gRPC server and the metrics endpoint listen on. Unset: `127.0.0.1` in the embedded profile
+    (a laptop's demo is not on the network), `0.0.0.0` in the production profile (and the image)."""
 
     port: int = Field(default=50051, ge=0, le=65535)
     """Port the gRPC server listens on (0 picks a free port)."""
@@ -103,8 +104,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=1000, ge=1)
     """Most user ids one BatchPredict request may carry."""
 
-    reflection: bool = True
-    """Serve gRPC server reflection (grpcurl `list` / `describe`)."""
+    reflection: bool | None = None
+    """Serve gRPC server reflection (grpcurl `list` / `describe`); behind the token check when tokens are on.
+    Unset: on in the embedded profile, off in the production profile (see `reflection_on`)."""
 
     threads: int = Field(default=2, ge=1)
     """Threads of one server process that score BatchPredict calls; Predict calls are scored on a thread of
@@ -129,6 +131,35 @@ class Settings(BaseSettings):
     """Port of the Prometheus endpoint `http://<host>:<port>/metrics`, which adds up every worker process
     (served by the supervisor, or by the server itself with one worker); 0 turns it off."""
 
+    health_port: int = Field(default=0, ge=0, le=65535)
+    """A second, plaintext port serving only `grpc.health.v1` (no token needed), for probes that cannot speak
+    TLS (Kubernetes gRPC probes); 0 serves health on the main port only."""
+
+    # --- security ----------------------------------------------------------------------------------
+    tls_cert_file: Path | None = None
+    """PEM certificate chain the gRPC port serves TLS with (with `tls_key_file`); re-read when the file
+    changes, for new connections. Unset: plaintext."""
+
+    tls_key_file: Path | None = None
+    """PEM private key of `tls_cert_file`."""
+
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle client certificates must chain to: set, every connection needs a valid client certificate
+    (mTLS). Needs `tls_cert_file`; re-read when the file changes."""
+
+    auth_tokens_file: Path | None = None
+    """File of `name:sha256-hex-of-token` lines, one per caller (`streamflow add-token` writes them); set,
+    PredictionService and reflection calls need `authorization: Bearer <token>`. Re-read when it changes."""
+
+    rate_limit_rps: float = Field(default=0.0, ge=0)
+    """Users each caller (token name, certificate subject, else `anonymous`) may score per second, summed
+    over the server's workers: a Predict costs 1, a BatchPredict one per id, ModelInfo 1. Over it, callers
+    get RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo. 0 turns quotas off."""
+
+    rate_limit_burst: float = Field(default=0.0, ge=0)
+    """Users a caller may score at once before the rate applies (the token bucket's size); 0 means one
+    second's worth (`rate_limit_rps`). A batch larger than the bucket still passes when the bucket is full."""
+
     log_level: str = "INFO"
     """Python log level of the server and the CLI."""
 
@@ -139,6 +170,35 @@ class Settings(BaseSettings):
     access_log_rate: int = Field(default=100, ge=0)
     """Access-log lines one server process writes per second at most, for successful calls and as many again
     for failed ones; what a second drops is counted in one line. 0 turns the access log off."""
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both STREAMFLOW_TLS_CERT_FILE and STREAMFLOW_TLS_KEY_FILE, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("STREAMFLOW_TLS_CLIENT_CA_FILE needs STREAMFLOW_TLS_CERT_FILE and _KEY_FILE")
+        if self.health_port and self.health_port == self.port:
+            raise ValueError(f"STREAMFLOW_HEALTH_PORT must differ from STREAMFLOW_PORT ({self.port})")
+        return self
+
+    @property
+    def listen_host(self) -> str:
+        """The address in force: `host`, else the profile's (loopback when embedded)."""
+        if self.host:
+            return self.host
+        return "0.0.0.0" if self.profile is Profile.PRODUCTION else "127.0.0.1"
+
+    @property
+    def reflection_on(self) -> bool:
+        """Whether reflection is served: `reflection`, else the profile's (on only when embedded)."""
+        if self.reflection is not None:
+            return self.reflection
+        return self.profile is Profile.EMBEDDED
+
+    @property
+    def tls_on(self) -> bool:
+        """Whether the gRPC port speaks TLS."""
+        return self.tls_cert_file is not None
 
     @property
     def tracking_uri(self) -> str:

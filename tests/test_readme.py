@@ -87,6 +87,19 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "grace_s": ("2.5", 2.5),
     "log_level": ("DEBUG", "DEBUG"),
     "log_format": ("json", LogFormat.JSON),
+    "tls_cert_file": ("/etc/tls/tls.crt", Path("/etc/tls/tls.crt")),
+    "tls_key_file": ("/etc/tls/tls.key", Path("/etc/tls/tls.key")),
+    "tls_client_ca_file": ("/etc/tls/ca.crt", Path("/etc/tls/ca.crt")),
+    "auth_tokens_file": ("/etc/streamflow/tokens", Path("/etc/streamflow/tokens")),
+}
+# Settings that are only valid beside others (a certificate needs its key): set with them.
+COMPANIONS: dict[str, dict[str, str]] = {
+    "tls_cert_file": {"STREAMFLOW_TLS_KEY_FILE": "/etc/tls/tls.key"},
+    "tls_key_file": {"STREAMFLOW_TLS_CERT_FILE": "/etc/tls/tls.crt"},
+    "tls_client_ca_file": {
+        "STREAMFLOW_TLS_CERT_FILE": "/etc/tls/tls.crt",
+        "STREAMFLOW_TLS_KEY_FILE": "/etc/tls/tls.key",
+    },
 }
 
 
@@ -111,6 +124,8 @@ def test_each_setting_is_read_from_the_variable_the_readme_names(
     )
 
     monkeypatch.setenv(_env_name(field), raw)
+    for name, value in COMPANIONS.get(field, {}).items():
+        monkeypatch.setenv(name, value)
 
     assert getattr(Settings(), field) == expected
 
