@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from server import metrics, tracing
+from server import metrics, tls, tracing
 from server.health import SERVING, HealthService
 from server.heap import limit_malloc_arenas
 from server.model_loader import LoadedModel, ModelTarget
@@ -113,6 +113,8 @@ class PredictionServer:
     predictor: Predictor
     event_loop: EventLoopThread
     pools: tuple[futures.ThreadPoolExecutor, ...]
+    health_server: grpc.aio.Server | None = None
+    """The plaintext health-only server on `settings.health_port`, if any."""
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -140,7 +142,8 @@ class PredictionServer:
         if grace is not None:
             await asyncio.sleep(self.settings.drain_delay_s)
             await self.guard.quiesce(DISPATCH_QUIET_S, timeout_s=min(grace, DISPATCH_WAIT_MAX_S))
-        await self.server.stop(grace)
+        servers = (self.server,) if self.health_server is None else (self.server, self.health_server)
+        await asyncio.gather(*(server.stop(grace) for server in servers))
 
 
 def create_server(
@@ -159,7 +162,9 @@ def create_server(
     servicer = PredictionServicer(predictor, predict_pool, batch_pool, settings.max_batch_size)
     guard = CallGuard(settings.max_concurrent_rpcs, call_observers(settings))
     try:
-        server, port, health_service = event_loop.run(_start(settings, servicer, guard, reuse_port))
+        server, port, health_service, health_server = event_loop.run(
+            _start(settings, servicer, guard, reuse_port)
+        )
     except BaseException:
         event_loop.close()
         batch_pool.shutdown()
@@ -173,13 +178,22 @@ def create_server(
     predictor.watcher.start()
     log.info("listening on %s:%d for %s", settings.listen_host, port, settings.model_uri)
     return PredictionServer(
-        settings, server, port, health_service, guard, predictor, event_loop, (predict_pool, batch_pool)
+        settings,
+        server,
+        port,
+        health_service,
+        guard,
+        predictor,
+        event_loop,
+        (predict_pool, batch_pool),
+        health_server,
     )
 
 
 async def _start(
     settings: Settings, servicer: PredictionServicer, guard: CallGuard, reuse_port: bool
-) -> tuple[grpc.aio.Server, int, HealthService]:
+) -> tuple[grpc.aio.Server, int, HealthService, grpc.aio.Server | None]:
+    credentials = tls.server_credentials(settings)  # first: bad TLS files fail before anything binds
     # No `maximum_concurrent_rpcs`: it counted health checks too, so probes failed under a flood; the guard
     # admits PredictionService calls only (server/rpc.py).
     server = grpc.aio.server(
@@ -196,17 +210,40 @@ async def _start(
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-    host = f"[{settings.listen_host}]" if ":" in settings.listen_host else settings.listen_host
-    address = f"{host}:{settings.port}"
+    port = _bind(server, settings.listen_host, settings.port, credentials)
+    health_server = None
+    if settings.health_port:
+        # Probes that cannot speak TLS or send a token (Kubernetes gRPC probes) get health alone, plaintext,
+        # from a server of its own on the same loop.
+        health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
+        register(
+            health_server,
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+            health_service,
+            guard,
+            admit=False,
+        )
+        _bind(health_server, settings.listen_host, settings.health_port, None)
+    for started in (server,) if health_server is None else (server, health_server):
+        await started.start()
+    if settings.health_port:
+        log.info("health alone, plaintext, on %s:%d", settings.listen_host, settings.health_port)
+    return server, port, health_service, health_server
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    """Add the listening port (TLS with `credentials`, else plaintext); returns the port bound."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        # grpcio 1.85 raises where older releases returned port 0; both mean the bind failed.
-        port = server.add_insecure_port(address)
-    except RuntimeError:
-        port = 0
-    if port == 0:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio 1.85 raises where older releases returned port 0; both mean it failed
+        bound = 0
+    if bound == 0:
         raise StreamflowError(f"cannot listen on {address}: the port is in use or the address is not local")
-    await server.start()
-    return server, port, health_service
+    return bound
 
 
 def bound_registry_calls(settings: Settings) -> None:
@@ -236,6 +273,7 @@ def serve(settings: Settings) -> int:
             stack.callback(endpoint.close)
         if workers > 1:
             ModelTarget.parse(settings.model_uri)  # a malformed URI: one clear error, not one per worker
+            tls.check(settings)  # likewise unusable TLS files
             return run_workers(settings, workers, serve_worker, endpoint)
         return _serve_process(settings, reuse_port=False, endpoint=endpoint)
 

@@ -5,12 +5,12 @@ none: it claims the port, forks, restarts workers that die and forwards SIGTERM/
 builds its own server on the shared port with `grpc.so_reuseport` (the kernel spreads new connections across
 the workers) and its own registry watcher, so each follows the registry and swaps models independently.
 
-The port is claimed for this server alone before the workers share it: SO_REUSEPORT would otherwise let a
-second `streamflow serve` join the port and take half of the new connections. A bind without SO_REUSEPORT
-fails on any socket already bound there, and a per-port lock (an abstract Unix socket, scoped like the port to
-the network namespace) keeps two supervisors starting at the same instant from both passing that probe. A
-program of the same user that binds with SO_REUSEPORT on its own can still join: the kernel has no exclusive
-SO_REUSEPORT group.
+The ports (the gRPC port and the health port, if any) are claimed for this server alone before the workers
+share them: SO_REUSEPORT would otherwise let a second `streamflow serve` join a port and take half of the new
+connections. A bind without SO_REUSEPORT fails on any socket already bound there, and a per-port lock (an
+abstract Unix socket, scoped like the port to the network namespace) keeps two supervisors starting at the
+same instant from both passing that probe. A program of the same user that binds with SO_REUSEPORT on its
+own can still join: the kernel has no exclusive SO_REUSEPORT group.
 
 A worker that dies while the server is not stopping (killed, crashed, or exited on its own, even with code 0)
 is replaced after an exponential back-off, while the others keep the port served; the replacement binds the
@@ -278,9 +278,12 @@ def run_workers(
     The supervisor serves `endpoint` (every worker's metrics) meanwhile, started after the signals are blocked
     so its threads never take one.
 
-    Raises StreamflowError when the port is taken.
+    Raises StreamflowError when the port (or the health port) is taken.
     """
-    with claimed_port(settings.listen_host, settings.port) as port:
+    with contextlib.ExitStack() as claims:
+        port = claims.enter_context(claimed_port(settings.listen_host, settings.port))
+        if settings.health_port:  # the workers share it too: it is this server's alone as well
+            claims.enter_context(claimed_port(settings.listen_host, settings.health_port))
         worker_settings = settings.model_copy(update={"port": port})
         _note_connection_migration()
         # Blocked before the first fork, so no death or signal can slip in between; workers restore the mask.

@@ -1,0 +1,208 @@
+"""TLS and mTLS credentials of the gRPC port, re-read from disk when the files change, without a restart.
+
+grpc's dynamic server credentials ask a fetcher for a new certificate configuration on every new handshake;
+connections already open keep the configuration they were made with, so calls in flight never notice a
+rotation. The fetcher here is cheap: it compares an `os.stat` signature of the files (inode, device,
+mtime, size: cert-manager and Kubernetes secret volumes swap a symlink, Vault agents rewrite in place) with
+the set it serves, and only reads them when that changed.
+
+A changed set is validated before it is served: the certificate chain parses, the private key matches the
+leaf certificate's public key, the client CA bundle parses. A set that fails (a rotation written half-way,
+a key from another certificate) keeps the previous set served; the failure is logged once per episode and
+the files are tried again on the next handshake, so a completed rotation is taken without a restart. At
+start the same checks are a `StreamflowError` naming the file and the problem (never any key material).
+
+What it cannot see: a chain cut exactly between two certificates parses, and is served without its
+intermediates; a rewrite within one file-system timestamp tick that keeps the inode and the size.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from server.logs import event
+from streamflow.errors import StreamflowError
+from streamflow.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Signature = tuple[tuple[int, int, int, int], ...]
+"""Per file (certificate, key, client CA): inode, device, mtime in ns, size."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Where the server's certificate chain, its key and (for mTLS) the client CA bundle are."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return (self.cert, self.key) if self.client_ca is None else (self.cert, self.key, self.client_ca)
+
+    def signature(self) -> Signature:
+        """Raises OSError when a file is missing (a rotation may be mid-way)."""
+        stats = [path.stat() for path in self.paths]  # follows symlinks: a swapped target changes the inode
+        return tuple((s.st_ino, s.st_dev, s.st_mtime_ns, s.st_size) for s in stats)
+
+
+@dataclass(frozen=True)
+class CertificateSet:
+    """A validated set, ready to serve."""
+
+    chain_pem: bytes
+    key_pem: bytes
+    client_ca_pem: bytes | None
+    leaf: x509.Certificate
+
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(self.key_pem, self.chain_pem)], root_certificates=self.client_ca_pem
+        )
+
+    def describe(self) -> dict[str, str]:
+        """What identifies the served certificate in a log line."""
+        return {
+            "subject": self.leaf.subject.rfc4514_string(),
+            "serial": f"{self.leaf.serial_number:x}",
+            "not_after": self.leaf.not_valid_after_utc.isoformat(),
+        }
+
+
+def tls_files(settings: Settings) -> TlsFiles | None:
+    """The files of `settings`, or None when TLS is off."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    return TlsFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise StreamflowError(f"TLS {what} {path}: cannot read it ({exc.strerror})") from None
+
+
+def _certificates(path: Path, what: str, data: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise StreamflowError(f"TLS {what} {path}: not a complete PEM certificate list") from None
+
+
+def load(files: TlsFiles) -> CertificateSet:
+    """Read and validate the set; raises StreamflowError naming the file and the problem."""
+    chain_pem = _read(files.cert, "certificate file")
+    key_pem = _read(files.key, "key file")
+    leaf = _certificates(files.cert, "certificate file", chain_pem)[0]
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):  # TypeError: the key is encrypted
+        raise StreamflowError(f"TLS key file {files.key}: not an unencrypted PEM private key") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise StreamflowError(
+            f"TLS key file {files.key} does not match the first certificate of {files.cert}"
+        )
+    client_ca_pem = None
+    if files.client_ca is not None:
+        client_ca_pem = _read(files.client_ca, "client CA file")
+        _certificates(files.client_ca, "client CA file", client_ca_pem)
+    return CertificateSet(chain_pem, key_pem, client_ca_pem, leaf)
+
+
+def check(settings: Settings) -> None:
+    """Raise StreamflowError when TLS is on and its files cannot be served."""
+    files = tls_files(settings)
+    if files is not None:
+        load(files)
+
+
+class CertificateReloader:
+    """grpc's certificate-configuration fetcher: a new configuration when the files changed to a valid set,
+    None (keep serving) otherwise. Called on grpc's threads, for every new handshake; never raises."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self._files = files
+        self._lock = threading.Lock()
+        try:
+            self._served = files.signature()  # before the read: a change in between shows on a handshake
+        except OSError:
+            self._served = ()  # `load` names the missing file
+        self.initial = load(files)
+        self._refusing = False
+        log.info(
+            "TLS certificate served: %s",
+            _summary(self.initial),
+            extra=event("tls_certificate_served", **self.initial.describe()),
+        )
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            try:
+                return self._check()
+            except Exception:  # grpc would fail the handshake; the set in force keeps serving instead
+                self._refuse("unexpected error", exc_info=True)
+                return None
+
+    def _check(self) -> grpc.ServerCertificateConfiguration | None:
+        try:
+            signature = self._files.signature()
+        except OSError as exc:
+            self._refuse(f"{exc.filename}: {exc.strerror}")
+            return None
+        if signature == self._served:
+            self._refusing = False  # the files are back to the served set: whatever was wrong is over
+            return None
+        try:
+            candidate = load(self._files)
+        except StreamflowError as exc:
+            self._refuse(str(exc))
+            return None
+        self._served, self._refusing = signature, False
+        log.info(
+            "TLS certificate rotated, new connections get %s",
+            _summary(candidate),
+            extra=event("tls_certificate_served", **candidate.describe()),
+        )
+        return candidate.configuration()
+
+    def _refuse(self, why: str, exc_info: bool = False) -> None:
+        """Warn once per episode: every handshake meanwhile would repeat it."""
+        if self._refusing:
+            return
+        self._refusing = True
+        log.warning(
+            "TLS files changed but cannot be served (%s); the previous certificate stays in force and the "
+            "files are tried again on each new connection",
+            why,
+            exc_info=exc_info,
+            extra=event("tls_rotation_refused", reason=why),
+        )
+
+
+def _summary(served: CertificateSet) -> str:
+    return ", ".join(f"{name} {value}" for name, value in served.describe().items())
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """Dynamic TLS credentials for the gRPC port (client certificates required when a client CA is set);
+    None when TLS is off. Raises StreamflowError when the files are missing or invalid."""
+    files = tls_files(settings)
+    if files is None:
+        return None
+    reloader = CertificateReloader(files)
+    return grpc.dynamic_ssl_server_credentials(
+        reloader.initial.configuration(),
+        reloader,  # type: ignore[arg-type]  # grpc documents None as "no change"; its stub omits it
+        require_client_authentication=files.client_ca is not None,
+    )
