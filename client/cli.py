@@ -2,12 +2,15 @@
 
 Results go to stdout. A failed call prints its typed error (code, reason, metadata, violations) as JSON on
 stderr and exits 1. In `batch`, a user that cannot be scored is a result with an `error`, not a failure.
+TLS files that cannot be used are one line on stderr and exit 2. The token is best passed in the
+STREAMFLOW_TOKEN environment variable: a command-line argument shows in `ps`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -19,6 +22,8 @@ import grpc
 from client.churn_client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, ChurnClient
 from client.errors import ChurnServiceError
 from client.results import Prediction
+
+TOKEN_VARIABLE = "STREAMFLOW_TOKEN"
 
 
 def _positive_seconds(text: str) -> float:
@@ -38,6 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_seconds,
         default=DEFAULT_TIMEOUT_S,
         help=f"deadline of the call in seconds, retries included (default {DEFAULT_TIMEOUT_S})",
+    )
+    parser.add_argument(
+        "--ca-file", help="PEM CA bundle the server's certificate must chain to (turns TLS on)"
+    )
+    parser.add_argument(
+        "--cert-file", help="PEM client certificate for mTLS (turns TLS on; needs --key-file)"
+    )
+    parser.add_argument("--key-file", help="PEM private key of --cert-file")
+    parser.add_argument("--server-name", help="name the server's certificate must carry, if not the host's")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_VARIABLE),
+        help=f"sent as `authorization: Bearer TOKEN` (default: ${TOKEN_VARIABLE}, which `ps` does not show)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     predict = commands.add_parser("predict", help="score one user")
@@ -80,7 +98,23 @@ def _run(client: ChurnClient, args: argparse.Namespace) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with ChurnClient(args.target, timeout=args.timeout) as client:
+    try:
+        client = ChurnClient(
+            args.target,
+            timeout=args.timeout,
+            ca=args.ca_file,
+            certificate=args.cert_file,
+            key=args.key_file,
+            server_name=args.server_name,
+            token=args.token,
+        )
+    except OSError as error:
+        print(f"streamflow-client: error: {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"streamflow-client: error: {error}", file=sys.stderr)
+        return 2
+    with client:
         try:
             output = _run(client, args)
         except ChurnServiceError as error:
