@@ -16,7 +16,9 @@ from client.errors import (
     InvalidArgumentError,
     OverloadedError,
     PreconditionViolation,
+    RateLimitedError,
     ServiceUnavailableError,
+    UnauthenticatedError,
 )
 from client.results import (
     BatchResult,
@@ -49,7 +51,9 @@ __all__ = [
     "OverloadedError",
     "PreconditionViolation",
     "Prediction",
+    "RateLimitedError",
     "ReloadFailure",
     "Runtime",
     "ServiceUnavailableError",
+    "UnauthenticatedError",
 ]

@@ -2,7 +2,8 @@
 
 The server follows AIP-193: one `ErrorInfo` (reason, domain, metadata) plus a `BadRequest` or a
 `PreconditionFailure` where they help. Each canonical code a caller handles differently gets its own class;
-every other code (INTERNAL, RESOURCE_EXHAUSTED, ...) is a plain `ChurnServiceError`.
+every other code (INTERNAL, PERMISSION_DENIED, ...) is a plain `ChurnServiceError`. RESOURCE_EXHAUSTED is
+`RateLimitedError` for a spent quota and `OverloadedError` otherwise.
 """
 
 from __future__ import annotations
@@ -109,6 +110,16 @@ class OverloadedError(ChurnServiceError):
     retry after `retry_delay_s`, with backoff."""
 
 
+class RateLimitedError(ChurnServiceError):
+    """The caller is over its quota of users scored per second (RESOURCE_EXHAUSTED, reason `RATE_LIMITED`);
+    the call would pass after `retry_delay_s`."""
+
+
+class UnauthenticatedError(ChurnServiceError):
+    """The server needs a token and the call's is missing, malformed or not recognised (UNAUTHENTICATED);
+    `metadata["credential"]` says which."""
+
+
 _ERROR_CLASSES: dict[grpc.StatusCode, type[ChurnServiceError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: EntityNotFoundError,
@@ -116,7 +127,10 @@ _ERROR_CLASSES: dict[grpc.StatusCode, type[ChurnServiceError]] = {
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
 }
+_ERROR_CLASSES_BY_REASON: dict[str, type[ChurnServiceError]] = {"RATE_LIMITED": RateLimitedError}
+"""Where one code has several meanings for a caller (RESOURCE_EXHAUSTED: a busy server or a spent quota)."""
 _CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -132,7 +146,8 @@ def error_from_status(status: status_pb2.Status) -> ChurnServiceError:
         for message in (info, bad_request, precondition, retry):
             if detail.Is(message.DESCRIPTOR):
                 detail.Unpack(message)
-    return _ERROR_CLASSES.get(code, ChurnServiceError)(
+    error_class = _ERROR_CLASSES_BY_REASON.get(info.reason) or _ERROR_CLASSES.get(code, ChurnServiceError)
+    return error_class(
         code=code,
         message=status.message,
         reason=info.reason,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -34,14 +35,16 @@ from grpc_reflection.v1alpha import reflection
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from server import metrics, tls, tracing
+from server.auth import Authenticator
 from server.health import SERVING, HealthService
 from server.heap import limit_malloc_arenas
 from server.model_loader import LoadedModel, ModelTarget
 from server.model_watcher import ModelWatcher
 from server.observers import call_observers
 from server.predictor import Predictor
-from server.rpc import CallGuard, register
-from server.servicer import PredictionServicer
+from server.quotas import RateLimiter, SharedBuckets
+from server.rpc import CallGuard, Policy, register, register_reflection
+from server.servicer import PredictionServicer, users_requested
 from server.workers import METRICS_CHECK_S, run_workers, worker_count
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
@@ -147,20 +150,31 @@ class PredictionServer:
 
 
 def create_server(
-    settings: Settings, predictor: Predictor | None = None, reuse_port: bool = False
+    settings: Settings,
+    predictor: Predictor | None = None,
+    reuse_port: bool = False,
+    buckets: SharedBuckets | None = None,
 ) -> PredictionServer:
     """Start a server on `settings.listen_host:settings.port` and its registry watcher.
 
     Health reports NOT_SERVING until the watcher has loaded a model. `reuse_port` lets several workers
-    share the port; off, a port in use is an error. Raises StreamflowError when the port cannot be bound.
+    share the port; off, a port in use is an error. `buckets` holds the callers' quotas, shared with the
+    other workers (a server of its own otherwise). Raises StreamflowError when the port cannot be bound or
+    the tokens file cannot be read.
     """
+    authenticator = Authenticator.from_settings(
+        settings.auth_tokens_file, client_certificates=settings.tls_client_ca_file is not None
+    )
+    limiter = None
+    if settings.rate_limit_rps:
+        limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst, buckets or SharedBuckets())
     if predictor is None:
         predictor = Predictor(settings, ModelWatcher(settings))
     event_loop = EventLoopThread()
     batch_pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="batch")
     predict_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
     servicer = PredictionServicer(predictor, predict_pool, batch_pool, settings.max_batch_size)
-    guard = CallGuard(settings.max_concurrent_rpcs, call_observers(settings))
+    guard = CallGuard(settings.max_concurrent_rpcs, call_observers(settings), authenticator, limiter)
     try:
         server, port, health_service, health_server = event_loop.run(
             _start(settings, servicer, guard, reuse_port)
@@ -203,13 +217,12 @@ async def _start(
             *FLOOD_OPTIONS,
         ],
     )
-    register(server, pb.DESCRIPTOR.services_by_name["PredictionService"], servicer, guard, admit=True)
+    predictions = Policy(admit=True, authenticate=True, cost=users_requested)
+    register(server, pb.DESCRIPTOR.services_by_name["PredictionService"], servicer, guard, predictions)
     health_service = HealthService(HEALTH_SERVICES)
-    register(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_service, guard, admit=False)
+    register(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_service, guard, Policy())
     if settings.reflection_on:
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        register_reflection(server, (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), guard)
     port = _bind(server, settings.listen_host, settings.port, credentials)
     health_server = None
     if settings.health_port:
@@ -221,7 +234,7 @@ async def _start(
             health_pb2.DESCRIPTOR.services_by_name["Health"],
             health_service,
             guard,
-            admit=False,
+            Policy(),
         )
         _bind(health_server, settings.listen_host, settings.health_port, None)
     for started in (server,) if health_server is None else (server, health_server):
@@ -271,14 +284,17 @@ def serve(settings: Settings) -> int:
             path = stack.enter_context(metrics.multiprocess_dir())
             endpoint = metrics.MetricsEndpoint(settings.listen_host, settings.metrics_port, path)
             stack.callback(endpoint.close)
+        # Before the fork: every worker takes the callers' quotas from the same buckets.
+        buckets = SharedBuckets() if settings.rate_limit_rps else None
         if workers > 1:
             ModelTarget.parse(settings.model_uri)  # a malformed URI: one clear error, not one per worker
-            tls.check(settings)  # likewise unusable TLS files
-            return run_workers(settings, workers, serve_worker, endpoint)
-        return _serve_process(settings, reuse_port=False, endpoint=endpoint)
+            Authenticator.from_settings(settings.auth_tokens_file, False)  # likewise a bad tokens file
+            tls.check(settings)  # and unusable TLS files
+            return run_workers(settings, workers, functools.partial(serve_worker, buckets=buckets), endpoint)
+        return _serve_process(settings, reuse_port=False, endpoint=endpoint, buckets=buckets)
 
 
-def serve_worker(settings: Settings, replacement: bool = False) -> int:
+def serve_worker(settings: Settings, replacement: bool = False, buckets: SharedBuckets | None = None) -> int:
     """One of several processes serving `settings.port` (the supervisor announces the address).
 
     A `replacement` of a dead worker loads its model before it binds the port: bound at once, it would be
@@ -292,7 +308,7 @@ def serve_worker(settings: Settings, replacement: bool = False) -> int:
             time.sleep(settings.poll_interval_s)
             watcher.poll()
         predictor = Predictor(settings, watcher)
-    return _serve_process(settings, reuse_port=True, predictor=predictor)
+    return _serve_process(settings, reuse_port=True, predictor=predictor, buckets=buckets)
 
 
 def _serve_process(
@@ -300,6 +316,7 @@ def _serve_process(
     reuse_port: bool,
     predictor: Predictor | None = None,
     endpoint: metrics.MetricsEndpoint | None = None,
+    buckets: SharedBuckets | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; `endpoint` (one worker only) is kept serving meanwhile."""
     stopping = threading.Event()
@@ -310,7 +327,7 @@ def _serve_process(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    running = create_server(settings, predictor, reuse_port=reuse_port)
+    running = create_server(settings, predictor, reuse_port=reuse_port, buckets=buckets)
     if reuse_port:
         log.info("worker %d listening on %s:%d", os.getpid(), settings.listen_host, running.port)
     else:

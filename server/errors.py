@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -77,6 +78,9 @@ class ServingError(StreamflowError):
         self.metadata = dict(metadata or {})
         self.field_violations = tuple(field_violations)
 
+    retry_after_s: float | None = None
+    """Set on a failure worth retrying after a known delay: its status then carries `RetryInfo`."""
+
 
 class InvalidUserId(ServingError):
     """A `user_id` that is empty, too long or outside `[A-Za-z0-9_-]`."""
@@ -130,6 +134,39 @@ class Overloaded(ServingError):
             f"{self.retry_after_s:g} s with backoff",
             {"maxConcurrentRpcs": str(limit)},
         )
+
+
+class Unauthenticated(ServingError):
+    """A call without a recognised token, where the server asks for one. The message never repeats what
+    the caller sent: a mistyped token is still close to a secret."""
+
+    HOW: ClassVar[str] = "send the metadata `authorization: Bearer <token>` with a token the operator issued"
+    PROBLEMS: ClassVar[dict[str, str]] = {
+        "missing": "this server needs a token and the call carries none",
+        "malformed": "the call's `authorization` metadata is not `Bearer <token>`",
+        "unrecognized": "the call's token is not one this server accepts (unknown or revoked)",
+    }
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{self.PROBLEMS[problem]}; {self.HOW}", {"credential": problem})
+
+
+class RateLimited(ServingError):
+    """A caller over its quota of users scored per second; the status says when the call would pass."""
+
+    def __init__(self, caller: str, rate: float, cost: int, retry_after_s: float) -> None:
+        super().__init__(
+            f"caller {echo(caller, quoted=True)} is over its quota of {rate:g} users scored per second "
+            f"(this call scores {cost}); retry after {retry_after_s:.3g} s",
+            {
+                "caller": echo(caller),
+                "usersPerSecond": f"{rate:g}",
+                "cost": str(cost),
+                "retryAfterSeconds": f"{retry_after_s:.3g}",
+            },
+        )
+        self.caller = caller
+        self.retry_after_s = retry_after_s
 
 
 class UnknownService(ServingError):
@@ -237,6 +274,8 @@ ERROR_TABLE: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
     InvalidBatch: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_BATCH"),
     MalformedRequest: (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST"),
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED"),
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    RateLimited: (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED"),
     UnknownService: (grpc.StatusCode.NOT_FOUND, "SERVICE_UNKNOWN"),
     EntityNotFound: (grpc.StatusCode.NOT_FOUND, "ENTITY_NOT_FOUND"),
     FeaturesMissing: (grpc.StatusCode.FAILED_PRECONDITION, "FEATURES_MISSING"),
@@ -298,7 +337,12 @@ def status_of(error: ServingError) -> status_pb2.Status:
             ]
         )
         status.details.append(_packed(failure))
-    if isinstance(error, Overloaded):
+    if isinstance(error, RateLimited):
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=f"caller:{echo(error.caller)}", description=error.message
+        )
+        status.details.append(_packed(error_details_pb2.QuotaFailure(violations=[violation])))
+    if error.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))
         status.details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))

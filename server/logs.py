@@ -38,8 +38,18 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 # The access line: its message template and the names of its arguments, in order. The JSON formatter pairs
 # them up; nothing is formatted for a line the rate limit drops.
-_ACCESS_MESSAGE = "%s %s %.3f ms request_id=%s trace_id=%s model_version=%s users=%d peer=%s"
-_ACCESS_FIELDS = ("method", "code", "duration_ms", "request_id", "trace_id", "model_version", "users", "peer")
+_ACCESS_MESSAGE = "%s %s %.3f ms request_id=%s trace_id=%s model_version=%s users=%d caller=%s peer=%s"
+_ACCESS_FIELDS = (
+    "method",
+    "code",
+    "duration_ms",
+    "request_id",
+    "trace_id",
+    "model_version",
+    "users",
+    "caller",
+    "peer",
+)
 
 
 def event(name: str, **fields: object) -> dict[str, object]:
@@ -186,6 +196,7 @@ class AccessLog:
             trace_id,
             call.model_version,
             call.users,
+            call.caller,
             call.context.peer(),
         )
 

@@ -114,6 +114,15 @@ STORE_ERRORS = Counter(
     "Online-store reads that failed as unavailable (unreachable, or refused at once while it is down).",
     ("store",),
 )
+CALLER_CALLS = Counter(
+    "streamflow_caller_calls_total",
+    "PredictionService calls by caller (token name, certificate subject, anonymous or unauthenticated), "
+    "method and status code.",
+    ("caller", "grpc_method", "grpc_code"),
+)
+CALLER_USERS = Counter(
+    "streamflow_caller_users_total", "Users scored by PredictionService calls, by caller.", ("caller",)
+)
 WORKER_RESTARTS = Counter(
     "streamflow_worker_restarts_total",
     "Worker processes the supervisor started again after a death.",
@@ -121,6 +130,8 @@ WORKER_RESTARTS = Counter(
 )
 
 ALL_METRICS = (
+    CALLER_CALLS,
+    CALLER_USERS,
     GRPC_STARTED,
     GRPC_HANDLED,
     GRPC_HANDLING_SECONDS,
@@ -261,6 +272,7 @@ class MetricsObserver:
 
     def __init__(self) -> None:
         self._methods: dict[tuple[str, str], _MethodChildren] = {}
+        self._callers: dict[tuple[str, str, grpc.StatusCode], Counter] = {}
 
     def _children(self, call: Call) -> _MethodChildren:
         key = (call.service, call.method)
@@ -279,8 +291,15 @@ class MetricsObserver:
         children = self._children(call)
         children.handled_child(call.code).inc()
         children.seconds.observe(call.seconds)
-        if children.in_flight is not None:
+        if children.in_flight is not None:  # a PredictionService call: counted per caller too
             children.in_flight.dec()
+            key = (call.caller, call.method, call.code)
+            calls = self._callers.get(key)
+            if calls is None:
+                calls = self._callers[key] = CALLER_CALLS.labels(call.caller, call.method, call.code.name)
+            calls.inc()
+            if call.users:
+                CALLER_USERS.labels(call.caller).inc(call.users)
 
 
 # --- one folder and one endpoint per server run -------------------------------------------------------------

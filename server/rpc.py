@@ -5,6 +5,10 @@ It registers each service's methods itself, with the request left as bytes, so t
 - the request is decoded here: bytes that are not a valid request message (invalid UTF-8 in a string,
   random bytes) are INVALID_ARGUMENT `MALFORMED_REQUEST`, where grpc would answer UNKNOWN with a Python
   class name and log a traceback per call;
+- the caller is named (`server/auth.py`: a bearer token's name, else the client certificate's subject) and,
+  where the server asks for tokens, a call without a valid one is UNAUTHENTICATED before its bytes are read;
+- a caller over its quota of users scored per second gets RESOURCE_EXHAUSTED `RATE_LIMITED` with
+  `QuotaFailure` and `RetryInfo` (`server/quotas.py`);
 - admission control caps the PredictionService calls running at once (`settings.max_concurrent_rpcs`); the
   excess gets a retryable RESOURCE_EXHAUSTED `OVERLOADED` with `RetryInfo`. Health is never counted, so probes
   answer under any flood (grpc's own `maximum_concurrent_rpcs` counted them, and answered some rejected calls
@@ -24,7 +28,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,22 +37,39 @@ import grpc
 from google.protobuf import descriptor, message_factory
 from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_status import rpc_status
 
+from server.auth import ANONYMOUS, UNAUTHENTICATED, Authenticator
 from server.errors import (
     MalformedRequest,
     Overloaded,
     ServingError,
+    Unauthenticated,
     bounded,
     internal_status,
     row_of,
     status_of,
 )
 from server.log_limits import ThrottledLog
+from server.quotas import RateLimiter
 
 log = logging.getLogger(__name__)
 
 Method = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamMethod = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the guard does for the calls of one service beyond decoding and error mapping."""
+
+    admit: bool = False
+    """Count the calls against `max_concurrent_rpcs`."""
+    authenticate: bool = False
+    """Ask for a token (when the server has tokens); health never does."""
+    cost: Callable[[Any], int] | None = None
+    """Users a decoded request scores, counted against the caller's quota; None: no quota."""
 
 
 @dataclass
@@ -65,6 +86,8 @@ class Call:
     code: grpc.StatusCode = grpc.StatusCode.OK
     model_version: str = ""
     users: int = 0
+    caller: str = ANONYMOUS
+    """Who called: a token's name, a client certificate's subject, `anonymous`, or `unauthenticated`."""
 
     @functools.cached_property
     def request_id(self) -> str:
@@ -94,13 +117,21 @@ class CallObserver(Protocol):
 
 
 class CallGuard:
-    """Per process: counts the calls it admits, remembers the last arrival, throttles failure logs, and
-    tells the observers of each call."""
+    """Per process: names callers, takes their quotas, counts the calls it admits, remembers the last
+    arrival, throttles failure logs, and tells the observers of each call."""
 
-    def __init__(self, max_concurrent_rpcs: int, observers: Sequence[CallObserver] = ()) -> None:
+    def __init__(
+        self,
+        max_concurrent_rpcs: int,
+        observers: Sequence[CallObserver] = (),
+        authenticator: Authenticator | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.in_flight = 0
         self._observers = tuple(observers)
+        self._authenticator = authenticator
+        self._limiter = limiter
         self._last_arrival = 0.0
         self._logs = ThrottledLog(log)
 
@@ -125,10 +156,13 @@ class CallGuard:
 
         return run
 
-    def handler(self, method: Method, full_name: str, request_type: type[Message]) -> Method:
-        """`method` behind the decoding, error mapping and observers every call gets; takes the request's
-        bytes."""
+    def handler(self, method: Method, full_name: str, request_type: type[Message], policy: Policy) -> Method:
+        """`method` behind the decoding, error mapping and observers every call gets, and what `policy`
+        asks for; takes the request's bytes."""
         service, name = full_name.strip("/").split("/")
+        authenticator = self._authenticator if policy.authenticate else None
+        limiter = self._limiter if policy.cost is not None else None
+        cost = policy.cost
 
         async def run(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             self._last_arrival = time.monotonic()
@@ -137,6 +171,9 @@ class CallGuard:
             for observer in self._observers:
                 observer.started(call)
             try:
+                if authenticator is not None:
+                    call.caller = UNAUTHENTICATED
+                    call.caller = authenticator.caller(context)
                 try:
                     request = request_type.FromString(raw)
                 except DecodeError:
@@ -148,6 +185,8 @@ class CallGuard:
                         len(raw),
                     )
                     raise MalformedRequest(full_name, len(raw)) from None
+                if limiter is not None and cost is not None:
+                    limiter.take(call.caller, cost(request))
                 response = await method(request, context)
             except asyncio.CancelledError:  # the caller went away or its deadline passed
                 call.code = grpc.StatusCode.CANCELLED
@@ -162,6 +201,21 @@ class CallGuard:
             self._finished(call)
             # Outside the except block: abort raises, and must not be caught as an unexpected failure.
             await _abort(context, bounded(status))
+
+        return run
+
+    def authenticated_stream(self, method: StreamMethod) -> StreamMethod:
+        """A streaming `method` (reflection) behind the token check, when the server has tokens."""
+        authenticator = self._authenticator
+
+        async def run(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if authenticator is not None:
+                try:
+                    authenticator.caller(context)
+                except Unauthenticated as exc:
+                    await _abort(context, status_of(exc))
+            async for response in method(requests, context):
+                yield response
 
         return run
 
@@ -210,10 +264,10 @@ def register(
     service: descriptor.ServiceDescriptor,
     servicer: object,
     guard: CallGuard,
-    admit: bool,
+    policy: Policy,
 ) -> None:
-    """Serve `servicer`'s unary-request methods of `service` through `guard`; `admit` counts them against
-    the concurrency limit. A unary-stream method writes its responses with `context.write`."""
+    """Serve `servicer`'s unary-request methods of `service` through `guard`, as `policy` says. A
+    unary-stream method writes its responses with `context.write`."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         if method.client_streaming:
@@ -222,7 +276,7 @@ def register(
         request_type = message_factory.GetMessageClass(method.input_type)
         response_type = message_factory.GetMessageClass(method.output_type)
         behavior: Method = getattr(servicer, method.name)
-        if admit:
+        if policy.admit:
             behavior = guard.admitted(behavior, full_name)
         make = (
             grpc.unary_stream_rpc_method_handler
@@ -230,10 +284,24 @@ def register(
             else grpc.unary_unary_rpc_method_handler
         )
         handlers[method.name] = make(
-            guard.handler(behavior, full_name, request_type),
+            guard.handler(behavior, full_name, request_type, policy),
             request_deserializer=None,  # bytes: decoding is the guard's, so bad bytes get a real status
             response_serializer=response_type.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     # As generated code does: registered methods skip grpc's per-call lookup (grpc-stubs predates them).
     server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+
+
+def register_reflection(server: grpc.aio.Server, service_names: Sequence[str], guard: CallGuard) -> None:
+    """Serve server reflection (v1alpha, what grpcurl asks for) for `service_names`, behind the token check
+    when the server has tokens: a service's shape is for its callers only."""
+    servicer = reflection.aio.ReflectionServicer(service_names)  # type: ignore[attr-defined]
+    handler = grpc.stream_stream_rpc_method_handler(
+        guard.authenticated_stream(servicer.ServerReflectionInfo),
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(reflection.SERVICE_NAME, {"ServerReflectionInfo": handler}),)
+    )

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 
 import grpc
+from google.protobuf.message import Message
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from server import converters, tracing
@@ -82,3 +83,11 @@ class PredictionServicer:
 def _version_of(results: Sequence[Prediction | FeatureError]) -> str:
     """The model version that scored `results` ("" when none was scored)."""
     return next((r.model.version for r in results if isinstance(r, Prediction)), "")
+
+
+def users_requested(request: Message) -> int:
+    """What a call costs against its caller's quota: the users it asks to score, at least 1 (ModelInfo, an
+    empty batch), so that no call is free."""
+    if isinstance(request, pb.BatchPredictRequest):
+        return max(1, len(request.user_ids))
+    return 1

@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from streamflow.errors import StreamflowError
 from streamflow.settings import load_settings
 
@@ -26,7 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; expected failures exit 1 with one sentence on stderr and no traceback."""
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except ValidationError as exc:
+        for problem in exc.errors():
+            where = ".".join(str(part) for part in problem["loc"])
+            name = f"STREAMFLOW_{where.upper()}: " if where else ""
+            print(f"error: {name}{problem['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
     # Before the parser imports the packages: MLflow reads its logging variables when it is imported.
     from server.logs import configure_logging
 

@@ -130,9 +130,11 @@ def test_every_line_is_json_with_one_access_line_per_call_and_no_noise(
             "trace_id",
             "model_version",
             "users",
+            "caller",
             "peer",
         }
         assert line["logger"] == "streamflow.access"
+        assert line["caller"] == "anonymous"  # no tokens, no client certificates
         assert line["level"] == ("INFO" if line["code"] == "OK" else "WARNING")
         assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
         assert re.fullmatch(r"[0-9a-f]{32}", line["request_id"])
