@@ -80,6 +80,10 @@ class PredictionServiceServicer:
         - INVALID_ARGUMENT (MALFORMED_REQUEST) when the request bytes do not decode as a PredictRequest.
         - RESOURCE_EXHAUSTED (OVERLOADED, with a `google.rpc.RetryInfo`) when the server process runs its maximum
         number of concurrent calls; safe to retry after the delay, with backoff.
+        - UNAUTHENTICATED (UNAUTHENTICATED) when the server asks for tokens and the call's `authorization:
+        Bearer <token>` metadata is missing, malformed or not recognised (`metadata["credential"]` says which).
+        - RESOURCE_EXHAUSTED (RATE_LIMITED, with a `google.rpc.QuotaFailure` and a `google.rpc.RetryInfo`) when
+        the caller is over its quota of users scored per second; the call would pass after the delay.
         - INTERNAL with a request id for anything unexpected.
 
         Every error status, message and details together, stays under 8 KiB of trailers whatever the input:
@@ -101,8 +105,8 @@ class PredictionServiceServicer:
         (1,000 by default; `STREAMFLOW_MAX_BATCH_SIZE`) or holds a malformed id; a `BadRequest` names each
         offending `user_ids[i]`.
         At most 20 violations are listed; `ErrorInfo.metadata["violations"]` counts them all.
-        - INVALID_ARGUMENT (MALFORMED_REQUEST), UNAVAILABLE, RESOURCE_EXHAUSTED and INTERNAL as for Predict, for
-        the whole batch.
+        - INVALID_ARGUMENT (MALFORMED_REQUEST), UNAVAILABLE, UNAUTHENTICATED, RESOURCE_EXHAUSTED and INTERNAL as
+        for Predict, for the whole batch. Against a quota, a batch costs one per requested id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,7 +118,8 @@ class PredictionServiceServicer:
 
         Returns:
         - UNAVAILABLE (MODEL_NOT_LOADED) when no model is loaded yet.
-        - INVALID_ARGUMENT (MALFORMED_REQUEST) and RESOURCE_EXHAUSTED (OVERLOADED) as for Predict.
+        - INVALID_ARGUMENT (MALFORMED_REQUEST), UNAUTHENTICATED and RESOURCE_EXHAUSTED (OVERLOADED or
+        RATE_LIMITED, costing one) as for Predict.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
