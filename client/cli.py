@@ -33,30 +33,48 @@ def _positive_seconds(text: str) -> float:
     return seconds
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="streamflow-client", description=__doc__)
+def _add_connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options of the connection, accepted before and after the command. Only the main parser has
+    defaults: after the command, an option left out must not overwrite one given before it."""
+
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
     parser.add_argument(
-        "--target", default=DEFAULT_TARGET, help=f"server host:port (default {DEFAULT_TARGET})"
+        "--target", default=default(DEFAULT_TARGET), help=f"server host:port (default {DEFAULT_TARGET})"
     )
     parser.add_argument(
         "--timeout",
         type=_positive_seconds,
-        default=DEFAULT_TIMEOUT_S,
+        default=default(DEFAULT_TIMEOUT_S),
         help=f"deadline of the call in seconds, retries included (default {DEFAULT_TIMEOUT_S})",
     )
     parser.add_argument(
-        "--ca-file", help="PEM CA bundle the server's certificate must chain to (turns TLS on)"
+        "--ca-file",
+        default=default(None),
+        help="PEM CA bundle the server's certificate must chain to (turns TLS on)",
     )
     parser.add_argument(
-        "--cert-file", help="PEM client certificate for mTLS (turns TLS on; needs --key-file)"
+        "--cert-file",
+        default=default(None),
+        help="PEM client certificate for mTLS (turns TLS on; needs --key-file)",
     )
-    parser.add_argument("--key-file", help="PEM private key of --cert-file")
-    parser.add_argument("--server-name", help="name the server's certificate must carry, if not the host's")
+    parser.add_argument("--key-file", default=default(None), help="PEM private key of --cert-file")
+    parser.add_argument(
+        "--server-name",
+        default=default(None),
+        help="name the server's certificate must carry, if not the host's",
+    )
     parser.add_argument(
         "--token",
-        default=os.environ.get(TOKEN_VARIABLE),
+        default=default(os.environ.get(TOKEN_VARIABLE)),
         help=f"sent as `authorization: Bearer TOKEN` (default: ${TOKEN_VARIABLE}, which `ps` does not show)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamflow-client", description=__doc__)
+    _add_connection_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     predict = commands.add_parser("predict", help="score one user")
     predict.add_argument("user_id", metavar="USER_ID")
@@ -64,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "user_ids", metavar="USER_ID", nargs="*", help="ids to score; none (or -) reads them from stdin"
     )
-    commands.add_parser("info", help="describe the model now answering")
+    info = commands.add_parser("info", help="describe the model now answering")
+    for command in (predict, batch, info):
+        _add_connection_options(command, defaults=False)
     return parser
 
 

@@ -269,8 +269,10 @@ def test_cli_batch_prints_one_result_per_id(served_embedded: str, from_stdin: bo
     assert unknown["error"]["reason"] == "ENTITY_NOT_FOUND"
 
 
-def test_cli_info_prints_the_model(served_embedded: str) -> None:
-    result = run_cli("--target", served_embedded, "info")
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_cli_info_prints_the_model(served_embedded: str, where: str) -> None:
+    options = ("--target", served_embedded, "--timeout", "30")
+    result = run_cli(*options, "info") if where == "before" else run_cli("info", *options)
 
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
@@ -294,7 +296,16 @@ def test_cli_error_prints_the_decoded_error_on_stderr_and_exits_1(served_embedde
 
 
 def test_cli_refuses_a_non_positive_timeout() -> None:
-    result = run_cli("--timeout", "0", "info")
+    for args in (("--timeout", "0", "info"), ("info", "--timeout", "0")):
+        result = run_cli(*args)
 
-    assert result.returncode == 2
-    assert "--timeout: must be a positive number of seconds, got 0" in result.stderr
+        assert result.returncode == 2
+        assert "--timeout: must be a positive number of seconds, got 0" in result.stderr
+
+
+def test_cli_options_after_the_command_do_not_undo_those_before_it(served_embedded: str) -> None:
+    """An option given before the command stays in force when others follow the command."""
+    result = run_cli("--target", served_embedded, "predict", "--timeout", "30", FIRST_USER_ID)
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["user_id"] == FIRST_USER_ID
