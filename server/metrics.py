@@ -39,6 +39,8 @@ from prometheus_client import (
     values,
 )
 
+from streamflow.model_contract import is_churn
+
 if TYPE_CHECKING:
     from server.model_loader import LoadedModel
     from server.rpc import Call
@@ -221,8 +223,7 @@ def scoring(
             feature_problem(item)
     histogram = CHURN_PROBABILITY.labels(model.ref.version)
     for probability in probabilities:
-        # As the pipeline's `predict`: the first class wins a tie, so 0.5 means stay.
-        _predictions[bool(probability > 0.5)].inc()
+        _predictions[is_churn(probability)].inc()
         histogram.observe(float(probability))
 
 

@@ -44,13 +44,16 @@ from server.domain import (
 from server.features import VALID_CATEGORIES, FeatureReader, FeatureRow, FeatureServiceError
 from server.onnx_runtime import Columns, ProbabilityModel, choose_runtime
 from streamflow.errors import StreamflowError
-from streamflow.model_contract import REQUIRED_METRICS, TAG_AS_OF, TAG_FEATURE_SERVICE, TAG_FINGERPRINT
+from streamflow.model_contract import (
+    CHURN_CLASS,
+    REQUIRED_METRICS,
+    TAG_AS_OF,
+    TAG_FEATURE_SERVICE,
+    TAG_FINGERPRINT,
+)
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
-
-CHURN_CLASS = 1
-"""The pipeline's positive class: `predict_proba(columns)[:, 1]` is the churn probability."""
 
 FAILED_TO_LOAD = "it failed to load; see the server log"
 """What callers are told about a refusal nobody foresaw (an exception from MLflow, Feast, the model)."""

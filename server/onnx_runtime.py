@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,22 +27,12 @@ import onnxruntime as ort
 import pandas as pd
 
 from server.domain import Runtime
+from streamflow.model_contract import ARTIFACT_DIR, EXPECTED_COLUMN, MODEL_FILE, SAMPLE_FILE, compare
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_DIR = "onnx"
-"""Folder of the version's run holding the export."""
-MODEL_FILE = "model.onnx"
-PARITY_FILE = "parity.json"
-SAMPLE_FILE = "parity_sample.parquet"
-PARITY_TAG = "onnx_parity"
-"""Model-version tag set by training: `ok` or `failed`."""
-PROBABILITY_TOLERANCE = 1e-5
-"""Largest accepted |probability difference| between the ONNX export and the pipeline."""
 PROBABILITIES_OUTPUT = "probabilities"
-EXPECTED_COLUMN = "expected_churn_probability"
-"""Column of the logged sample holding the pipeline's churn probability of each row."""
 
 # ONNX input element type -> the numpy dtype a frame column is converted to. Floats go in as float32 because
 # scikit-learn's trees compare float32 features too: feeding float64 flips splits that lie between the two.
@@ -121,37 +109,6 @@ class OnnxModel:
     def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         probabilities: np.ndarray = self._session.run(self._outputs, feed)[0]
         return probabilities
-
-
-@dataclass(frozen=True)
-class ParityReport:
-    """How closely the ONNX export reproduces the pipeline on a set of rows."""
-
-    rows: int
-    label_agreement: float
-    max_abs_probability_diff: float
-    tolerance: float = PROBABILITY_TOLERANCE
-
-    @property
-    def ok(self) -> bool:
-        """Identical labels and probabilities within the tolerance."""
-        close = self.max_abs_probability_diff <= self.tolerance
-        return self.rows > 0 and self.label_agreement == 1.0 and close
-
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "ok": self.ok}, indent=2)
-
-
-def compare(expected: np.ndarray, actual: np.ndarray) -> ParityReport:
-    """Parity of two churn-probability vectors: share of equal labels (churn when p > 0.5, as served) and
-    max |Δp|."""
-    if len(expected) == 0:
-        return ParityReport(rows=0, label_agreement=0.0, max_abs_probability_diff=float("inf"))
-    return ParityReport(
-        rows=len(expected),
-        label_agreement=float(np.mean((expected > 0.5) == (actual > 0.5))),
-        max_abs_probability_diff=float(np.abs(expected - actual).max()),
-    )
 
 
 def load_verified_onnx(export_dir: Path) -> OnnxModel:

@@ -16,8 +16,9 @@ from server import metrics, tracing
 from server.domain import ModelInfo, Prediction
 from server.errors import FeatureError, FieldViolation, InvalidBatch, InvalidUserId, ModelNotLoaded
 from server.features import FeatureRow
-from server.model_loader import CHURN_CLASS, LoadedModel
+from server.model_loader import LoadedModel
 from server.model_watcher import ModelWatcher
+from streamflow.model_contract import CHURN_CLASS, is_churn
 from streamflow.settings import Settings
 
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -102,8 +103,7 @@ class Predictor:
             results.append(
                 Prediction(
                     user_id=row.user_id,
-                    # As the pipeline's `predict`: the first class wins a tie, so 0.5 means stay.
-                    churn=bool(probability > 0.5),
+                    churn=is_churn(probability),
                     churn_probability=float(probability),
                     model=model.ref,
                     features=row.values,

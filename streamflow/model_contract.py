@@ -2,10 +2,17 @@
 
 Training (`training/train.py`) tags every registered version and logs its validation metrics on the version's
 run; the server (`server/model_loader.py`) refuses a version that lacks any of them, because only the training
-pipeline produces a model whose inputs and provenance it can trust.
+pipeline produces a model whose inputs and provenance it can trust. Training also logs the ONNX export in the
+layout below (`training/onnx_export.py`) with a parity report; the server re-checks that parity the same way
+(`compare`) before serving the export (`server/onnx_runtime.py`). Both label a probability with `is_churn`.
 """
 
 from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
 
 TAG_FEATURE_SERVICE = "feature_service"
 """Model-version tag: the Feast FeatureService whose features the model takes, e.g. `churn_model_v1`."""
@@ -21,3 +28,65 @@ METRIC_VAL_AUC = "val_auc"
 
 REQUIRED_METRICS: tuple[str, ...] = (METRIC_VAL_AUC,)
 """Run metrics a version must have logged to be served: proof it went through validation."""
+
+
+# --- the label --------------------------------------------------------------------------------------------
+CHURN_CLASS = 1
+"""The label of a churner in the training set, so the pipeline's `predict_proba(columns)[:, 1]` is the churn
+probability."""
+
+CHURN_THRESHOLD = 0.5
+"""A user is labelled churn when its churn probability is above this."""
+
+
+def is_churn(probability: float) -> bool:
+    """The label of a churn probability, as the pipeline's `predict` gives it: the first class (stay) wins a
+    tie, so exactly 0.5 is stay."""
+    return probability > CHURN_THRESHOLD
+
+
+# --- the ONNX export, logged in the version's run -----------------------------------------------------------
+ARTIFACT_DIR = "onnx"
+"""Folder of the version's run holding the export."""
+MODEL_FILE = "model.onnx"
+"""The export itself, in `ARTIFACT_DIR`."""
+PARITY_FILE = "parity.json"
+"""Training's parity report of the export against the pipeline, in `ARTIFACT_DIR`."""
+SAMPLE_FILE = "parity_sample.parquet"
+"""Validation rows with the pipeline's own churn probabilities (`EXPECTED_COLUMN`), in `ARTIFACT_DIR`."""
+EXPECTED_COLUMN = "expected_churn_probability"
+"""Column of the logged sample holding the pipeline's churn probability of each row."""
+PARITY_TAG = "onnx_parity"
+"""Model-version tag set by training: `ok` or `failed`."""
+PROBABILITY_TOLERANCE = 1e-5
+"""Largest accepted |probability difference| between the ONNX export and the pipeline."""
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    """How closely the export reproduces the pipeline on the same rows."""
+
+    rows: int
+    label_agreement: float
+    max_abs_probability_diff: float
+    tolerance: float = PROBABILITY_TOLERANCE
+
+    @property
+    def ok(self) -> bool:
+        """Identical labels and probabilities within the tolerance."""
+        close = self.max_abs_probability_diff <= self.tolerance
+        return self.rows > 0 and self.label_agreement == 1.0 and close
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "ok": self.ok}, indent=2)
+
+
+def compare(expected: np.ndarray, actual: np.ndarray) -> ParityReport:
+    """Parity of two churn-probability vectors: share of equal labels (`is_churn`) and max |Δp|."""
+    if len(expected) == 0:
+        return ParityReport(rows=0, label_agreement=0.0, max_abs_probability_diff=float("inf"))
+    return ParityReport(
+        rows=len(expected),
+        label_agreement=float(np.mean((expected > CHURN_THRESHOLD) == (actual > CHURN_THRESHOLD))),
+        max_abs_probability_diff=float(np.abs(expected - actual).max()),
+    )

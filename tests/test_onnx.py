@@ -21,18 +21,16 @@ from feature_repo.definitions import FEATURE_NAMES
 from feature_repo.store import open_store
 from server.domain import Runtime
 from server.model_loader import load_model
-from server.onnx_runtime import (
+from server.onnx_runtime import MIN_CHUNK_ROWS, OnnxModel, row_chunks
+from streamflow.model_contract import (
     ARTIFACT_DIR,
     EXPECTED_COLUMN,
-    MIN_CHUNK_ROWS,
     MODEL_FILE,
     PARITY_FILE,
     PARITY_TAG,
     SAMPLE_FILE,
-    OnnxModel,
     ParityReport,
     compare,
-    row_chunks,
 )
 from streamflow.settings import Settings
 from training.dataset import LABEL

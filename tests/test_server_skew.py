@@ -10,7 +10,7 @@ import numpy as np
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from feature_repo.definitions import FEATURE_NAMES, SNAPSHOT_DATES
-from server.onnx_runtime import PROBABILITY_TOLERANCE
+from streamflow.model_contract import PROBABILITY_TOLERANCE
 from streamflow.settings import Settings
 from tests.fixtures.serving import prediction_stub
 from training.dataset import training_set

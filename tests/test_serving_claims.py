@@ -19,7 +19,7 @@ from client import ChurnClient, DeadlineExceededError
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
-from server.onnx_runtime import ARTIFACT_DIR, PROBABILITY_TOLERANCE
+from streamflow.model_contract import ARTIFACT_DIR, PROBABILITY_TOLERANCE
 from streamflow.settings import Settings
 from tests.fixtures.proxy import counting_proxy
 from tests.fixtures.serving import prediction_stub, start_server

@@ -22,18 +22,18 @@ from skl2onnx.common.data_types import (
 )
 from sklearn.pipeline import Pipeline
 
-from server.onnx_runtime import (
+from server.onnx_runtime import OnnxModel
+from streamflow.errors import StreamflowError
+from streamflow.model_contract import (
     ARTIFACT_DIR,
     EXPECTED_COLUMN,
     MODEL_FILE,
     PARITY_FILE,
     PARITY_TAG,
     SAMPLE_FILE,
-    OnnxModel,
     ParityReport,
     compare,
 )
-from streamflow.errors import StreamflowError
 
 SAMPLE_ROWS = 256
 """Validation rows logged with the export; the server re-checks parity on them when it loads the model."""
