@@ -9,8 +9,9 @@ STAMP := $(VENV)/.installed-stamp
 # Reinstalls only when pyproject.toml changes, so a second `make run` starts in seconds.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "Installing StreamFlow and its dependencies into $(VENV) (a few minutes on a fresh clone)..."
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --progress-bar off -e '.[dev]'  # a line per package: progress on a fresh clone
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -82,7 +82,9 @@ def test_two_trainings_at_the_same_date_give_the_same_model(fresh_embedded_setti
     np.testing.assert_array_equal(predictions[0], predictions[1])
 
 
-def test_a_registered_version_carries_the_serving_contract(embedded_settings: Settings) -> None:
+def test_a_registered_version_carries_the_serving_contract(
+    embedded_settings: Settings, tmp_path: Path
+) -> None:
     client = mlflow_client(embedded_settings)
     version = client.get_model_version(embedded_settings.model_name, "1")
     frame = training_set(embedded_settings, JAN)
@@ -99,7 +101,8 @@ def test_a_registered_version_carries_the_serving_contract(embedded_settings: Se
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert artifacts == {"plots/roc_curve.png", "plots/confusion_matrix.png", "plots/feature_importance.png"}
-    schema = json.loads(Path(client.download_artifacts(run.info.run_id, "feature_schema.json")).read_text())
+    downloaded = client.download_artifacts(run.info.run_id, "feature_schema.json", str(tmp_path))
+    schema = json.loads(Path(downloaded).read_text())
     assert [f["name"] for f in schema["features"]] == list(FEATURE_NAMES)
     assert {f["name"] for f in schema["features"] if f["kind"] == "categorical"} == {"net_service"}
 
