@@ -211,12 +211,14 @@ def test_deployment_probes_resources_and_termination() -> None:
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {item["name"]: item.get("value") for item in container["env"]}
-    grpc_port = next(p for p in container["ports"] if p["name"] == "grpc")["containerPort"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     image_env = serving_image().env
 
-    assert grpc_port == int(env["STREAMFLOW_PORT"]) == int(image_env["STREAMFLOW_PORT"])
+    assert ports["grpc"] == int(env["STREAMFLOW_PORT"]) == int(image_env["STREAMFLOW_PORT"])
+    # Kubernetes gRPC probes cannot speak TLS: they ask the plaintext health-only port.
+    assert ports["health"] == int(env["STREAMFLOW_HEALTH_PORT"]) == int(image_env["STREAMFLOW_HEALTH_PORT"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == grpc_port, probe
+        assert container[probe]["grpc"]["port"] == ports["health"], probe
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
     assert container["startupProbe"]["grpc"]["service"] == SERVICE_NAME
     for kind in ("requests", "limits"):
@@ -230,3 +232,17 @@ def test_deployment_probes_resources_and_termination() -> None:
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
     assert service["spec"]["ports"][0]["targetPort"] == "grpc"
+
+
+def test_deployment_serves_tls_from_a_secret_volume_the_kubelet_can_update() -> None:
+    deployment = _manifests()["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+
+    assert mount["readOnly"] is True and "subPath" not in mount  # a subPath mount never sees a rotation
+    assert env["STREAMFLOW_TLS_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
+    assert env["STREAMFLOW_TLS_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
+    assert volume["secret"]["defaultMode"] == 0o440  # readable by the pod's fsGroup, nobody else

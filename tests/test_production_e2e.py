@@ -239,6 +239,8 @@ def test_image_entrypoint_keeps_serving_and_healthy_while_the_mlflow_server_is_d
             "STREAMFLOW_HOME": str(tmp_path / "home"),
             "STREAMFLOW_HOST": "127.0.0.1",
             "STREAMFLOW_PORT": str(port),
+            # The image's fixed health port, which its HEALTHCHECK probes, made free for this run.
+            "STREAMFLOW_HEALTH_PORT": str(free_port()),
             "STREAMFLOW_POSTGRES_DSN": settings.postgres_dsn,
             "STREAMFLOW_REDIS_URL": settings.redis_url,
             "STREAMFLOW_REDIS_KEY_PREFIX": settings.redis_key_prefix,
