@@ -25,8 +25,12 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 
-# promtool (Debian's `prometheus`) checks the alert rules in tests/test_operator_configs.py.
+# buf checks the contract as a fresh clone has it (tests/test_contract.py proves each check can fail); promtool
+# (Debian's `prometheus`) checks the alert rules in tests/test_operator_configs.py.
 test: install lint
+	$(BIN)/buf lint
+	$(BIN)/buf format --diff --exit-code --path protos/streamflow
+	$(BIN)/buf breaking --against protos/released/streamflow_serving_v1.image.yaml --exclude-imports
 	command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
 	$(BIN)/pytest -q
 
@@ -35,7 +39,8 @@ FUZZ_EXAMPLES ?= 20000
 fuzz: install
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider tests/test_wire_properties.py
 
-# Regenerates client/generated from protos/ (tests/test_contract.py fails when it is stale).
+# Regenerates client/generated and protos/streamflow_serving_v1.binpb from protos/ (tests/test_contract.py fails
+# when either is stale).
 protos: install
 	$(BIN)/python protos/generate.py
 

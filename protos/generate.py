@@ -1,14 +1,19 @@
-"""Generate the Python code of the contract into `client/generated` (also used by the staleness test).
+"""Generate what `make protos` commits from the contract: the Python code in `client/generated` and the
+FileDescriptorSet `protos/streamflow_serving_v1.binpb` (both checked for staleness by tests/test_contract.py).
 
 grpcio-tools writes `from streamflow.serving.v1 import ...` into the stubs, a path that only exists under the
 output folder; the import is rewritten to the package path so the generated code imports as
-`client.generated.streamflow.serving.v1`.
+`client.generated.streamflow.serving.v1`. Python code is generated for the contract only: the vendored
+google/rpc and grpc/health protos have theirs in googleapis-common-protos and grpcio-health-checking.
+
+The descriptor set holds every file under `protos/` with its imports (the well-known types) and comments, so
+`protoc --descriptor_set_in`, `grpcurl -protoset` (error details included) and proto-loader's
+`loadFileDescriptorSetFromBuffer` need nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,54 +22,33 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "protos"
+CONTRACT_DIR = PROTO_DIR / "streamflow"
 DEFAULT_OUT = ROOT / "client" / "generated"
+DESCRIPTOR_SET = PROTO_DIR / "streamflow_serving_v1.binpb"
 OUT_PACKAGE = "client.generated"
-# Copied at build time for buf: it cannot fetch googleapis from the Buf Schema Registry on these machines.
-THIRD_PARTY_DIR = ROOT / "build" / "third_party_protos"
-GOOGLE_RPC_PROTOS = ("status.proto", "error_details.proto")
+WELL_KNOWN = Path(grpc_tools.__file__).parent / "_proto"
 
 
-def proto_files() -> list[Path]:
-    """Every .proto of the contract, relative to `protos/`."""
-    return sorted(p.relative_to(PROTO_DIR) for p in PROTO_DIR.rglob("*.proto"))
+def proto_files(under: Path = PROTO_DIR) -> list[Path]:
+    """Every .proto under `under`, relative to `protos/`."""
+    return sorted(p.relative_to(PROTO_DIR) for p in under.rglob("*.proto"))
 
 
-def copy_google_rpc_protos() -> Path:
-    """Copy google/rpc protos from the installed googleapis-common-protos into build/ for buf."""
-    import google.rpc
-
-    src = Path(next(iter(google.rpc.__path__)))
-    dest = THIRD_PARTY_DIR / "google" / "rpc"
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in GOOGLE_RPC_PROTOS:
-        shutil.copyfile(src / name, dest / name)
-    return THIRD_PARTY_DIR
+def _protoc(*args: str) -> None:
+    if protoc.main(["grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{WELL_KNOWN}", *args]) != 0:
+        raise SystemExit(f"protoc failed: {' '.join(args)}")
 
 
 def generate(out: Path) -> list[Path]:
-    """Generate messages, gRPC stubs and type stubs into `out`; return the files written."""
+    """Generate messages, gRPC stubs and type stubs of the contract into `out`; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    well_known = Path(grpc_tools.__file__).parent / "_proto"
-    import google.rpc
-
-    googleapis = Path(next(iter(google.rpc.__path__))).parent.parent
-    for rel in proto_files():
-        args = [
-            "grpc_tools.protoc",
-            f"-I{PROTO_DIR}",
-            f"-I{googleapis}",
-            f"-I{well_known}",
-            f"--python_out={out}",
-            f"--pyi_out={out}",
-            f"--grpc_python_out={out}",
-            str(PROTO_DIR / rel),
-        ]
-        if protoc.main(args) != 0:
-            raise SystemExit(f"protoc failed on {rel}")
+    contract = proto_files(CONTRACT_DIR)
+    for rel in contract:
+        _protoc(f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", str(rel))
     written = sorted(p for p in out.rglob("*.py*") if p.suffix in {".py", ".pyi"})
     for path in written:
         text = path.read_text()
-        for rel in proto_files():
+        for rel in contract:
             package = ".".join(rel.parent.parts)
             text = text.replace(f"from {package} import", f"from {OUT_PACKAGE}.{package} import")
         path.write_text(text)
@@ -77,13 +61,24 @@ def generate(out: Path) -> list[Path]:
     return sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in {".py", ".pyi"})
 
 
+def write_descriptor_set(path: Path) -> Path:
+    """Write the FileDescriptorSet of every file under `protos/`, imports and comments included."""
+    _protoc(
+        f"--descriptor_set_out={path}",
+        "--include_imports",
+        "--include_source_info",
+        *map(str, proto_files()),
+    )
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--descriptor-set", type=Path, default=DESCRIPTOR_SET)
     args = parser.parse_args()
-    copy_google_rpc_protos()
-    for path in generate(args.out):
-        print(path.relative_to(args.out.parent) if path.is_relative_to(args.out.parent) else path)
+    for path in [*generate(args.out), write_descriptor_set(args.descriptor_set)]:
+        print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
     return 0
 
 
