@@ -29,9 +29,7 @@ from types import FrameType
 from typing import Any, TypeVar
 
 import grpc
-from google.rpc import error_details_pb2  # noqa: F401 - puts the detail types in the pool reflection serves
 from grpc_health.v1 import health, health_pb2
-from grpc_reflection.v1alpha import reflection
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from server import metrics, tls, tracing
@@ -222,7 +220,7 @@ async def _start(
     health_service = HealthService(HEALTH_SERVICES)
     register(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_service, guard, Policy())
     if settings.reflection_on:
-        register_reflection(server, (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), guard)
+        register_reflection(server, (SERVICE_NAME, health.SERVICE_NAME), guard)
     port = _bind(server, settings.listen_host, settings.port, credentials)
     health_server = None
     if settings.health_port:

