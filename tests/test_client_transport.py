@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -31,8 +32,10 @@ from client import (
     OverloadedError,
     Prediction,
     ServiceUnavailableError,
+    cli,
 )
 from client.churn_client import service_config
+from client.cli import TOKEN_VARIABLE
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 
@@ -62,6 +65,7 @@ class ScriptedService(pb_grpc.PredictionServiceServicer):
     def __init__(self) -> None:
         self.failures: list[grpc.Status] = []
         self.attempts = 0
+        self.authorizations: list[str | bytes | None] = []  # each call's `authorization` metadata
         self.hang = threading.Event()  # set: Predict waits until `release` instead of answering
         self.release = threading.Event()
         self._lock = threading.Lock()
@@ -70,6 +74,7 @@ class ScriptedService(pb_grpc.PredictionServiceServicer):
         with self._lock:
             self.attempts += 1
             attempt = self.attempts
+            self.authorizations.append(dict(context.invocation_metadata()).get("authorization"))
         if self.hang.is_set():
             self.release.wait(timeout=60)
         if attempt <= len(self.failures):
@@ -219,3 +224,49 @@ def test_max_attempts_outside_grpc_bounds_is_refused(max_attempts: int) -> None:
 def test_non_positive_timeout_is_refused() -> None:
     with pytest.raises(ValueError, match="timeout must be positive"):
         ChurnClient("localhost:50051", timeout=0)
+
+
+def test_a_token_goes_with_every_attempt_and_stays_out_of_sight(
+    scripted: tuple[ScriptedService, str],
+) -> None:
+    service, target = scripted
+    service.failures = [scripted_failure(grpc.StatusCode.UNAVAILABLE)]
+    with ChurnClient(target, timeout=30, token="tok-3f9a.secret") as client:
+        client.predict("7590-VHVEG")
+        shown = repr(client)
+    with ChurnClient(target, timeout=30) as anonymous:
+        anonymous.predict("7590-VHVEG")
+
+    assert service.authorizations == ["Bearer tok-3f9a.secret"] * 2 + [None]  # the retry carried it too
+    assert "tok-3f9a" not in shown
+
+
+def test_the_cli_reads_the_token_from_the_environment(
+    scripted: tuple[ScriptedService, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    service, target = scripted
+    monkeypatch.setenv(TOKEN_VARIABLE, "tok-from-env")
+
+    code = cli.main(["--target", target, "predict", "7590-VHVEG"])
+
+    assert code == 0
+    assert service.authorizations == ["Bearer tok-from-env"]
+    assert "tok-from-env" not in "".join(capsys.readouterr())
+
+
+@pytest.mark.parametrize(
+    ("arguments", "problem"),
+    [
+        ({"token": "two words"}, "token must be non-empty printable ASCII without spaces"),
+        ({"token": ""}, "token must be non-empty printable ASCII without spaces"),
+        ({"certificate": b"-----BEGIN CERTIFICATE-----"}, "a client certificate needs its key"),
+        ({"server_name": "serving.internal"}, "server_name needs TLS"),
+        ({"ca": b"not pem"}, "CA certificate holds no PEM data"),
+    ],
+)
+def test_unusable_security_arguments_are_value_errors(arguments: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError) as exc:
+        ChurnClient("127.0.0.1:1", **arguments)
+
+    assert str(exc.value).startswith(problem)
+    assert "two words" not in str(exc.value)

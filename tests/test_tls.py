@@ -7,6 +7,7 @@ new version folder and swaps the `..data` symlink, as the kubelet does.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -24,10 +25,11 @@ import trustme
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import ChurnClient, Prediction
+from client import ChurnClient, Prediction, cli
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from server.app import SERVICE_NAME, PredictionServer
+from server.auth import add_token
 from server.tls import server_credentials
 from streamflow.errors import StreamflowError
 from streamflow.healthcheck import check
@@ -37,6 +39,8 @@ from tests.fixtures.production import free_port
 from tests.fixtures.serving import start_server
 from training.demo_data import FIRST_USER_ID
 
+GRPCURL = Path(sys.executable).parent / "grpcurl"
+PREDICT = f"{SERVICE_NAME}/Predict"
 HOSTS = ("localhost", "127.0.0.1")
 """Names the server certificates carry: clients dial `127.0.0.1:PORT`."""
 
@@ -95,14 +99,20 @@ def tls_settings(volume: SecretVolume, mtls: bool = False, **overrides: Any) -> 
     return {**files, **overrides}
 
 
-def tls_channel(address: str, ca: trustme.CA, client: trustme.LeafCert | None = None) -> grpc.Channel:
-    """A fresh connection (not shared with other channels) trusting only `ca`."""
+def tls_channel(
+    address: str, ca: trustme.CA, client: trustme.LeafCert | None = None, server_name: str | None = None
+) -> grpc.Channel:
+    """A fresh connection (not shared with other channels) trusting only `ca`, expecting `server_name`
+    (default: the address's host) in the server's certificate."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=pem(ca),
         private_key=None if client is None else client.private_key_pem.bytes(),
         certificate_chain=None if client is None else chain_of(client),
     )
-    return grpc.secure_channel(address, credentials, options=[("grpc.use_local_subchannel_pool", 1)])
+    options: list[tuple[str, Any]] = [("grpc.use_local_subchannel_pool", 1)]
+    if server_name is not None:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 def predict_code(channel: grpc.Channel) -> grpc.StatusCode:
@@ -114,8 +124,10 @@ def predict_code(channel: grpc.Channel) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def code_with(address: str, ca: trustme.CA, client: trustme.LeafCert | None = None) -> grpc.StatusCode:
-    with tls_channel(address, ca, client) as channel:
+def code_with(
+    address: str, ca: trustme.CA, client: trustme.LeafCert | None = None, server_name: str | None = None
+) -> grpc.StatusCode:
+    with tls_channel(address, ca, client, server_name) as channel:
         return predict_code(channel)
 
 
@@ -191,22 +203,30 @@ def test_mtls_requires_a_client_certificate_from_the_client_ca(
     embedded_settings: Settings, volume: SecretVolume
 ) -> None:
     server_ca, client_ca = trustme.CA(), trustme.CA()
-    volume.publish_leaf(server_ca.issue_cert(*HOSTS), client_ca=client_ca)
+    # Named as a service inside a cluster, not as the address dialled: clients override the name to check.
+    volume.publish_leaf(server_ca.issue_cert("serving.internal"), client_ca=client_ca)
     client = client_ca.issue_cert("scoring-job.example")
     with start_server(embedded_settings, **tls_settings(volume, mtls=True)) as running:
         address = running.local_address
-        without_certificate = code_with(address, server_ca)
-        from_another_ca = code_with(address, server_ca, trustme.CA().issue_cert("scoring-job.example"))
+        without_certificate = code_with(address, server_ca, server_name="serving.internal")
+        from_another_ca = code_with(
+            address, server_ca, trustme.CA().issue_cert("scoring-job.example"), "serving.internal"
+        )
+        valid = code_with(address, server_ca, client, "serving.internal")
+        wrong_name = code_with(address, server_ca, client)
         with ChurnClient(
             address,
             ca=pem(server_ca),
             certificate=chain_of(client),
             key=client.private_key_pem.bytes(),
+            server_name="serving.internal",
         ) as churn:
             prediction = churn.predict(FIRST_USER_ID)
 
     assert without_certificate is grpc.StatusCode.UNAVAILABLE
     assert from_another_ca is grpc.StatusCode.UNAVAILABLE
+    assert valid is grpc.StatusCode.OK
+    assert wrong_name is grpc.StatusCode.UNAVAILABLE, "the server's certificate names serving.internal only"
     assert prediction.user_id == FIRST_USER_ID
 
 
@@ -400,3 +420,70 @@ def wait_for_serving(address: str) -> str:
     while (status := check(address)) != "SERVING" and time.monotonic() < deadline:
         time.sleep(0.1)
     return status
+
+
+def test_client_cli_speaks_tls_and_refuses_unusable_files_in_one_line(
+    tls_server: PredictionServer,
+    server_ca: trustme.CA,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ca_file, not_pem = tmp_path / "ca.pem", tmp_path / "not.pem"
+    ca_file.write_bytes(pem(server_ca))
+    not_pem.write_text("hello")
+    target = ("--target", tls_server.local_address)
+
+    predicted = cli.main([*target, "--ca-file", str(ca_file), "predict", FIRST_USER_ID])
+    printed = json.loads(capsys.readouterr().out)
+    refusals = {}
+    for name, flags in {
+        "missing CA": ["--ca-file", str(tmp_path / "missing.pem")],
+        "CA not PEM": ["--ca-file", str(not_pem)],
+        "certificate without key": ["--ca-file", str(ca_file), "--cert-file", str(ca_file)],
+    }.items():
+        code = cli.main([*target, *flags, "predict", FIRST_USER_ID])
+        captured = capsys.readouterr()
+        refusals[name] = (code, captured.out, captured.err.splitlines())
+
+    assert predicted == 0 and printed["user_id"] == FIRST_USER_ID
+    error = "streamflow-client: error:"
+    unpaired = "a client certificate needs its key, and a key its certificate"
+    assert refusals == {
+        "missing CA": (2, "", [f"{error} {tmp_path / 'missing.pem'}: No such file or directory"]),
+        "CA not PEM": (2, "", [f"{error} CA certificate {not_pem} holds no PEM data"]),
+        "certificate without key": (2, "", [f"{error} {unpaired}"]),
+    }
+
+
+def test_grpcurl_calls_over_mtls_with_a_token_as_the_readme_shows(
+    embedded_settings: Settings, volume: SecretVolume, tmp_path: Path
+) -> None:
+    server_ca, client_ca = trustme.CA(), trustme.CA()
+    volume.publish_leaf(server_ca.issue_cert(*HOSTS), client_ca=client_ca)
+    client = client_ca.issue_cert("billing.example")
+    (tmp_path / "ca.crt").write_bytes(pem(server_ca))
+    (tmp_path / "client.crt").write_bytes(chain_of(client))
+    (tmp_path / "client.key").write_bytes(client.private_key_pem.bytes())
+    token = add_token(tmp_path / "tokens", "billing")
+    overrides = tls_settings(volume, mtls=True, auth_tokens_file=tmp_path / "tokens")
+    with start_server(embedded_settings, **overrides) as running:
+
+        def grpcurl(*headers: str) -> subprocess.CompletedProcess[str]:
+            files = ("-cacert", "ca.crt", "-cert", "client.crt", "-key", "client.key")
+            request = ("-d", json.dumps({"user_id": FIRST_USER_ID}), f"localhost:{running.port}", PREDICT)
+            return subprocess.run(
+                [str(GRPCURL), *files, *headers, *request],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+
+        with_token = grpcurl("-H", f"authorization: Bearer {token}")
+        without_token = grpcurl()
+
+    assert with_token.returncode == 0, with_token.stderr
+    assert json.loads(with_token.stdout)["prediction"]["userId"] == FIRST_USER_ID
+    assert without_token.returncode != 0
+    assert "code = Unauthenticated" in without_token.stderr  # reflection, behind the token, refused it
