@@ -32,7 +32,7 @@ from statistics import median
 import grpc
 import pandas as pd
 
-from bench import h2load, observability
+from bench import h2load, observability, security
 from bench.floor import feast_sdk_call, feature_frame, floor_call, load_served_model, time_calls
 from bench.services import BIN, Service, free_port, grpc_serving, http_ok, start
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
@@ -318,12 +318,21 @@ def watching_table(env: dict[str, str], user_id: str, duration: float, rounds: i
     return observability.render(cost, health)
 
 
+def security_table(env: dict[str, str], user_id: str, duration: float, rounds: int) -> str:
+    print("Predict over TLS with a token beside plaintext ...", flush=True)
+    cost = security.measure_cost(env, user_id, duration, rounds, RESULTS / "security.log")
+    return security.render(cost)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark StreamFlow against the alternatives.")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per measured run")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each load; the table keeps medians")
     parser.add_argument(
         "--observability-only", action="store_true", help="only the cost of watching and health under a flood"
+    )
+    parser.add_argument(
+        "--security-only", action="store_true", help="only Predict over TLS with a token beside plaintext"
     )
     args = parser.parse_args()
     h2load.require_h2load()
@@ -333,6 +342,9 @@ def main() -> None:
     workers = settings.workers or os.cpu_count() or 1
     users = demo_users(settings)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.security_only:
+        print(security_table(env, users[0], args.duration, args.rounds))
+        return
     watching = watching_table(env, users[0], args.duration, args.rounds)
     if args.observability_only:
         print(watching)
@@ -360,7 +372,8 @@ def main() -> None:
         f"{args.duration:g} s of load per run, median of {args.rounds} runs "
         "(h2load, one request in flight per connection)."
     )
-    table = render([ours, floor, sdk, seed, mlflow_serve], header) + watching
+    secured = security_table(env, users[0], args.duration, args.rounds)
+    table = render([ours, floor, sdk, seed, mlflow_serve], header) + watching + secured
     print("\n" + table)
     (RESULTS / "latest.md").write_text(table)
     (ROOT / "bench" / "RESULTS.md").write_text(table)
