@@ -36,6 +36,7 @@ from server import metrics, tls, tracing
 from server.auth import Authenticator
 from server.health import SERVING, HealthService
 from server.heap import limit_malloc_arenas
+from server.http_gateway import HttpGateway, PredictionApp
 from server.model_loader import LoadedModel, ModelTarget
 from server.model_watcher import ModelWatcher
 from server.observers import call_observers
@@ -116,6 +117,8 @@ class PredictionServer:
     pools: tuple[futures.ThreadPoolExecutor, ...]
     health_server: grpc.aio.Server | None = None
     """The plaintext health-only server on `settings.health_port`, if any."""
+    http: HttpGateway | None = None
+    """The PredictionService over HTTP (Connect, gRPC-Web) on `settings.http_port`, if any."""
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -144,7 +147,8 @@ class PredictionServer:
             await asyncio.sleep(self.settings.drain_delay_s)
             await self.guard.quiesce(DISPATCH_QUIET_S, timeout_s=min(grace, DISPATCH_WAIT_MAX_S))
         servers = (self.server,) if self.health_server is None else (self.server, self.health_server)
-        await asyncio.gather(*(server.stop(grace) for server in servers))
+        http_stop = () if self.http is None else (self.http.stop(grace),)
+        await asyncio.gather(*(server.stop(grace) for server in servers), *http_stop)
 
 
 def create_server(
@@ -174,7 +178,7 @@ def create_server(
     servicer = PredictionServicer(predictor, predict_pool, batch_pool, settings.max_batch_size)
     guard = CallGuard(settings.max_concurrent_rpcs, call_observers(settings), authenticator, limiter)
     try:
-        server, port, health_service, health_server = event_loop.run(
+        server, port, health_service, health_server, http = event_loop.run(
             _start(settings, servicer, guard, reuse_port)
         )
     except BaseException:
@@ -199,12 +203,13 @@ def create_server(
         event_loop,
         (predict_pool, batch_pool),
         health_server,
+        http,
     )
 
 
 async def _start(
     settings: Settings, servicer: PredictionServicer, guard: CallGuard, reuse_port: bool
-) -> tuple[grpc.aio.Server, int, HealthService, grpc.aio.Server | None]:
+) -> tuple[grpc.aio.Server, int, HealthService, grpc.aio.Server | None, HttpGateway | None]:
     credentials = tls.server_credentials(settings)  # first: bad TLS files fail before anything binds
     # No `maximum_concurrent_rpcs`: it counted health checks too, so probes failed under a flood; the guard
     # admits PredictionService calls only (server/rpc.py).
@@ -235,11 +240,18 @@ async def _start(
             Policy(),
         )
         _bind(health_server, settings.listen_host, settings.health_port, None)
+    # The same servicer, guard and policy over HTTP, on this loop.
+    service = pb.DESCRIPTOR.services_by_name["PredictionService"]
+    http = HttpGateway.for_settings(
+        settings, PredictionApp(service, servicer, guard, predictions), reuse_port
+    )
     for started in (server,) if health_server is None else (server, health_server):
         await started.start()
+    if http is not None:
+        http.start()
     if settings.health_port:
         log.info("health alone, plaintext, on %s:%d", settings.listen_host, settings.health_port)
-    return server, port, health_service, health_server
+    return server, port, health_service, health_server, http
 
 
 def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:

@@ -156,9 +156,12 @@ class CallGuard:
 
         return run
 
-    def handler(self, method: Method, full_name: str, request_type: type[Message], policy: Policy) -> Method:
+    def handler(
+        self, method: Method, full_name: str, decode: Callable[[bytes], Message], policy: Policy
+    ) -> Method:
         """`method` behind the decoding, error mapping and observers every call gets, and what `policy`
-        asks for; takes the request's bytes."""
+        asks for; takes the request's bytes, which `decode` turns into the request or raises DecodeError
+        (binary protobuf for gRPC; JSON too over HTTP, server/http_gateway.py)."""
         service, name = full_name.strip("/").split("/")
         authenticator = self._authenticator if policy.authenticate else None
         limiter = self._limiter if policy.cost is not None else None
@@ -175,7 +178,7 @@ class CallGuard:
                     call.caller = UNAUTHENTICATED
                     call.caller = authenticator.caller(context)
                 try:
-                    request = request_type.FromString(raw)
+                    request = decode(raw)
                 except DecodeError:
                     self._logs.event(
                         "undecodable",
@@ -284,7 +287,7 @@ def register(
             else grpc.unary_unary_rpc_method_handler
         )
         handlers[method.name] = make(
-            guard.handler(behavior, full_name, request_type, policy),
+            guard.handler(behavior, full_name, request_type.FromString, policy),
             request_deserializer=None,  # bytes: decoding is the guard's, so bad bytes get a real status
             response_serializer=response_type.SerializeToString,
         )

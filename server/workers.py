@@ -5,10 +5,10 @@ none: it claims the port, forks, restarts workers that die and forwards SIGTERM/
 builds its own server on the shared port with `grpc.so_reuseport` (the kernel spreads new connections across
 the workers) and its own registry watcher, so each follows the registry and swaps models independently.
 
-The ports (the gRPC port and the health port, if any) are claimed for this server alone before the workers
-share them: SO_REUSEPORT would otherwise let a second `streamflow serve` join a port and take half of the new
-connections. A bind without SO_REUSEPORT fails on any socket already bound there, and a per-port lock (an
-abstract Unix socket, scoped like the port to the network namespace) keeps two supervisors starting at the
+The ports (the gRPC port, and the health and HTTP ports if any) are claimed for this server alone before the
+workers share them: SO_REUSEPORT would otherwise let a second `streamflow serve` join a port and take half of
+the new connections. A bind without SO_REUSEPORT fails on any socket already bound there, and a per-port lock
+(an abstract Unix socket, scoped like the port to the network namespace) keeps two supervisors starting at the
 same instant from both passing that probe. A program of the same user that binds with SO_REUSEPORT on its
 own can still join: the kernel has no exclusive SO_REUSEPORT group.
 
@@ -284,6 +284,8 @@ def run_workers(
         port = claims.enter_context(claimed_port(settings.listen_host, settings.port))
         if settings.health_port:  # the workers share it too: it is this server's alone as well
             claims.enter_context(claimed_port(settings.listen_host, settings.health_port))
+        if settings.http_port:  # and the HTTP port
+            claims.enter_context(claimed_port(settings.listen_host, settings.http_port))
         worker_settings = settings.model_copy(update={"port": port})
         _note_connection_migration()
         # Blocked before the first fork, so no death or signal can slip in between; workers restore the mask.

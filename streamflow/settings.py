@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     """A second, plaintext port serving only `grpc.health.v1` (no token needed), for probes that cannot speak
     TLS (Kubernetes gRPC probes); 0 serves health on the main port only."""
 
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    """Port serving the PredictionService over HTTP/1.1 and HTTP/2: the Connect protocol (JSON or binary
+    protobuf), gRPC-Web and gRPC, with the gRPC port's TLS, tokens and quotas; 0 turns it off."""
+
     # --- security ----------------------------------------------------------------------------------
     tls_cert_file: Path | None = None
     """PEM certificate chain the gRPC port serves TLS with (with `tls_key_file`); re-read when the file
@@ -179,6 +183,8 @@ class Settings(BaseSettings):
             raise ValueError("STREAMFLOW_TLS_CLIENT_CA_FILE needs STREAMFLOW_TLS_CERT_FILE and _KEY_FILE")
         if self.health_port and self.health_port == self.port:
             raise ValueError(f"STREAMFLOW_HEALTH_PORT must differ from STREAMFLOW_PORT ({self.port})")
+        if self.http_port and self.http_port in (self.port, self.health_port):
+            raise ValueError(f"STREAMFLOW_HTTP_PORT ({self.http_port}) must differ from the other ports")
         return self
 
     @property

@@ -38,6 +38,7 @@ def serve_env(settings: Settings, **values: str) -> dict[str, str]:
         STREAMFLOW_WORKERS="1",
         STREAMFLOW_POLL_INTERVAL_S="0.25",
         STREAMFLOW_METRICS_PORT="0",  # the default port would be shared by every test server at once
+        STREAMFLOW_HTTP_PORT="0",  # likewise
         **values,
     )
     return env

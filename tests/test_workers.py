@@ -80,6 +80,7 @@ def _serve_env(settings: Settings, workers: int, port: int, **extra: str) -> dic
         "STREAMFLOW_WORKERS": str(workers),
         "STREAMFLOW_POLL_INTERVAL_S": "0.5",
         "STREAMFLOW_METRICS_PORT": "0",  # the default port would be shared by every test server at once
+        "STREAMFLOW_HTTP_PORT": "0",  # likewise
         **extra,
     }
 
