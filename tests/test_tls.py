@@ -406,10 +406,14 @@ def test_two_workers_serve_tls_and_the_plaintext_health_port(
         statuses = [wait_for_serving(health_address) for _ in range(4)]
         with ChurnClient(address, ca=pem(ca)) as client:
             prediction = client.predict(FIRST_USER_ID)
+        with grpc.insecure_channel(address) as plaintext:
+            plaintext_code = predict_code(plaintext)  # a failed handshake, which any peer can cause
 
     assert claimed.value.errno == 98  # EADDRINUSE: the supervisor holds the health port
     assert statuses == ["SERVING"] * 4
     assert prediction.user_id == FIRST_USER_ID
+    assert plaintext_code is grpc.StatusCode.UNAVAILABLE
+    assert "Handshake failed" not in (tmp_path / "serve.log").read_text(), "not a log line per peer"
     assert check(health_address, timeout_s=1).startswith("UNAVAILABLE"), "stopped with the server"
 
 
