@@ -7,12 +7,14 @@ error path reachable over HTTP has the Connect code and the same decoded details
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import os
 import struct
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,7 +29,8 @@ from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
 from server.app import PredictionServer
 from server.auth import add_token
 from streamflow.settings import Settings
-from tests.fixtures.metrics import free_port
+from tests.fixtures.metrics import eventually, free_port
+from tests.fixtures.processes import serve_env, serving_process
 from tests.fixtures.serving import WireError, prediction_stub, start_server, wire_error
 from training.demo_data import FIRST_USER_ID
 
@@ -336,3 +339,48 @@ def test_a_call_in_flight_finishes_during_the_drain(embedded_settings: Settings)
         sender.join()
     assert [a.status_code for a in answers] == [200]
     assert len(answers[0].json()["results"]) == 1000
+
+
+def test_every_worker_answers_http(embedded_settings: Settings, tmp_path: Path) -> None:
+    http_port = free_port()
+    env = serve_env(
+        MLFLOW_TRACKING_URI=embedded_settings.tracking_uri,
+        STREAMFLOW_HOME=str(embedded_settings.home),
+        STREAMFLOW_HOST="127.0.0.1",
+        STREAMFLOW_PORT="0",
+        STREAMFLOW_WORKERS="2",
+        STREAMFLOW_HTTP_PORT=str(http_port),
+    )
+    with serving_process(env, tmp_path / "serve.log") as (process, _):
+        workers = psutil.Process(process.pid).children()
+        assert len(workers) == 2
+        eventually(lambda: all(http_port in listening_ports(w.pid) for w in workers), "both workers listen")
+        answered: dict[int, int] = {}  # worker pid -> calls it answered
+        for _ in range(200):  # the kernel spreads new connections over the workers; stop once both had one
+            connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+            try:
+                connection.connect()
+                client_port = connection.sock.getsockname()[1]
+                worker = next(w.pid for w in workers if client_port in remote_ports(w.pid, http_port))
+                eventually(lambda c=connection: model_info(c) == 200, "the worker has loaded the model")
+                answered[worker] = answered.get(worker, 0) + 1
+            finally:
+                connection.close()
+            if len(answered) == 2:
+                break
+        assert sorted(answered) == sorted(w.pid for w in workers)
+
+
+def remote_ports(pid: int, local_port: int) -> set[int]:
+    """The client ports of the connections process `pid` accepted on `local_port`."""
+    connections = psutil.Process(pid).net_connections("tcp")
+    return {c.raddr.port for c in connections if c.laddr.port == local_port and c.raddr}
+
+
+def model_info(connection: http.client.HTTPConnection) -> int:
+    connection.request(
+        "POST", f"/{SERVICE}/ModelInfo", body=b"{}", headers={"content-type": "application/json"}
+    )
+    response = connection.getresponse()
+    response.read()
+    return response.status
