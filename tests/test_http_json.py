@@ -7,6 +7,7 @@ error path reachable over HTTP has the Connect code and the same decoded details
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import json
 import logging
@@ -362,7 +363,7 @@ def test_every_worker_answers_http(embedded_settings: Settings, tmp_path: Path) 
                 connection.connect()
                 client_port = connection.sock.getsockname()[1]
                 worker = next(w.pid for w in workers if client_port in remote_ports(w.pid, http_port))
-                eventually(lambda c=connection: model_info(c) == 200, "the worker has loaded the model")
+                eventually(functools.partial(answers, connection), "the worker has loaded the model")
                 answered[worker] = answered.get(worker, 0) + 1
             finally:
                 connection.close()
@@ -377,10 +378,11 @@ def remote_ports(pid: int, local_port: int) -> set[int]:
     return {c.raddr.port for c in connections if c.laddr.port == local_port and c.raddr}
 
 
-def model_info(connection: http.client.HTTPConnection) -> int:
+def answers(connection: http.client.HTTPConnection) -> bool:
+    """Whether a ModelInfo call on `connection` succeeds (a worker without a model yet answers 503)."""
     connection.request(
         "POST", f"/{SERVICE}/ModelInfo", body=b"{}", headers={"content-type": "application/json"}
     )
     response = connection.getresponse()
     response.read()
-    return response.status
+    return response.status == 200
