@@ -12,6 +12,7 @@ import http.client
 import json
 import logging
 import os
+import ssl
 import struct
 import threading
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import grpc
 import httpx
 import psutil
 import pytest
+import trustme
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 from google.rpc import status_pb2
@@ -386,3 +388,34 @@ def answers(connection: http.client.HTTPConnection) -> bool:
     response = connection.getresponse()
     response.read()
     return response.status == 200
+
+
+def test_https_serves_the_grpc_ports_certificate_and_takes_a_rotation(
+    embedded_settings: Settings, tmp_path: Path
+) -> None:
+    first, second = trustme.CA(), trustme.CA()
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    first.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    key.write_bytes(cert.read_bytes())  # trustme writes key and chain as one PEM, which both readers take
+    with start_server(
+        embedded_settings, wait_for_model=False, http_port=free_port(), tls_cert_file=cert, tls_key_file=key
+    ) as running:
+        https = url(running, "ModelInfo", scheme="https")
+
+        def status_with(ca: trustme.CA) -> int:
+            context = ssl.create_default_context()
+            ca.configure_trust(context)
+            headers = {"content-type": "application/json"}
+            return httpx.post(https, content="{}", headers=headers, verify=context).status_code
+
+        assert status_with(first) in (200, 503)  # 503 until the model is loaded: either is an HTTP answer
+        with pytest.raises(httpx.HTTPError):
+            post_json(running, "ModelInfo", "{}")  # plaintext to the TLS port
+
+        rotated = tmp_path / "rotated.pem"
+        second.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(rotated))
+        os.replace(rotated, cert)
+        key.write_bytes(cert.read_bytes())
+        assert status_with(second) in (200, 503)
+        with pytest.raises(httpx.ConnectError):
+            status_with(first)
