@@ -351,9 +351,10 @@ def test_unusable_files_at_start_are_one_clear_error(
     assert str(exc.value) == problem.format(cert=volume.cert, key=volume.key, ca=volume.client_ca)
 
 
-@pytest.mark.parametrize("case", ["missing", "invalid"])
+# One worker fails in the server it builds; several are refused by the supervisor before it forks any.
+@pytest.mark.parametrize(("case", "workers"), [("missing", 1), ("invalid", 2)])
 def test_serve_with_an_unusable_certificate_exits_with_one_line(
-    embedded_settings: Settings, volume: SecretVolume, case: str
+    embedded_settings: Settings, volume: SecretVolume, case: str, workers: int
 ) -> None:
     leaf = trustme.CA().issue_cert(*HOSTS)
     volume.publish(b"" if case == "invalid" else chain_of(leaf), leaf.private_key_pem.bytes())
@@ -363,6 +364,7 @@ def test_serve_with_an_unusable_certificate_exits_with_one_line(
         STREAMFLOW_HOME=str(embedded_settings.home),
         MLFLOW_TRACKING_URI=embedded_settings.tracking_uri,
         STREAMFLOW_PORT="0",
+        STREAMFLOW_WORKERS=str(workers),
         STREAMFLOW_TLS_CERT_FILE=str(volume.cert),
         STREAMFLOW_TLS_KEY_FILE=str(volume.key),
     )
