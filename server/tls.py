@@ -1,10 +1,11 @@
 """TLS and mTLS credentials of the gRPC port, re-read from disk when the files change, without a restart.
 
-grpc's dynamic server credentials ask a fetcher for a new certificate configuration on every new handshake;
-connections already open keep the configuration they were made with, so calls in flight never notice a
-rotation. The fetcher here is cheap: it compares an `os.stat` signature of the files (inode, device,
-mtime, size: cert-manager and Kubernetes secret volumes swap a symlink, Vault agents rewrite in place) with
-the set it serves, and only reads them when that changed.
+grpc's dynamic server credentials (which the asyncio server takes like the sync one) ask a fetcher for a
+new certificate configuration on every new handshake, on one of grpc's own threads; connections already open
+keep the configuration they were made with, so calls in flight never notice a rotation. The fetcher here is
+cheap: it compares an `os.stat` signature of the files (inode, device, mtime, size: cert-manager and
+Kubernetes secret volumes swap a symlink, Vault agents rewrite in place) with the set it serves, and only
+reads them when that changed.
 
 A changed set is validated before it is served: the certificate chain parses, the private key matches the
 leaf certificate's public key, the client CA bundle parses. A set that fails (a rotation written half-way,
