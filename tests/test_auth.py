@@ -49,11 +49,16 @@ def bearer(token: str) -> Credentials:
 def calls(channel: grpc.Channel) -> dict[str, Callable[[Credentials], object]]:
     """Every RPC a token guards, each made with the given metadata."""
     stub = pb_grpc.PredictionServiceStub(channel)
-    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reflection_v1alpha = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
+    reflection_v1 = channel.stream_stream(  # the same messages as v1alpha on the wire
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
 
-    def reflect(metadata: Credentials) -> object:
+    def reflect(method: grpc.StreamStreamMultiCallable) -> Callable[[Credentials], object]:
         request = reflection_pb2.ServerReflectionRequest(list_services="")
-        return list(reflection.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=30))
+        return lambda metadata: list(method(iter([request]), metadata=metadata, timeout=30))
 
     return {
         "Predict": lambda m: stub.Predict(pb.PredictRequest(user_id=FIRST_USER_ID), metadata=m, timeout=30),
@@ -61,7 +66,8 @@ def calls(channel: grpc.Channel) -> dict[str, Callable[[Credentials], object]]:
             pb.BatchPredictRequest(user_ids=[FIRST_USER_ID]), metadata=m, timeout=30
         ),
         "ModelInfo": lambda m: stub.ModelInfo(pb.ModelInfoRequest(), metadata=m, timeout=30),
-        "ServerReflectionInfo": reflect,
+        "ServerReflectionInfo": reflect(reflection_v1alpha),
+        "ServerReflectionInfo (v1)": reflect(reflection_v1),
     }
 
 
@@ -457,7 +463,7 @@ def test_the_readme_calls_with_tls_a_client_certificate_and_a_token(
         health = run(sys.executable, "-m", "streamflow.healthcheck", "--address", f"localhost:{health_port}")
 
     assert served.returncode == 0, served.stderr
-    assert json.loads(served.stdout)["prediction"]["user_id"] == "7590-VHVEG"
+    assert json.loads(served.stdout)["prediction"]["userId"] == "7590-VHVEG"
     # Without the token grpcurl cannot even read the service's shape: reflection is behind the token too.
     assert tokenless.returncode == 1, tokenless.stderr
     assert "code = Unauthenticated" in tokenless.stderr

@@ -85,7 +85,8 @@ def test_reflection_lists_the_services_and_resolves_the_error_detail_types(serve
             for name in ("ErrorInfo", "BadRequest", "PreconditionFailure")
         ]
 
-    assert services == {SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    reflection = {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"}
+    assert services == {SERVICE_NAME, "grpc.health.v1.Health", *reflection}
     assert [m.name for m in service.methods] == ["Predict", "BatchPredict", "ModelInfo"]
     assert [d.full_name for d in details] == [
         "google.rpc.ErrorInfo",
