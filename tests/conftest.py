@@ -16,7 +16,7 @@ from tests.fixtures.training import *  # noqa: F403
 
 # MLflow falls back to ./mlflow.db and ./mlruns when a code path forgets the configured tracking URI; such a
 # path would silently read or write the wrong registry, so the suite fails if one appears.
-_STRAY_MLFLOW_STORES = ("mlflow.db", "mlruns")
+_STRAY_MLFLOW_STORES = ("mlflow.db", "mlruns", "mlflow/mlflow.db")  # the last: a home of "."
 # A developer's exported settings (and MLflow's own variables) would change what the tests test.
 _SETTING_PREFIXES = ("STREAMFLOW_", "MLFLOW_")
 
