@@ -44,7 +44,7 @@ from server.predictor import Predictor
 from server.quotas import RateLimiter, SharedBuckets
 from server.rpc import CallGuard, Policy, register, register_reflection
 from server.servicer import PredictionServicer, users_requested
-from server.workers import METRICS_CHECK_S, run_workers, worker_count
+from server.workers import METRICS_CHECK_S, announce_bound, run_workers, worker_count
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
@@ -340,6 +340,7 @@ def _serve_process(
     running = create_server(settings, predictor, reuse_port=reuse_port, buckets=buckets)
     if reuse_port:
         log.info("worker %d listening on %s:%d", os.getpid(), settings.listen_host, running.port)
+        announce_bound()
     else:
         print(f"streamflow serve: listening on {settings.listen_host}:{running.port}", flush=True)
     if endpoint is None:

@@ -60,6 +60,11 @@ _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 _IDLE_WAIT_S = 3600.0
 """Wait when no restart is due; any signal ends it sooner."""
 _PR_SET_PDEATHSIG = 1
+_ANNOUNCE_CHECK_S = 0.05
+"""How often the supervisor looks for its workers' bound ports until it has announced the address."""
+
+_bound_fd: int | None = None
+"""In a worker: the pipe it tells the supervisor on that its ports are bound (`announce_bound`)."""
 METRICS_CHECK_S = 1.0
 """Seconds between two checks that the metrics endpoint's thread still runs (it is started again if not)."""
 
@@ -144,6 +149,16 @@ class _Supervisor:
         self._slots = [_Slot(number) for number in range(1, count + 1)]
         self._stopping = False
         self._failed = False
+        # Each worker writes a byte once its ports are bound; the address is announced once all have.
+        self._bound_read, self._bound_write = os.pipe()
+        os.set_blocking(self._bound_read, False)
+        self._bound = 0
+        self._announcement: str | None = None
+
+    def announce_when_bound(self, line: str) -> None:
+        """Print `line` once every first worker has bound its ports: a caller that reads it and connects
+        reaches a listening worker, and every worker shares the load from the first call."""
+        self._announcement = line
 
     def start_all(self) -> None:
         for slot in self._slots:
@@ -158,6 +173,9 @@ class _Supervisor:
             if self._endpoint is not None:
                 self._endpoint.check()
                 timeout = min(timeout, METRICS_CHECK_S)
+            if self._announcement is not None:
+                self._announce_if_bound()
+                timeout = min(timeout, _ANNOUNCE_CHECK_S)
             received = signal.sigtimedwait(_SIGNALS, timeout)
             if received is None:
                 self._restart_due()
@@ -166,6 +184,13 @@ class _Supervisor:
             else:
                 self._stop(f"{signal.Signals(received.si_signo).name} received")
         return 1 if self._failed else 0
+
+    def _announce_if_bound(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._bound += len(os.read(self._bound_read, 1024))
+        if self._bound >= len(self._slots) and self._announcement is not None:
+            print(self._announcement, flush=True)
+            self._announcement = None
 
     def _start(self, slot: _Slot) -> None:
         # Anything still buffered would be written again by every child that flushes its inherited copy.
@@ -176,6 +201,9 @@ class _Supervisor:
         if pid == 0:
             if self._endpoint is not None:
                 self._endpoint.close_inherited()
+            global _bound_fd
+            os.close(self._bound_read)
+            _bound_fd = self._bound_write
             replacement = slot.starts > 0
             os._exit(_run_child(self._worker, self._settings, replacement, self._child_mask, supervisor))
         slot.pid, slot.restart_at = pid, None
@@ -294,10 +322,16 @@ def run_workers(
             supervisor = _Supervisor(worker, worker_settings, count, mask, endpoint)
             supervisor.start_all()
             address = f"{settings.listen_host}:{port}"
-            print(f"streamflow serve: listening on {address} with {count} workers", flush=True)
+            supervisor.announce_when_bound(f"streamflow serve: listening on {address} with {count} workers")
             return supervisor.run()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def announce_bound() -> None:
+    """In a worker, once its ports are bound: tell the supervisor (a no-op anywhere else)."""
+    if _bound_fd is not None:
+        os.write(_bound_fd, b"1")
 
 
 def _note_connection_migration() -> None:

@@ -126,6 +126,16 @@ def multi_worker_server(
         yield served
 
 
+def test_the_address_is_announced_once_every_worker_listens(
+    multi_worker_server: tuple[subprocess.Popen[str], int],
+) -> None:
+    process, port = multi_worker_server
+    # Read at once after the announcement (the fixture returns on it): no wait, no retry.
+    listening = _listeners(port)
+    assert listening == {p.pid for p in psutil.Process(process.pid).children()}
+    assert len(listening) == WORKERS
+
+
 def test_every_worker_swaps_to_a_newly_promoted_version(
     multi_worker_server: tuple[subprocess.Popen[str], int], fresh_embedded_settings: Settings
 ) -> None:
