@@ -223,7 +223,14 @@ async def _start(
     predictions = Policy(admit=True, authenticate=True, cost=users_requested)
     register(server, pb.DESCRIPTOR.services_by_name["PredictionService"], servicer, guard, predictions)
     health_service = HealthService(HEALTH_SERVICES)
-    register(server, health_pb2.DESCRIPTOR.services_by_name["Health"], health_service, guard, Policy())
+    serve_health = functools.partial(
+        register,
+        service=health_pb2.DESCRIPTOR.services_by_name["Health"],
+        servicer=health_service,
+        guard=guard,
+        policy=Policy(),
+    )
+    serve_health(server)
     if settings.reflection_on:
         register_reflection(server, (SERVICE_NAME, health.SERVICE_NAME), guard)
     port = _bind(server, settings.listen_host, settings.port, credentials)
@@ -232,13 +239,7 @@ async def _start(
         # Probes that cannot speak TLS or send a token (Kubernetes gRPC probes) get health alone, plaintext,
         # from a server of its own on the same loop.
         health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
-        register(
-            health_server,
-            health_pb2.DESCRIPTOR.services_by_name["Health"],
-            health_service,
-            guard,
-            Policy(),
-        )
+        serve_health(health_server)
         _bind(health_server, settings.listen_host, settings.health_port, None)
     # The same servicer, guard and policy over HTTP, on this loop.
     service = pb.DESCRIPTOR.services_by_name["PredictionService"]
