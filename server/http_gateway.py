@@ -245,6 +245,35 @@ def _guarded(
     return call
 
 
+class SizedResponses:
+    """An ASGI wrapper that gives a response sent as one body message a `content-length`, so HTTP/1.1
+    clients get it without chunked framing (the library leaves the length out; h2load counted every chunked
+    answer as failed). Streamed responses (gRPC-Web) and responses with trailers pass unchanged."""
+
+    def __init__(self, app: PredictionApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        held: dict[str, Any] | None = None
+
+        async def sized(message: dict[str, Any]) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start" and not message.get("trailers"):
+                held = message  # until the first body message says whether it is the whole body
+                return
+            if held is not None:
+                start, held = held, None
+                if not message.get("more_body") and all(
+                    k.lower() != b"content-length" for k, _ in start["headers"]
+                ):
+                    length = str(len(message.get("body", b""))).encode()
+                    start = {**start, "headers": [*start["headers"], (b"content-length", length)]}
+                await send(start)
+            await send(message)
+
+        await self._app(scope, receive, sized)
+
+
 class _Config(Config):
     """Hypercorn's settings with our own TLS context (Hypercorn's would read the files once, at start)."""
 
@@ -328,7 +357,9 @@ class HttpGateway:
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP spelled out: asyncio turns Nagle off only on sockets that say so (accepted ones inherit
+        # it), and with Nagle on a response's second write waited for the client's delayed ACK (40 ms).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if self._reuse_port:  # the workers share the port the supervisor claimed (server/workers.py)
@@ -348,7 +379,10 @@ class HttpGateway:
         )
         self._task = asyncio.get_running_loop().create_task(
             worker_serve(
-                ASGIWrapper(self._app), self._config, sockets=sockets, shutdown_trigger=self._stopping.wait
+                ASGIWrapper(SizedResponses(self._app)),
+                self._config,
+                sockets=sockets,
+                shutdown_trigger=self._stopping.wait,
             ),
             name="http-gateway",
         )
