@@ -32,7 +32,7 @@ from statistics import median
 import grpc
 import pandas as pd
 
-from bench import h2load, observability, security
+from bench import h2load, http_json, observability, security
 from bench.floor import feast_sdk_call, feature_frame, floor_call, load_served_model, time_calls
 from bench.services import BIN, Service, free_port, grpc_serving, http_ok, start
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
@@ -324,6 +324,12 @@ def security_table(env: dict[str, str], user_id: str, duration: float, rounds: i
     return security.render(cost)
 
 
+def http_table(env: dict[str, str], user_id: str, duration: float, rounds: int) -> str:
+    print("Predict over HTTP/JSON beside gRPC ...", flush=True)
+    figures = http_json.measure(env, user_id, duration, rounds, RESULTS / "http_json.log")
+    return http_json.render(figures)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark StreamFlow against the alternatives.")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per measured run")
@@ -334,9 +340,11 @@ def main() -> None:
     parser.add_argument(
         "--security-only", action="store_true", help="only Predict over TLS with a token beside plaintext"
     )
+    parser.add_argument("--http-only", action="store_true", help="only Predict over HTTP/JSON beside gRPC")
     args = parser.parse_args()
     h2load.require_h2load()
-    env = {"STREAMFLOW_HOME": str(HOME)}
+    # HTTP off unless a measure turns it on: its default port would be shared by the servers started in turn.
+    env = {"STREAMFLOW_HOME": str(HOME), "STREAMFLOW_HTTP_PORT": "0"}
     bootstrap(env)
     settings = Settings(home=HOME)
     workers = settings.workers or os.cpu_count() or 1
@@ -344,6 +352,9 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.security_only:
         print(security_table(env, users[0], args.duration, args.rounds))
+        return
+    if args.http_only:
+        print(http_table(env, users[0], args.duration, args.rounds))
         return
     watching = watching_table(env, users[0], args.duration, args.rounds)
     if args.observability_only:
@@ -373,7 +384,8 @@ def main() -> None:
         "(h2load, one request in flight per connection)."
     )
     secured = security_table(env, users[0], args.duration, args.rounds)
-    table = render([ours, floor, sdk, seed, mlflow_serve], header) + watching + secured
+    over_http = http_table(env, users[0], args.duration, args.rounds)
+    table = render([ours, floor, sdk, seed, mlflow_serve], header) + watching + secured + over_http
     print("\n" + table)
     (RESULTS / "latest.md").write_text(table)
     (ROOT / "bench" / "RESULTS.md").write_text(table)
