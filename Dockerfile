@@ -38,11 +38,14 @@ ENV STREAMFLOW_PROFILE=production \
     STREAMFLOW_HOST=0.0.0.0 \
     STREAMFLOW_PORT=50051 \
     STREAMFLOW_HEALTH_PORT=50052 \
+    STREAMFLOW_HTTP_PORT=8080 \
     STREAMFLOW_METRICS_PORT=9464
 # Prometheus /metrics of every worker process.
 EXPOSE 9464
 # grpc.health.v1 alone, plaintext and without a token, for probes (also when 50051 speaks TLS).
 EXPOSE 50052
+# The PredictionService over HTTP: Connect JSON, gRPC-Web (with the gRPC port's TLS and tokens).
+EXPOSE 8080
 EXPOSE 50051
 # Probes the health port (STREAMFLOW_HEALTH_PORT): it answers whether or not the gRPC port speaks TLS.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
