@@ -87,9 +87,15 @@ def _serve_env(settings: Settings, workers: int, port: int, **extra: str) -> dic
 
 @contextlib.contextmanager
 def _serving(
-    settings: Settings, log_path: Path, workers: int = WORKERS, port: int = 0, **extra: str
+    settings: Settings,
+    log_path: Path,
+    workers: int = WORKERS,
+    port: int = 0,
+    announced: bool = True,
+    **extra: str,
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
-    """A `streamflow serve` process and the port it announced; SIGTERM and a bounded wait on exit."""
+    """A `streamflow serve` process and the port it announced (0 without waiting for the announcement);
+    SIGTERM and a bounded wait on exit."""
     with log_path.open("w") as log:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "streamflow"), "serve"],
@@ -99,7 +105,7 @@ def _serving(
             text=True,
         )
         try:
-            yield process, _announced_port(process, log_path, workers)
+            yield process, _announced_port(process, log_path, workers) if announced else 0
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -411,10 +417,15 @@ def test_a_worker_that_keeps_dying_stops_the_server_with_one_error_line(
     log_path = tmp_path / "serve.log"
     # Real and fast: MLflow knows no `htp` scheme, so each worker fails building its registry client right
     # after the fork, before it binds the port. The supervisor does not open the registry, so it starts.
-    with _serving(embedded_settings, log_path, MLFLOW_TRACKING_URI="htp://127.0.0.1:5000") as (process, _):
+    with _serving(
+        embedded_settings, log_path, announced=False, MLFLOW_TRACKING_URI="htp://127.0.0.1:5000"
+    ) as (process, _):
         _eventually(lambda: process.poll() is not None, "the supervisor to give up")
+        assert process.stdout is not None
+        stdout = process.stdout.read()
 
     assert process.returncode != 0
+    assert stdout == ""  # no worker ever listened, so the address was never announced
     log = log_path.read_text()
     errors = [line for line in log.splitlines() if "stopping the server" in line]
     assert len(errors) == 1, log
