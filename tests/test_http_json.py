@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
+from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from server.app import PredictionServer
 from server.auth import add_token
 from streamflow.settings import Settings
@@ -421,3 +422,17 @@ def test_https_serves_the_grpc_ports_certificate_and_takes_a_rotation(
         assert status_with(second) in (200, 503)
         with pytest.raises(httpx.ConnectError):
             status_with(first)
+
+
+def test_grpc_clients_can_use_the_http_port_too(http_server: PredictionServer) -> None:
+    request = pb.PredictRequest(user_id=UNKNOWN_USER)
+    with grpc.insecure_channel(f"127.0.0.1:{http_server.settings.http_port}") as channel:
+        stub = pb_grpc.PredictionServiceStub(channel)
+        assert stub.ModelInfo(pb.ModelInfoRequest()) == grpc_call(
+            http_server, "ModelInfo", pb.ModelInfoRequest()
+        )
+        with pytest.raises(grpc.RpcError) as over_http_port:
+            stub.Predict(request)
+    with pytest.raises(grpc.RpcError) as over_grpc_port:
+        grpc_call(http_server, "Predict", request)
+    same_error(wire_error(over_http_port.value), wire_error(over_grpc_port.value))
