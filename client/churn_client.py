@@ -1,9 +1,13 @@
 """`ChurnClient`: the typed Python client of `streamflow.serving.v1.PredictionService`.
 
-Every call has a deadline (the client's default unless given per call). UNAVAILABLE, and only it, is
-retried by gRPC itself through the channel's service config, with exponential backoff inside that same
-deadline: every RPC of the service is a read, so a repeat is harmless, while any other code means a retry
-would get the same answer. Failures raise the typed errors of `client.errors`.
+Every call has a deadline (the client's default unless given per call). UNAVAILABLE, and a CANCELLED the
+server sends, are retried by gRPC itself through the channel's service config, with exponential backoff
+inside that same deadline: every RPC of the service is a read, so a repeat is harmless. A worker that stops
+cancels the calls it received in the very instant its gRPC server shuts down (grpc core cancels calls it
+has not yet handed to the application), so on a long-lived connection to a draining worker about one call
+in a few thousand met CANCELLED; the retry takes it to a live worker. A caller's own cancellation is never
+retried, and any other code means a retry would get the same answer. Failures raise the typed errors of
+`client.errors`.
 
 The channel speaks TLS when a CA or a client certificate is given (mTLS with the certificate and its key),
 plaintext otherwise. A token goes with every call as `authorization: Bearer <token>` metadata; the client
@@ -82,7 +86,7 @@ def service_config(max_attempts: int) -> str:
             "initialBackoff": "0.1s",
             "maxBackoff": "1s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         }
     return json.dumps({"methodConfig": [method_config]})
 

@@ -108,9 +108,12 @@ def scripted() -> Iterator[tuple[ScriptedService, str]]:
     server.stop(grace=None)
 
 
-def test_unavailable_is_retried_until_the_call_succeeds(scripted: tuple[ScriptedService, str]) -> None:
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+def test_unavailable_and_server_cancelled_are_retried_until_the_call_succeeds(
+    scripted: tuple[ScriptedService, str], code: grpc.StatusCode
+) -> None:
     service, target = scripted
-    service.failures = [scripted_failure(grpc.StatusCode.UNAVAILABLE)] * 2
+    service.failures = [scripted_failure(code)] * 2
     with ChurnClient(target, timeout=30) as client:
         prediction = client.predict("7590-VHVEG")
     assert prediction == Prediction(

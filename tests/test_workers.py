@@ -376,7 +376,9 @@ def test_a_dead_worker_is_replaced_while_a_client_sees_no_failed_call(
                 return [p for p in _live(supervisor.children()) if p.pid not in {w.pid for w in workers}]
 
             _eventually(lambda: len(replacements()) == 1 and not victim.is_running(), "a replacement worker")
-            replacement = replacements()[0]
+            # Not `create_time()`: psutil derives it from the boot time in whole seconds, so it can read up to
+            # a second early, before the victim's death window it is meant to close.
+            replacement_seen = time.time()
             after = _workers_on(port, version)  # the replacement answers over fresh connections
             sent, fresh_sent = tally.sent, fresh.sent
             _eventually(lambda: tally.sent >= sent + 200 and fresh.sent >= fresh_sent + 20, "more calls")
@@ -387,15 +389,16 @@ def test_a_dead_worker_is_replaced_while_a_client_sees_no_failed_call(
     # no call sent after it started fails. A connection being opened as the victim dies is reset by the
     # kernel (unless net.ipv4.tcp_migrate_req is 1) and a new channel then backs off before reconnecting, so
     # a call sent just then may fail UNAVAILABLE; that is the client's connect, not a worker's answer.
-    assert all(started < replacement.create_time() for started in fresh.failed_starts), fresh
+    assert all(started < replacement_seen for started in fresh.failed_starts), fresh
     if signum == signal.SIGKILL:
         assert set(fresh.codes) <= {"OK", "UNAVAILABLE "}, fresh
     else:
         # A draining worker listens for up to 2.2 s after SIGTERM (server/app.py DISPATCH_WAIT_MAX_S), and the
-        # kernel keeps handing it its share of new connections meanwhile. A call that lands in the instant
-        # grpc stops is cancelled by grpc before the server sees it: a known race (1 in 715 in one CI run,
-        # 0 in 2,858 over three others), reported, and bounded here so that a real drain defect still fails.
-        assert set(fresh.codes) <= {"OK", "UNAVAILABLE ", "CANCELLED "}, fresh
+        # kernel keeps handing it its share of new connections meanwhile; those still in its accept queue when
+        # it closes the port are reset, as for a kill. A call that lands in the instant grpc stops is cancelled
+        # by grpc before the server sees it (about 1 in 2,500 on one connection): the client retries that
+        # CANCELLED, so it never reaches the caller. Bounded so that a real drain defect still fails.
+        assert set(fresh.codes) <= {"OK", "UNAVAILABLE "}, fresh
         assert fresh.failed <= max(1, fresh.sent // 100), fresh
     assert len(after - before) == 1  # one worker kept its model, the other loaded it anew
     log = (tmp_path / "serve.log").read_text()
