@@ -394,10 +394,10 @@ def test_a_dead_worker_is_replaced_while_a_client_sees_no_failed_call(
         assert set(fresh.codes) <= {"OK", "UNAVAILABLE "}, fresh
     else:
         # A draining worker listens for up to 2.2 s after SIGTERM (server/app.py DISPATCH_WAIT_MAX_S), and the
-        # kernel keeps handing it its share of new connections meanwhile; those still in its accept queue when
-        # it closes the port are reset, as for a kill. A call that lands in the instant grpc stops is cancelled
-        # by grpc before the server sees it (about 1 in 2,500 on one connection): the client retries that
-        # CANCELLED, so it never reaches the caller. Bounded so that a real drain defect still fails.
+        # kernel keeps handing it its share of new connections meanwhile; those still in its accept queue
+        # when it closes the port are reset, as for a kill. A call that lands in the instant grpc stops is
+        # cancelled by grpc before the server sees it (about 1 in 2,500 on one connection): the client
+        # retries that CANCELLED, so it never reaches the caller. Bounded so a real drain defect still fails.
         assert set(fresh.codes) <= {"OK", "UNAVAILABLE "}, fresh
         assert fresh.failed <= max(1, fresh.sent // 100), fresh
     assert len(after - before) == 1  # one worker kept its model, the other loaded it anew
