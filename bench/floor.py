@@ -12,11 +12,11 @@ import pandas as pd
 from feast import FeatureStore
 from mlflow.tracking import MlflowClient
 
-from feature_repo.definitions import JOIN_KEY
-from feature_repo.store import open_store
-from server.features import FeatureRow
-from server.heap import settle_after_load
-from server.model_loader import LoadedModel, ModelTarget, load_model
+from streamflow.feature_repo.definitions import JOIN_KEY
+from streamflow.feature_repo.store import open_store
+from streamflow.server.features import FeatureRow
+from streamflow.server.heap import settle_after_load
+from streamflow.server.model_loader import LoadedModel, ModelTarget, load_model
 from streamflow.settings import Settings
 
 

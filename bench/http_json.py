@@ -19,7 +19,7 @@ from statistics import median
 
 from bench import h2load
 from bench.services import BIN, free_port, grpc_serving, start
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 
 SERVICE = "streamflow.serving.v1.PredictionService"
 TRANSPORTS = ("gRPC", "HTTP/1.1 JSON", "HTTP/2 JSON (h2c)")

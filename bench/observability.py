@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import h2load
 from bench.services import BIN, free_port, grpc_serving, start
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 
 SERVICE = "streamflow.serving.v1.PredictionService"
 OBSERVABILITY_OFF = {"STREAMFLOW_METRICS_PORT": "0", "STREAMFLOW_ACCESS_LOG_RATE": "0"}

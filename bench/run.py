@@ -35,9 +35,9 @@ import pandas as pd
 from bench import h2load, http_json, observability, security
 from bench.floor import feast_sdk_call, feature_frame, floor_call, load_served_model, time_calls
 from bench.services import BIN, Service, free_port, grpc_serving, http_ok, start
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from feature_repo.definitions import SNAPSHOT_DATES, VIEW_SPECS
+from streamflow.feature_repo.definitions import SNAPSHOT_DATES, VIEW_SPECS
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

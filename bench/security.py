@@ -21,9 +21,9 @@ import trustme
 
 from bench import h2load
 from bench.services import BIN, free_port, grpc_serving, start
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server.auth import add_token
+from streamflow.server.auth import add_token
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 
 SERVICE = "streamflow.serving.v1.PredictionService"
 

@@ -15,8 +15,8 @@ import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
 
-from feature_repo.definitions import FEATURE_NAMES, FEATURE_SERVICE_NAME, JOIN_KEY
-from feature_repo.store import open_store
+from streamflow.feature_repo.definitions import FEATURE_NAMES, FEATURE_SERVICE_NAME, JOIN_KEY
+from streamflow.feature_repo.store import open_store
 from streamflow.settings import Settings, load_settings
 
 

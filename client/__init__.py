@@ -1,13 +1,13 @@
 """Typed Python client of the StreamFlow PredictionService and its CLI (`streamflow-client`).
 
-from client import ChurnClient, EntityNotFoundError
+from streamflow.client import ChurnClient, EntityNotFoundError
 
 with ChurnClient("localhost:50051") as churn:
     print(churn.predict("7590-VHVEG").churn_probability)
 """
 
-from client.churn_client import ChurnClient
-from client.errors import (
+from streamflow.client.churn_client import ChurnClient
+from streamflow.client.errors import (
     ChurnServiceError,
     DeadlineExceededError,
     EntityNotFoundError,
@@ -20,7 +20,7 @@ from client.errors import (
     ServiceUnavailableError,
     UnauthenticatedError,
 )
-from client.results import (
+from streamflow.client.results import (
     BatchResult,
     ChurnLabel,
     FeatureSchema,

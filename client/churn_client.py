@@ -26,10 +26,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from client.errors import error_from_rpc_error
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from client.results import (
+from streamflow.client.errors import error_from_rpc_error
+from streamflow.client.results import (
     BatchResult,
     ModelInfo,
     Prediction,
@@ -37,6 +35,8 @@ from client.results import (
     model_info_from_proto,
     prediction_from_proto,
 )
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT_S = 5.0

@@ -19,9 +19,9 @@ from typing import Any
 
 import grpc
 
-from client.churn_client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, ChurnClient
-from client.errors import ChurnServiceError
-from client.results import Prediction
+from streamflow.client.churn_client import DEFAULT_TARGET, DEFAULT_TIMEOUT_S, ChurnClient
+from streamflow.client.errors import ChurnServiceError
+from streamflow.client.results import Prediction
 
 TOKEN_VARIABLE = "STREAMFLOW_TOKEN"
 

@@ -15,8 +15,8 @@ from google.protobuf import timestamp_pb2
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
 
-from client.errors import ChurnServiceError, error_from_status
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.client.errors import ChurnServiceError, error_from_status
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 
 
 class ChurnLabel(StrEnum):

@@ -13,14 +13,14 @@ from datetime import UTC, datetime, timedelta
 from feast import FeatureStore, FeatureView, Project, RepoConfig
 from feast.errors import FeastObjectNotFoundException
 
-from feature_repo.definitions import (
+from streamflow.errors import StreamflowError
+from streamflow.feature_repo.definitions import (
     FEATURE_SERVICE_NAME,
     SNAPSHOT_DATES,
     build_feature_service,
     build_views,
     user,
 )
-from streamflow.errors import StreamflowError
 from streamflow.settings import Profile, Settings
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def open_store(settings: Settings) -> FeatureStore:
     """The FeatureStore of the settings' profile (nothing is created or contacted until it is used)."""
     if settings.profile is Profile.PRODUCTION:
         # Imported here: the embedded profile must not need the production module or its services.
-        from feature_repo.production import production_repo_config
+        from streamflow.feature_repo.production import production_repo_config
 
         config = production_repo_config(settings)
     else:

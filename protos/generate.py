@@ -1,9 +1,10 @@
 """Generate what `make protos` commits from the contract: the Python code in `client/generated` and the
 FileDescriptorSet `protos/streamflow_serving_v1.binpb` (both checked for staleness by tests/test_contract.py).
 
-grpcio-tools writes `from streamflow.serving.v1 import ...` into the stubs, a path that only exists under the
-output folder; the import is rewritten to the package path so the generated code imports as
-`client.generated.streamflow.serving.v1`. Python code is generated for the contract only: the vendored
+The code imports as its proto package says, `streamflow.serving.v1`: `streamflow/serving` links to it in
+this repository, and each distribution maps that name to the folder, so the imports grpcio-tools writes
+(`from streamflow.serving.v1 import ...`) work as written, and a user who generates stubs of their own gets
+the same module names. Python code is generated for the contract only: the vendored
 google/rpc and grpc/health protos have theirs in googleapis-common-protos and grpcio-health-checking.
 
 The descriptor set holds every file under `protos/` with its imports (the well-known types) and comments, so
@@ -25,7 +26,6 @@ PROTO_DIR = ROOT / "protos"
 CONTRACT_DIR = PROTO_DIR / "streamflow"
 DEFAULT_OUT = ROOT / "client" / "generated"
 DESCRIPTOR_SET = PROTO_DIR / "streamflow_serving_v1.binpb"
-OUT_PACKAGE = "client.generated"
 WELL_KNOWN = Path(grpc_tools.__file__).parent / "_proto"
 
 
@@ -46,14 +46,11 @@ def generate(out: Path) -> list[Path]:
     for rel in contract:
         _protoc(f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", str(rel))
     written = sorted(p for p in out.rglob("*.py*") if p.suffix in {".py", ".pyi"})
-    for path in written:
-        text = path.read_text()
-        for rel in contract:
-            package = ".".join(rel.parent.parts)
-            text = text.replace(f"from {package} import", f"from {OUT_PACKAGE}.{package} import")
-        path.write_text(text)
-    for folder in {p.parent for p in written} | {out}:
-        while folder != out.parent:
+    # Packages from `streamflow.serving` down; `streamflow` itself is the project's (or, with the client
+    # alone installed, a namespace package).
+    top = out / "streamflow"
+    for folder in {p.parent for p in written}:
+        while folder != top:
             init = folder / "__init__.py"
             if not init.exists():
                 init.write_text("")

@@ -31,21 +31,21 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from server import metrics, tls, tracing
-from server.auth import Authenticator
-from server.health import SERVING, HealthService
-from server.heap import limit_malloc_arenas
-from server.http_gateway import HttpGateway, PredictionApp
-from server.model_loader import LoadedModel, ModelTarget
-from server.model_watcher import ModelWatcher
-from server.observers import call_observers
-from server.predictor import Predictor
-from server.quotas import RateLimiter, SharedBuckets
-from server.rpc import CallGuard, Policy, register, register_reflection
-from server.servicer import PredictionServicer, users_requested
-from server.workers import METRICS_CHECK_S, announce_bound, run_workers, worker_count
 from streamflow.errors import StreamflowError
+from streamflow.server import metrics, tls, tracing
+from streamflow.server.auth import Authenticator
+from streamflow.server.health import SERVING, HealthService
+from streamflow.server.heap import limit_malloc_arenas
+from streamflow.server.http_gateway import HttpGateway, PredictionApp
+from streamflow.server.model_loader import LoadedModel, ModelTarget
+from streamflow.server.model_watcher import ModelWatcher
+from streamflow.server.observers import call_observers
+from streamflow.server.predictor import Predictor
+from streamflow.server.quotas import RateLimiter, SharedBuckets
+from streamflow.server.rpc import CallGuard, Policy, register, register_reflection
+from streamflow.server.servicer import PredictionServicer, users_requested
+from streamflow.server.workers import METRICS_CHECK_S, announce_bound, run_workers, worker_count
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import grpc
 
-from server.errors import Unauthenticated
 from streamflow.errors import StreamflowError
+from streamflow.server.errors import Unauthenticated
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Generic, TypeVar
 
 from opentelemetry.trace import SpanContext
 
-from server import metrics, tracing
-from server.errors import FeatureError, ServingError
-from server.predictor import check_user_id
+from streamflow.server import metrics, tracing
+from streamflow.server.errors import FeatureError, ServingError
+from streamflow.server.predictor import check_user_id
 
 Answer = TypeVar("Answer")
 """What a scored user becomes: a `Prediction`, or the server's response message built on the scoring thread

@@ -37,13 +37,13 @@ def register(subparsers: Any) -> None:
 
 def handle_serve(args: argparse.Namespace, settings: Settings) -> int:
     # Imported here so other subcommands do not pay for gRPC, MLflow and Feast imports.
-    from server.app import serve
+    from streamflow.server.app import serve
 
     return serve(settings)
 
 
 def handle_add_token(args: argparse.Namespace, settings: Settings) -> int:
-    from server.auth import add_token
+    from streamflow.server.auth import add_token
 
     path = args.tokens_file or settings.auth_tokens_file
     if path is None:

@@ -8,9 +8,9 @@ from datetime import datetime
 
 from google.protobuf import timestamp_pb2
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from server.domain import FeatureSchema, FeatureType, ModelInfo, ModelRef, Prediction, Runtime
-from server.errors import FeatureError, status_of
+from streamflow.server.domain import FeatureSchema, FeatureType, ModelInfo, ModelRef, Prediction, Runtime
+from streamflow.server.errors import FeatureError, status_of
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 
 _FEATURE_TYPES = {
     FeatureType.INT64: pb.FEATURE_TYPE_INT64,

@@ -40,9 +40,10 @@ from feast.infra.provider import get_provider
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Bool, FeastType, Float32, Float64, Int32, Int64, String
 
-from server import metrics
-from server.domain import FeatureScalar, FeatureSchema, FeatureType, FeatureValue
-from server.errors import (
+from streamflow.errors import StreamflowError
+from streamflow.server import metrics
+from streamflow.server.domain import FeatureScalar, FeatureSchema, FeatureType, FeatureValue
+from streamflow.server.errors import (
     EntityNotFound,
     FeatureError,
     FeatureProblem,
@@ -50,9 +51,8 @@ from server.errors import (
     FeaturesMissing,
     FeaturesStale,
 )
-from server.online_rows import UNDATED, UNDECODABLE, Cell, ViewFeatures, online_rows
-from server.store_health import StoreBreaker, breaker_for
-from streamflow.errors import StreamflowError
+from streamflow.server.online_rows import UNDATED, UNDECODABLE, Cell, ViewFeatures, online_rows
+from streamflow.server.store_health import StoreBreaker, breaker_for
 from streamflow.settings import Settings
 
 JOIN_KEY = "user_id"

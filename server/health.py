@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.errors import UnknownService
+from streamflow.server.errors import UnknownService
 
 ServingStatus = int
 """A `HealthCheckResponse.ServingStatus` value."""

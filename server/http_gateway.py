@@ -53,10 +53,10 @@ from protobuf._codegen import file_desc  # what protobuf-py's generated modules 
 from protobuf.wkt import Any as AnyDetail
 from protobuf.wkt.google.protobuf import duration_pb
 
-from server import tls
-from server.logs import event
-from server.rpc import CallGuard, Method, Policy
 from streamflow.errors import StreamflowError
+from streamflow.server import tls
+from streamflow.server.logs import event
+from streamflow.server.rpc import CallGuard, Method, Policy
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)

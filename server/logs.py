@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from streamflow.settings import LogFormat, Settings
 
 if TYPE_CHECKING:
-    from server.rpc import Call
+    from streamflow.server.rpc import Call
 
 ACCESS_LOGGER = "streamflow.access"
 """The logger of access lines, so an operator can route or silence them apart from the rest."""
@@ -181,7 +181,7 @@ class AccessLog:
                 return
             self._written_errors += 1
         if self._trace_ids:
-            from server.tracing import current_trace_id  # tracing on: the module is loaded already
+            from streamflow.server.tracing import current_trace_id  # tracing on: the module is loaded already
 
             trace_id = current_trace_id()
         else:

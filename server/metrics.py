@@ -42,8 +42,8 @@ from prometheus_client import (
 from streamflow.model_contract import is_churn
 
 if TYPE_CHECKING:
-    from server.model_loader import LoadedModel
-    from server.rpc import Call
+    from streamflow.server.model_loader import LoadedModel
+    from streamflow.server.rpc import Call
 
 log = logging.getLogger(__name__)
 

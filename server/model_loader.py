@@ -32,17 +32,6 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_
 from mlflow.tracking import MlflowClient
 from mlflow.types import DataType, Schema
 
-from server.domain import (
-    FeatureScalar,
-    FeatureType,
-    FeatureValue,
-    ModelInfo,
-    ModelRef,
-    ReloadFailure,
-    Runtime,
-)
-from server.features import VALID_CATEGORIES, FeatureReader, FeatureRow, FeatureServiceError
-from server.onnx_runtime import Columns, ProbabilityModel, choose_runtime
 from streamflow.errors import StreamflowError
 from streamflow.model_contract import (
     CHURN_CLASS,
@@ -51,6 +40,17 @@ from streamflow.model_contract import (
     TAG_FEATURE_SERVICE,
     TAG_FINGERPRINT,
 )
+from streamflow.server.domain import (
+    FeatureScalar,
+    FeatureType,
+    FeatureValue,
+    ModelInfo,
+    ModelRef,
+    ReloadFailure,
+    Runtime,
+)
+from streamflow.server.features import VALID_CATEGORIES, FeatureReader, FeatureRow, FeatureServiceError
+from streamflow.server.onnx_runtime import Columns, ProbabilityModel, choose_runtime
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)

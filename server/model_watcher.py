@@ -26,12 +26,13 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from feature_repo.store import open_store
-from server import metrics
-from server.domain import ReloadFailure
-from server.heap import settle_after_load
-from server.logs import event
-from server.model_loader import (
+from streamflow.errors import StreamflowError
+from streamflow.feature_repo.store import open_store
+from streamflow.server import metrics
+from streamflow.server.domain import ReloadFailure
+from streamflow.server.heap import settle_after_load
+from streamflow.server.logs import event
+from streamflow.server.model_loader import (
     FAILED_TO_LOAD,
     NOT_FOUND_CODES,
     LoadedModel,
@@ -39,7 +40,6 @@ from server.model_loader import (
     ModelTarget,
     load_model,
 )
-from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -3,10 +3,10 @@ which cross-cutting concerns watch every call."""
 
 from __future__ import annotations
 
-from server import tracing
-from server.logs import AccessLog
-from server.metrics import MetricsObserver
-from server.rpc import CallObserver
+from streamflow.server import tracing
+from streamflow.server.logs import AccessLog
+from streamflow.server.metrics import MetricsObserver
+from streamflow.server.rpc import CallObserver
 from streamflow.settings import Settings
 
 

@@ -26,8 +26,8 @@ import numpy as np
 import onnxruntime as ort
 import pandas as pd
 
-from server.domain import Runtime
 from streamflow.model_contract import ARTIFACT_DIR, EXPECTED_COLUMN, MODEL_FILE, SAMPLE_FILE, compare
+from streamflow.server.domain import Runtime
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from server import metrics, tracing
-from server.domain import ModelInfo, Prediction
-from server.errors import FeatureError, FieldViolation, InvalidBatch, InvalidUserId, ModelNotLoaded
-from server.features import FeatureRow
-from server.model_loader import LoadedModel
-from server.model_watcher import ModelWatcher
 from streamflow.model_contract import CHURN_CLASS, is_churn
+from streamflow.server import metrics, tracing
+from streamflow.server.domain import ModelInfo, Prediction
+from streamflow.server.errors import FeatureError, FieldViolation, InvalidBatch, InvalidUserId, ModelNotLoaded
+from streamflow.server.features import FeatureRow
+from streamflow.server.model_loader import LoadedModel
+from streamflow.server.model_watcher import ModelWatcher
 from streamflow.settings import Settings
 
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from server.errors import RateLimited
+from streamflow.server.errors import RateLimited
 
 SLOTS = 4096
 """Callers the table keeps apart; past that many, callers whose slot is taken share a bucket (never a

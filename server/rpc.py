@@ -40,8 +40,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_status import rpc_status
 
-from server.auth import ANONYMOUS, UNAUTHENTICATED, Authenticator
-from server.errors import (
+from streamflow.server.auth import ANONYMOUS, UNAUTHENTICATED, Authenticator
+from streamflow.server.errors import (
     MalformedRequest,
     Overloaded,
     ServingError,
@@ -51,8 +51,8 @@ from server.errors import (
     row_of,
     status_of,
 )
-from server.log_limits import ThrottledLog
-from server.quotas import RateLimiter
+from streamflow.server.log_limits import ThrottledLog
+from streamflow.server.quotas import RateLimiter
 
 log = logging.getLogger(__name__)
 

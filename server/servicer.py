@@ -16,13 +16,13 @@ from concurrent.futures import Executor
 import grpc
 from google.protobuf.message import Message
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from server import converters, tracing
-from server.batcher import PredictBatcher
-from server.domain import Prediction
-from server.errors import FeatureError
-from server.predictor import Predictor
-from server.rpc import CURRENT_CALL
+from streamflow.server import converters, tracing
+from streamflow.server.batcher import PredictBatcher
+from streamflow.server.domain import Prediction
+from streamflow.server.errors import FeatureError
+from streamflow.server.predictor import Predictor
+from streamflow.server.rpc import CURRENT_CALL
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 
 
 class PredictionServicer:

@@ -19,9 +19,9 @@ import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
-from server import metrics
-from server.errors import FeatureStoreUnavailable
-from server.logs import event
+from streamflow.server import metrics
+from streamflow.server.errors import FeatureStoreUnavailable
+from streamflow.server.logs import event
 
 log = logging.getLogger(__name__)
 

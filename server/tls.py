@@ -28,8 +28,8 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from server.logs import event
 from streamflow.errors import StreamflowError
+from streamflow.server.logs import event
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 if TYPE_CHECKING:
-    from server.rpc import Call
+    from streamflow.server.rpc import Call
 
 DEFAULT_SERVICE_NAME = "streamflow-serving"
 """`service.name` of the spans unless `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` names one."""

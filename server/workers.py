@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server import metrics
-from server.logs import event
 from streamflow.errors import StreamflowError
+from streamflow.server import metrics
+from streamflow.server.logs import event
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -15,9 +15,9 @@ from streamflow.settings import load_settings
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every package's subcommands."""
     # Imported here so `streamflow --help` does not pay for the imports of the packages it does not run.
-    from server import cli as server_cli
-    from training import cli as training_cli
-    from training import ingest
+    from streamflow.server import cli as server_cli
+    from streamflow.training import cli as training_cli
+    from streamflow.training import ingest
 
     parser = argparse.ArgumentParser(prog="streamflow", description="StreamFlow churn pipeline and server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {name}{problem['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return 2
     # Before the parser imports the packages: MLflow reads its logging variables when it is imported.
-    from server.logs import configure_logging
+    from streamflow.server.logs import configure_logging
 
     configure_logging(settings)
     args = build_parser().parse_args(argv)

@@ -9,7 +9,7 @@ import mlflow
 import mlflow.tracking._model_registry.utils as mlflow_registry_utils
 import pytest
 
-from server.logs import StderrHandler
+from streamflow.server.logs import StderrHandler
 from tests.fixtures.production import *  # noqa: F403
 from tests.fixtures.serving import *  # noqa: F403
 from tests.fixtures.training import *  # noqa: F403

@@ -22,18 +22,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
-from client import ChurnClient, RateLimitedError, UnauthenticatedError
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server.app import PredictionServer
-from server.auth import TokenTable, add_token, token_hash
-from server.quotas import SharedBuckets
+from streamflow.client import ChurnClient, RateLimitedError, UnauthenticatedError
 from streamflow.errors import StreamflowError
+from streamflow.server.app import PredictionServer
+from streamflow.server.auth import TokenTable, add_token, token_hash
+from streamflow.server.quotas import SharedBuckets
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.metrics import free_port, metrics_server
 from tests.fixtures.processes import STREAMFLOW, serve_env
 from tests.fixtures.serving import start_server, wire_error
-from training.demo_data import FIRST_USER_ID
 
 GRPCURL = STREAMFLOW.parent / "grpcurl"
 RELOAD_WAIT_S = 10.0
@@ -200,12 +200,12 @@ def test_revoked_and_added_callers_take_effect_without_a_restart(
 def test_a_broken_tokens_file_keeps_the_callers_in_force_and_is_reported_once(
     secured: PredictionServer, tokens_file: tuple[Path, dict[str, str]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.auth")
+    caplog.set_level(logging.INFO, logger="streamflow.server.auth")
     path, tokens = tokens_file
     good = path.read_text()
     path.write_text(good + f"dave:{tokens['alice']}\n")  # a plaintext token where its hash belongs
     reports = lambda level: [  # noqa: E731
-        r.getMessage() for r in caplog.records if r.name == "server.auth" and r.levelno == level
+        r.getMessage() for r in caplog.records if r.name == "streamflow.server.auth" and r.levelno == level
     ]
     deadline = time.monotonic() + 3.0  # three looks at the file at least
     while time.monotonic() < deadline:

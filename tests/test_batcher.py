@@ -15,17 +15,23 @@ import grpc
 import pandas as pd
 import pytest
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
-from server.app import PredictionServer
-from server.batcher import PredictBatcher
-from server.domain import Prediction
-from server.errors import EntityNotFound, FeatureError, FeaturesStale, InvalidUserId, ModelNotLoaded
-from server.model_watcher import ModelWatcher
-from server.predictor import Predictor
+from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
+from streamflow.server.app import PredictionServer
+from streamflow.server.batcher import PredictBatcher
+from streamflow.server.domain import Prediction
+from streamflow.server.errors import (
+    EntityNotFound,
+    FeatureError,
+    FeaturesStale,
+    InvalidUserId,
+    ModelNotLoaded,
+)
+from streamflow.server.model_watcher import ModelWatcher
+from streamflow.server.predictor import Predictor
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
+from streamflow.training.demo_data import table_path
 from tests.fixtures.serving import departed_users, prediction_stub
-from training.demo_data import table_path
 
 UNKNOWN_USER = "9999-99999"
 

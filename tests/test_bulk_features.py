@@ -23,20 +23,32 @@ from feast.infra.provider import Provider
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-import server.features
-import server.online_rows
-from feature_repo.definitions import FEATURE_SERVICE_NAME, JOIN_KEY, build_feature_service, build_views, user
-from feature_repo.production import redis_connection_string
-from feature_repo.store import embedded_repo_config
-from server.errors import (
+import streamflow.server.features
+import streamflow.server.online_rows
+from streamflow.feature_repo.definitions import (
+    FEATURE_SERVICE_NAME,
+    JOIN_KEY,
+    build_feature_service,
+    build_views,
+    user,
+)
+from streamflow.feature_repo.production import redis_connection_string
+from streamflow.feature_repo.store import embedded_repo_config
+from streamflow.server.errors import (
     EntityNotFound,
     FeaturesInvalid,
     FeaturesMissing,
     FeaturesStale,
     FeatureStoreUnavailable,
 )
-from server.features import FeatureReader, FeatureRow
-from server.online_rows import PROBE_IDS, OnlineRows, ProviderRows, ViewFeatures, entity_key_encoder
+from streamflow.server.features import FeatureReader, FeatureRow
+from streamflow.server.online_rows import (
+    PROBE_IDS,
+    OnlineRows,
+    ProviderRows,
+    ViewFeatures,
+    entity_key_encoder,
+)
 from streamflow.settings import Settings
 
 FEB = datetime(2024, 2, 29, tzinfo=UTC)
@@ -157,7 +169,7 @@ def test_bulk_read_equals_feast_sdk(
 ) -> None:
     store, settings = store_and_settings
     if path == "per view":  # what any online store other than SQLite and Redis gets
-        monkeypatch.setattr(server.features, "online_rows", _generic_rows)
+        monkeypatch.setattr(streamflow.server.features, "online_rows", _generic_rows)
     reader = FeatureReader(store, FEATURE_SERVICE_NAME, settings)
 
     cells = reader.read_cells(REQUEST)
@@ -285,7 +297,7 @@ def test_entity_keys_are_feasts_bytes_without_calling_feast_per_user(
     def not_per_user(entity_key: EntityKeyProto, entity_key_serialization_version: int) -> bytes:
         raise AssertionError("the verified encoding calls Feast's function only at load")
 
-    monkeypatch.setattr(server.online_rows, "serialize_entity_key", not_per_user)
+    monkeypatch.setattr(streamflow.server.online_rows, "serialize_entity_key", not_per_user)
     for user_id in [*PROBE_IDS, "7590-VHVEG", "Ω-ünknown_名", "0" * 64]:
         assert encode(user_id) == _feast_key(user_id, version), user_id
 
@@ -297,8 +309,8 @@ def test_an_entity_key_layout_unlike_feasts_falls_back_to_feasts_function(
     def changed(entity_key: EntityKeyProto, entity_key_serialization_version: int) -> bytes:
         return serialize_entity_key(entity_key, entity_key_serialization_version)[::-1]
 
-    monkeypatch.setattr(server.online_rows, "serialize_entity_key", changed)
-    with caplog.at_level(logging.WARNING, logger="server.online_rows"):
+    monkeypatch.setattr(streamflow.server.online_rows, "serialize_entity_key", changed)
+    with caplog.at_level(logging.WARNING, logger="streamflow.server.online_rows"):
         encode = entity_key_encoder(JOIN_KEY, embedded_repo_config(Settings(home=tmp_path)))
 
     assert encode("7590-VHVEG") == _feast_key("7590-VHVEG", 3)[::-1]

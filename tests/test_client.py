@@ -17,7 +17,7 @@ import grpc
 import pytest
 from feast.types import Bool, FeastType, Float64, Int64, String
 
-from client import (
+from streamflow.client import (
     ChurnClient,
     ChurnLabel,
     EntityNotFoundError,
@@ -30,12 +30,12 @@ from client import (
     Runtime,
     ServiceUnavailableError,
 )
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from feature_repo.definitions import FEATURE_NAMES, VIEW_SPECS
+from streamflow.feature_repo.definitions import FEATURE_NAMES, VIEW_SPECS
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.proxy import counting_proxy
 from tests.fixtures.serving import departed_users, prediction_stub, start_server
-from training.demo_data import FIRST_USER_ID
 
 UNKNOWN_USER = "9999-99999"
 CLIENT_CLI = Path(sys.executable).parent / "streamflow-client"

@@ -20,7 +20,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from client import (
+from streamflow.client import (
     ChurnClient,
     ChurnLabel,
     ChurnServiceError,
@@ -34,10 +34,10 @@ from client import (
     ServiceUnavailableError,
     cli,
 )
-from client.churn_client import service_config
-from client.cli import TOKEN_VARIABLE
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
+from streamflow.client.churn_client import service_config
+from streamflow.client.cli import TOKEN_VARIABLE
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 
 
 def scripted_failure(code: grpc.StatusCode) -> grpc.Status:

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from feature_repo.definitions import FEATURE_NAMES, LABELS_TABLE, SNAPSHOT_DATES, VIEW_SPECS
+from streamflow.feature_repo.definitions import FEATURE_NAMES, LABELS_TABLE, SNAPSHOT_DATES, VIEW_SPECS
 from streamflow.settings import Settings
-from training import demo_data
-from training.dataset import LABEL
-from training.train import build_pipeline, feature_kinds, score, split
+from streamflow.training import demo_data
+from streamflow.training.dataset import LABEL
+from streamflow.training.train import build_pipeline, feature_kinds, score, split
 
 JAN, FEB = (demo_data.snapshot_timestamp(day) for day in SNAPSHOT_DATES)
 

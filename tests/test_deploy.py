@@ -23,9 +23,9 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from server.app import SERVICE_NAME
 from streamflow import mlflow_server
 from streamflow.cli import build_parser as streamflow_parser
+from streamflow.server.app import SERVICE_NAME
 from streamflow.settings import Settings
 from tests.fixtures.deploy import (
     DEPLOY,

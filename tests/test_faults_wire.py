@@ -24,18 +24,18 @@ from google.rpc import status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-import server
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server import errors
-from server.app import PredictionServer
-from server.domain import ModelInfo
-from server.errors import ERROR_TABLE, MAX_FIELD_VIOLATIONS, ServingError, row_of, trailer_bytes
-from server.model_watcher import ModelWatcher
-from server.predictor import Predictor
+import streamflow.server
+from streamflow.server import errors
+from streamflow.server.app import PredictionServer
+from streamflow.server.domain import ModelInfo
+from streamflow.server.errors import ERROR_TABLE, MAX_FIELD_VIOLATIONS, ServingError, row_of, trailer_bytes
+from streamflow.server.model_watcher import ModelWatcher
+from streamflow.server.predictor import Predictor
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.serving import WireError, server_settings, start_server, wire_error
-from training.demo_data import FIRST_USER_ID
 
 GRPC_SOFT_METADATA_LIMIT = 8 * 1024
 PREDICT = "/streamflow.serving.v1.PredictionService/Predict"
@@ -251,7 +251,7 @@ def _all_subclasses(cls: type[ServingError]) -> Iterator[type[ServingError]]:
 
 def test_every_serving_error_resolves_to_a_row_of_the_error_table() -> None:
     # Every server module is imported, so an error class defined anywhere in the server is walked.
-    for module in pkgutil.iter_modules(server.__path__):
+    for module in pkgutil.iter_modules(streamflow.server.__path__):
         importlib.import_module(f"server.{module.name}")
     leaves = [
         cls

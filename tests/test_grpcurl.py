@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from client import ChurnClient
-from feature_repo.definitions import FEATURE_NAMES
-from training.demo_data import FIRST_USER_ID
+from streamflow.client import ChurnClient
+from streamflow.feature_repo.definitions import FEATURE_NAMES
+from streamflow.training.demo_data import FIRST_USER_ID
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 BUF = Path(sys.executable).parent / "buf"

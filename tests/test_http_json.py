@@ -28,15 +28,15 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server.app import PredictionServer
-from server.auth import add_token
+from streamflow.server.app import PredictionServer
+from streamflow.server.auth import add_token
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.metrics import eventually, free_port
 from tests.fixtures.processes import serve_env, serving_process
 from tests.fixtures.serving import WireError, prediction_stub, start_server, wire_error
-from training.demo_data import FIRST_USER_ID
 
 SERVICE = "streamflow.serving.v1.PredictionService"
 UNKNOWN_USER = "9999-NOSUCH"
@@ -302,18 +302,18 @@ def test_a_dead_http_task_is_logged_once_and_served_again(
 ) -> None:
     with start_server(embedded_settings, http_port=free_port()) as running:
         assert running.http is not None
-        caplog.set_level(logging.INFO, logger="server.http_gateway")
+        caplog.set_level(logging.INFO, logger="streamflow.server.http_gateway")
         # What a crash of the serving task looks like to its supervisor: the task ends while not stopping.
         task = running.http._task
         assert task is not None
         running.event_loop.loop.call_soon_threadsafe(task.cancel)
         recovered = threading.Event()
         handler = _On("http_server_recovered", recovered)
-        logging.getLogger("server.http_gateway").addHandler(handler)
+        logging.getLogger("streamflow.server.http_gateway").addHandler(handler)
         try:
             assert recovered.wait(30), caplog.text
         finally:
-            logging.getLogger("server.http_gateway").removeHandler(handler)
+            logging.getLogger("streamflow.server.http_gateway").removeHandler(handler)
         assert post_json(running, "ModelInfo", "{}").status_code == 200
         events = [getattr(r, "event", None) for r in caplog.records]
         assert events.count("http_server_failed") == 1

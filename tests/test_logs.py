@@ -25,18 +25,18 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server.errors import FeatureStoreUnavailable
-from server.logs import JsonFormatter, TextFormatter
-from server.store_health import StoreBreaker
 from streamflow.model_contract import TAG_FINGERPRINT
+from streamflow.server.errors import FeatureStoreUnavailable
+from streamflow.server.logs import JsonFormatter, TextFormatter
+from streamflow.server.store_health import StoreBreaker
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import LogFormat, Profile, Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.processes import START_TIMEOUT_S, serve_env, serving_process
 from tests.fixtures.production import start_private_redis
 from tests.fixtures.serving import prediction_stub, start_server
 from tests.test_server_registry import move_straight_to_production, register_copy
-from training.demo_data import FIRST_USER_ID
 
 PREDICTION_SERVICE = "/streamflow.serving.v1.PredictionService/"
 NOISE = ("noload", "Registry cache expired", "\x1b[", "Downloading artifacts", "alembic", "%|")
@@ -253,7 +253,7 @@ def json_events(logger_name: str) -> Iterator[list[dict[str, Any]]]:
 @pytest.fixture
 def store_events() -> Iterator[list[dict[str, Any]]]:
     """The lifecycle events the store breaker logs."""
-    with json_events("server.store_health") as lines:
+    with json_events("streamflow.server.store_health") as lines:
         yield lines
 
 
@@ -307,7 +307,7 @@ def test_no_format_writes_ansi_colour_codes() -> None:
 @pytest.fixture
 def watcher_events() -> Iterator[list[dict[str, Any]]]:
     """The lifecycle events the model watcher logs."""
-    with json_events("server.model_watcher") as lines:
+    with json_events("streamflow.server.model_watcher") as lines:
         yield lines
 
 

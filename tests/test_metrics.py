@@ -22,12 +22,13 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from feature_repo.definitions import VIEW_SPECS
-from server.errors import FeatureStoreUnavailable
-from server.metrics import MetricsEndpoint, _remove_orphaned_dirs
-from server.store_health import StoreBreaker
+from streamflow.feature_repo.definitions import VIEW_SPECS
+from streamflow.server.errors import FeatureStoreUnavailable
+from streamflow.server.metrics import MetricsEndpoint, _remove_orphaned_dirs
+from streamflow.server.store_health import StoreBreaker
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.metrics import (
     Scrape,
     call,
@@ -46,7 +47,6 @@ from tests.test_server_registry import (
     register_copy,
     register_copy_without_metrics,
 )
-from training.demo_data import FIRST_USER_ID
 
 SERVICE = "streamflow.serving.v1.PredictionService"
 OK, NOT_FOUND, INVALID = grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT
@@ -223,7 +223,7 @@ def test_store_errors_count_every_failed_read() -> None:
 def test_the_endpoint_is_started_again_when_its_thread_dies_or_its_port_frees(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="server.metrics")
+    caplog.set_level(logging.INFO, logger="streamflow.server.metrics")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

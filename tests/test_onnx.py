@@ -17,11 +17,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from feature_repo.definitions import FEATURE_NAMES
-from feature_repo.store import open_store
-from server.domain import Runtime
-from server.model_loader import load_model
-from server.onnx_runtime import MIN_CHUNK_ROWS, OnnxModel, row_chunks
+from streamflow.feature_repo.definitions import FEATURE_NAMES
+from streamflow.feature_repo.store import open_store
 from streamflow.model_contract import (
     ARTIFACT_DIR,
     EXPECTED_COLUMN,
@@ -32,10 +29,13 @@ from streamflow.model_contract import (
     ParityReport,
     compare,
 )
+from streamflow.server.domain import Runtime
+from streamflow.server.model_loader import load_model
+from streamflow.server.onnx_runtime import MIN_CHUNK_ROWS, OnnxModel, row_chunks
 from streamflow.settings import Settings
-from training.dataset import LABEL
-from training.onnx_export import export_onnx
-from training.train import build_pipeline, feature_kinds, validation_frame
+from streamflow.training.dataset import LABEL
+from streamflow.training.onnx_export import export_onnx
+from streamflow.training.train import build_pipeline, feature_kinds, validation_frame
 
 
 def _client(settings: Settings) -> MlflowClient:
@@ -211,7 +211,7 @@ def test_server_falls_back_to_sklearn(
         export(settings, candidate, client, run.info.run_id)
     candidate = client.get_model_version(settings.model_name, candidate.version)
 
-    with caplog.at_level(logging.WARNING, logger="server.onnx_runtime"):
+    with caplog.at_level(logging.WARNING, logger="streamflow.server.onnx_runtime"):
         loaded = load_model(settings, client, open_store(settings), candidate)
 
     assert loaded.runtime is Runtime.SKLEARN

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.metrics import call, metrics_server
-from training.demo_data import FIRST_USER_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yaml"

@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
-from client import ChurnClient
-from feature_repo.definitions import FEATURE_NAMES
-from server.errors import DOMAIN
+from streamflow.client import ChurnClient
+from streamflow.feature_repo.definitions import FEATURE_NAMES
+from streamflow.server.errors import DOMAIN
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.serving import start_server
-from training.demo_data import FIRST_USER_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"

@@ -25,25 +25,25 @@ import pytest
 import redis
 from mlflow import MlflowClient
 
-from client import (
+from streamflow import healthcheck, postgres
+from streamflow.client import (
     ChurnClient,
     ChurnServiceError,
     EntityNotFoundError,
     ModelRef,
     ServiceUnavailableError,
 )
-from feature_repo import store
-from feature_repo.definitions import FEATURE_NAMES, SNAPSHOT_DATES
-from streamflow import healthcheck, postgres
+from streamflow.feature_repo import store
+from streamflow.feature_repo.definitions import FEATURE_NAMES, SNAPSHOT_DATES
 from streamflow.settings import Settings
+from streamflow.training import demo_data
+from streamflow.training.ingest import TABLES
+from streamflow.training.registry import promote, rollback
+from streamflow.training.train import train
 from tests.fixtures.deploy import serving_image, serving_only_environment
 from tests.fixtures.processes import serve_env, serving_process
 from tests.fixtures.production import ProductionStack, free_port, running_mlflow_server, start_private_redis
 from tests.fixtures.serving import start_server
-from training import demo_data
-from training.ingest import TABLES
-from training.registry import promote, rollback
-from training.train import train
 
 pytestmark = pytest.mark.production
 

@@ -10,14 +10,14 @@ import pandas as pd
 import psycopg
 import pytest
 
-from feature_repo.definitions import JOIN_KEY, LABELS_TABLE, SNAPSHOT_DATES, TIMESTAMP_FIELD
 from streamflow import postgres
 from streamflow.cli import main as streamflow_main
 from streamflow.errors import StreamflowError
+from streamflow.feature_repo.definitions import JOIN_KEY, LABELS_TABLE, SNAPSHOT_DATES, TIMESTAMP_FIELD
 from streamflow.settings import Settings
+from streamflow.training import demo_data
+from streamflow.training.ingest import APPLICATION_NAME, TABLES, ingest_snapshots
 from tests.fixtures.production import free_port
-from training import demo_data
-from training.ingest import APPLICATION_NAME, TABLES, ingest_snapshots
 
 pytestmark = pytest.mark.production
 

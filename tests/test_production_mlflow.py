@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from feature_repo.definitions import FEATURE_SERVICE_NAME
 from streamflow import mlflow_server, postgres
 from streamflow.errors import StreamflowError
+from streamflow.feature_repo.definitions import FEATURE_SERVICE_NAME
 from streamflow.settings import Settings
+from streamflow.training.bootstrap import bootstrap
 from tests.fixtures.production import MlflowService, ProductionStack, free_port
-from training.bootstrap import bootstrap
 
 pytestmark = pytest.mark.production
 

@@ -7,12 +7,19 @@ from urllib.parse import urlparse
 
 import pytest
 
-from feature_repo.definitions import SNAPSHOT_DATES
 from streamflow.errors import StreamflowError
+from streamflow.feature_repo.definitions import SNAPSHOT_DATES
 from streamflow.settings import Settings
+from streamflow.training.registry import (
+    ProductionWouldEmpty,
+    PromotionRefused,
+    current,
+    gate,
+    promote,
+    rollback,
+)
+from streamflow.training.train import mlflow_client, train
 from tests.fixtures.training import registry_state
-from training.registry import ProductionWouldEmpty, PromotionRefused, current, gate, promote, rollback
-from training.train import mlflow_client, train
 
 JAN = SNAPSHOT_DATES[0]
 

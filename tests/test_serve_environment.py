@@ -19,14 +19,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from feature_repo.definitions import SNAPSHOT_DATES
+from streamflow.feature_repo.definitions import SNAPSHOT_DATES
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
+from streamflow.training.registry import promote
+from streamflow.training.train import train
 from tests.fixtures.processes import START_TIMEOUT_S, serve_env, serving_process
 from tests.fixtures.serving import departed_users, prediction_stub, wire_error
-from training.demo_data import FIRST_USER_ID
-from training.registry import promote
-from training.train import train
 
 
 def health_status(address: str, timeout_s: float = 10.0) -> int:

@@ -22,18 +22,19 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import ChurnClient, OverloadedError
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from feature_repo import store
-from feature_repo.definitions import FEATURE_NAMES, JOIN_KEY, VIEW_SPECS
-from server.app import PredictionServer
-from server.batcher import PredictBatcher
-from server.domain import Prediction
-from server.errors import ERROR_TABLE, EntityNotFound, FeatureError
-from server.model_watcher import ModelWatcher
-from server.predictor import Predictor
+from streamflow.client import ChurnClient, OverloadedError
+from streamflow.feature_repo import store
+from streamflow.feature_repo.definitions import FEATURE_NAMES, JOIN_KEY, VIEW_SPECS
+from streamflow.server.app import PredictionServer
+from streamflow.server.batcher import PredictBatcher
+from streamflow.server.domain import Prediction
+from streamflow.server.errors import ERROR_TABLE, EntityNotFound, FeatureError
+from streamflow.server.model_watcher import ModelWatcher
+from streamflow.server.predictor import Predictor
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.serving import (
     WireError,
     departed_users,
@@ -44,7 +45,6 @@ from tests.fixtures.serving import (
     write_user_features,
 )
 from tests.fixtures.training import relocate_home
-from training.demo_data import FIRST_USER_ID
 
 UNKNOWN_USER = "9999-99999"
 NEWCOMER = "NEW-0001"  # only a subscription profile so far: its aggregates were never computed
@@ -255,7 +255,7 @@ def test_unexpected_failure_is_internal_with_a_request_id_and_no_internals(
     broken_server: PredictionServer, caplog: pytest.LogCaptureFixture, rpc: str
 ) -> None:
     with (
-        caplog.at_level(logging.ERROR, logger="server.rpc"),
+        caplog.at_level(logging.ERROR, logger="streamflow.server.rpc"),
         prediction_stub(broken_server.local_address) as stub,
     ):
         with pytest.raises(grpc.RpcError) as failure:

@@ -8,19 +8,19 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from feature_repo.definitions import FEATURE_SERVICE_NAME, VIEW_SPECS
-from feature_repo.store import open_store
-from server.domain import FeatureScalar, FeatureSchema, FeatureType
-from server.errors import FeaturesStale
-from server.features import (
+from streamflow.feature_repo.definitions import FEATURE_SERVICE_NAME, VIEW_SPECS
+from streamflow.feature_repo.store import open_store
+from streamflow.server.domain import FeatureScalar, FeatureSchema, FeatureType
+from streamflow.server.errors import FeaturesStale
+from streamflow.server.features import (
     FeatureReader,
     FeatureRow,
     FeatureServiceError,
     _value_rule,
 )
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.serving import departed_users
-from training.demo_data import FIRST_USER_ID
 
 LEAVER_SNAPSHOT = datetime(2024, 1, 31, tzinfo=UTC)
 AGGREGATE_TTL = VIEW_SPECS[1].ttl

@@ -15,8 +15,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from mlflow import MlflowClient
 
-from server.app import HEALTH_SERVICES, SERVICE_NAME
-from server.errors import echo, trailer_bytes
+from streamflow.server.app import HEALTH_SERVICES, SERVICE_NAME
+from streamflow.server.errors import echo, trailer_bytes
 from streamflow.settings import Settings
 from tests.fixtures.serving import start_server, wire_error
 

@@ -14,14 +14,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server.app import PredictionServer, create_server
 from streamflow.errors import StreamflowError
+from streamflow.server.app import PredictionServer, create_server
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.processes import START_TIMEOUT_S, read_line
 from tests.fixtures.serving import server_settings
-from training.demo_data import FIRST_USER_ID
 
 STREAMFLOW = Path(sys.executable).parent / "streamflow"
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")

@@ -22,18 +22,18 @@ import pytest
 from mlflow.models import infer_signature
 from sklearn.linear_model import LogisticRegression
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server import model_watcher
-from server.app import PredictionServer
-from server.model_loader import FAILED_TO_LOAD, LoadedModel
 from streamflow.model_contract import TAG_AS_OF, TAG_FEATURE_SERVICE, TAG_FINGERPRINT
+from streamflow.server import model_watcher
+from streamflow.server.app import PredictionServer
+from streamflow.server.model_loader import FAILED_TO_LOAD, LoadedModel
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
+from streamflow.training.dataset import training_set
+from streamflow.training.demo_data import FIRST_USER_ID
+from streamflow.training.registry import promote, rollback
+from streamflow.training.train import mlflow_client, train
 from tests.fixtures.serving import TEST_POLL_INTERVAL_S, prediction_stub, start_server
-from training.dataset import training_set
-from training.demo_data import FIRST_USER_ID
-from training.registry import promote, rollback
-from training.train import mlflow_client, train
 
 SWAP_BOUND_S = TEST_POLL_INTERVAL_S + 30.0
 """How long a test waits for the server to act on a registry change before failing; a bound, not a budget."""

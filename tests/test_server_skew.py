@@ -8,13 +8,13 @@ from datetime import date
 import mlflow.sklearn
 import numpy as np
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from feature_repo.definitions import FEATURE_NAMES, SNAPSHOT_DATES
+from streamflow.feature_repo.definitions import FEATURE_NAMES, SNAPSHOT_DATES
 from streamflow.model_contract import PROBABILITY_TOLERANCE
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
+from streamflow.training.dataset import training_set
+from streamflow.training.train import mlflow_client
 from tests.fixtures.serving import prediction_stub
-from training.dataset import training_set
-from training.train import mlflow_client
 
 SAMPLE = 80
 

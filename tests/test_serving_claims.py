@@ -15,17 +15,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlflow import MlflowClient
 
-from client import ChurnClient, DeadlineExceededError
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
+from streamflow.client import ChurnClient, DeadlineExceededError
+from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
 from streamflow.model_contract import ARTIFACT_DIR, PROBABILITY_TOLERANCE
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID, snapshot_timestamp, table_path
+from streamflow.training.registry import promote
+from streamflow.training.train import train
 from tests.fixtures.proxy import counting_proxy
 from tests.fixtures.serving import prediction_stub, start_server
-from training.demo_data import FIRST_USER_ID, snapshot_timestamp, table_path
-from training.registry import promote
-from training.train import train
 
 LIVENESS_TIMEOUT_S = 120.0
 """Upper bound on waiting for something that must happen; liveness only, never a measured budget."""

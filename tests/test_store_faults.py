@@ -39,17 +39,17 @@ from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 from grpc_status import rpc_status
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from feature_repo import store
-from feature_repo.definitions import JOIN_KEY, VIEW_SPECS
-from server.app import PredictionServer
-from server.errors import FeatureStoreUnavailable
-from server.store_health import StoreBreaker
+from streamflow.feature_repo import store
+from streamflow.feature_repo.definitions import JOIN_KEY, VIEW_SPECS
+from streamflow.server.app import PredictionServer
+from streamflow.server.errors import FeatureStoreUnavailable
+from streamflow.server.store_health import StoreBreaker
+from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.production import PrivateRedis, ProductionStack, start_private_redis
 from tests.fixtures.serving import WireError, prediction_stub, start_server, wire_error
 from tests.fixtures.training import relocate_home
-from training.demo_data import FIRST_USER_ID
 
 WRONG_TYPE = "WRONGTYPE-0001"  # months_active (int64) stored as a string_val
 GARBLED = "GARBLED-0001"  # watch_hours_30d holds bytes that do not decode as a Feast value
@@ -305,7 +305,11 @@ def client_threads(address: str, calls: CallLog) -> Iterator[list[threading.Thre
 
 
 def store_log(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "server.store_health" and r.levelno == level]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "streamflow.server.store_health" and r.levelno == level
+    ]
 
 
 def run_outage(
@@ -318,7 +322,7 @@ def run_outage(
     calls = CallLog()
     private = redis_served.redis
     with (
-        caplog.at_level(logging.INFO, logger="server.store_health"),
+        caplog.at_level(logging.INFO, logger="streamflow.server.store_health"),
         client_threads(redis_served.server.local_address, calls) as workers,
     ):
         try:
@@ -416,7 +420,7 @@ def test_the_breaker_fails_fast_while_open_probes_once_per_interval_and_closes_o
 
         return attempt
 
-    with caplog.at_level(logging.INFO, logger="server.store_health"):
+    with caplog.at_level(logging.INFO, logger="streamflow.server.store_health"):
         assert breaker.call(read("up")) == "up"
         failures = []
         for outcome in ("down", "up", "up"):  # the outage, then two calls before the probe is due
@@ -523,7 +527,7 @@ def test_reads_let_through_before_an_outage_neither_close_nor_reopen_the_breaker
         except FeatureStoreUnavailable:
             outcomes.append("unavailable")
 
-    with caplog.at_level(logging.INFO, logger="server.store_health"):
+    with caplog.at_level(logging.INFO, logger="streamflow.server.store_health"):
         # Two reads on their way while the store still answers...
         slow = [
             threading.Thread(target=call, args=(late(finish_late_success, False),)),

@@ -25,19 +25,19 @@ import trustme
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client import ChurnClient, Prediction, cli
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server.app import SERVICE_NAME, PredictionServer
-from server.auth import add_token
-from server.tls import server_credentials
+from streamflow.client import ChurnClient, Prediction, cli
 from streamflow.errors import StreamflowError
 from streamflow.healthcheck import check
+from streamflow.server.app import SERVICE_NAME, PredictionServer
+from streamflow.server.auth import add_token
+from streamflow.server.tls import server_credentials
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.processes import START_TIMEOUT_S, serve_env, serving_process
 from tests.fixtures.production import free_port
 from tests.fixtures.serving import start_server
-from training.demo_data import FIRST_USER_ID
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 PREDICT = f"{SERVICE_NAME}/Predict"
@@ -251,7 +251,9 @@ class CallLoop:
 
 
 def tls_events(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "server.tls" and r.levelno == level]
+    return [
+        r.getMessage() for r in caplog.records if r.name == "streamflow.server.tls" and r.levelno == level
+    ]
 
 
 def test_a_rotated_certificate_reaches_new_connections_while_open_ones_keep_calling(
@@ -260,7 +262,7 @@ def test_a_rotated_certificate_reaches_new_connections_while_open_ones_keep_call
     old_ca, new_ca = trustme.CA(), trustme.CA()
     volume.publish_leaf(old_ca.issue_cert(*HOSTS))
     new_leaf = new_ca.issue_cert(*HOSTS)
-    caplog.set_level(logging.INFO, logger="server.tls")
+    caplog.set_level(logging.INFO, logger="streamflow.server.tls")
     with start_server(embedded_settings, **tls_settings(volume)) as running:
         address = running.local_address
         with tls_channel(address, old_ca) as opened_before:
@@ -287,7 +289,7 @@ def test_a_broken_rotation_keeps_the_served_certificate_and_warns_once_until_fix
 ) -> None:
     served_ca, next_ca = trustme.CA(), trustme.CA()
     volume.publish_leaf(served_ca.issue_cert(*HOSTS))
-    caplog.set_level(logging.INFO, logger="server.tls")
+    caplog.set_level(logging.INFO, logger="streamflow.server.tls")
     with start_server(embedded_settings, **tls_settings(volume)) as running:
         address = running.local_address
         episodes = []

@@ -27,16 +27,16 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server import tracing
-from server.app import PredictionServer
-from server.logs import ACCESS_LOGGER, JsonFormatter
-from server.observers import call_observers
+from streamflow.server import tracing
+from streamflow.server.app import PredictionServer
+from streamflow.server.logs import ACCESS_LOGGER, JsonFormatter
+from streamflow.server.observers import call_observers
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.processes import START_TIMEOUT_S, serve_env, serving_process
 from tests.fixtures.serving import prediction_stub, start_server
-from training.demo_data import FIRST_USER_ID
 
 PREDICT = "streamflow.serving.v1.PredictionService/Predict"
 BATCH_PREDICT = "streamflow.serving.v1.PredictionService/BatchPredict"

@@ -11,15 +11,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from feature_repo import store
-from feature_repo.definitions import FEATURE_NAMES, FEATURE_SERVICE_NAME, LABELS_TABLE, SNAPSHOT_DATES
 from streamflow.errors import StreamflowError
+from streamflow.feature_repo import store
+from streamflow.feature_repo.definitions import (
+    FEATURE_NAMES,
+    FEATURE_SERVICE_NAME,
+    LABELS_TABLE,
+    SNAPSHOT_DATES,
+)
 from streamflow.settings import Settings
+from streamflow.training import demo_data
+from streamflow.training.bootstrap import load_demo_data
+from streamflow.training.dataset import FEATURE_DTYPES, LABEL, training_set
+from streamflow.training.train import mlflow_client, train, validation_frame
 from tests.fixtures.training import FIXTURE_TREES
-from training import demo_data
-from training.bootstrap import load_demo_data
-from training.dataset import FEATURE_DTYPES, LABEL, training_set
-from training.train import mlflow_client, train, validation_frame
 
 JAN, FEB = SNAPSHOT_DATES
 

@@ -12,13 +12,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from feature_repo import store
-from feature_repo.definitions import FEATURE_NAMES, FEATURE_SERVICE_NAME, LABELS_TABLE, SNAPSHOT_DATES
 from streamflow.cli import main
+from streamflow.feature_repo import store
+from streamflow.feature_repo.definitions import (
+    FEATURE_NAMES,
+    FEATURE_SERVICE_NAME,
+    LABELS_TABLE,
+    SNAPSHOT_DATES,
+)
 from streamflow.settings import Settings
+from streamflow.training import demo_data
+from streamflow.training.bootstrap import bootstrap
 from tests.fixtures.training import FIXTURE_USERS, fixture_settings, registry_state
-from training import demo_data
-from training.bootstrap import bootstrap
 
 JAN = demo_data.snapshot_timestamp(SNAPSHOT_DATES[0])
 

@@ -16,10 +16,10 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server.errors import trailer_bytes
-from training.demo_data import FIRST_USER_ID
+from streamflow.server.errors import trailer_bytes
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
+from streamflow.training.demo_data import FIRST_USER_ID
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 RECEIVABLE_BYTES = 8 * 1024

@@ -26,15 +26,15 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
-from client.churn_client import ChurnClient
-from client.errors import ChurnServiceError
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as pb
-from client.generated.streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-from server.workers import CRASH_LIMIT, CRASH_WINDOW_S
+from streamflow.client.churn_client import ChurnClient
+from streamflow.client.errors import ChurnServiceError
+from streamflow.server.workers import CRASH_LIMIT, CRASH_WINDOW_S
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
+from streamflow.training.demo_data import FIRST_USER_ID
+from streamflow.training.registry import promote
 from tests.fixtures.processes import START_TIMEOUT_S, read_line
-from training.demo_data import FIRST_USER_ID
-from training.registry import promote
 
 WORKERS = 2
 DEADLINE_S = 120
@@ -433,8 +433,8 @@ def test_a_worker_that_keeps_dying_stops_the_server_with_one_error_line(
     errors = [line for line in log.splitlines() if "stopping the server" in line]
     assert len(errors) == 1, log
     assert re.search(
-        rf"ERROR server\.workers: worker \d died {CRASH_LIMIT} times within {CRASH_WINDOW_S:.0f} s "
-        r"\(last: process \d+ exited with code 1\); stopping the server$",
+        rf"ERROR streamflow\.server\.workers: worker \d died {CRASH_LIMIT} times within "
+        rf"{CRASH_WINDOW_S:.0f} s \(last: process \d+ exited with code 1\); stopping the server$",
         errors[0],
     )
     assert log.count("restarting it in") >= CRASH_LIMIT - 1

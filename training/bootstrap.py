@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from feature_repo import store
-from feature_repo.definitions import SNAPSHOT_DATES
+from streamflow.feature_repo import store
+from streamflow.feature_repo.definitions import SNAPSHOT_DATES
 from streamflow.settings import Profile, Settings
-from training import demo_data
-from training.dataset import training_set, training_set_fingerprint
-from training.registry import PromotionRefused, current, promote
-from training.train import TAG_AS_OF, TAG_FINGERPRINT, mlflow_client, train
+from streamflow.training import demo_data
+from streamflow.training.dataset import training_set, training_set_fingerprint
+from streamflow.training.registry import PromotionRefused, current, promote
+from streamflow.training.train import TAG_AS_OF, TAG_FINGERPRINT, mlflow_client, train
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def load_demo_data(settings: Settings, users: int, seed: int) -> str:
     tables = demo_data.generate_tables(users, seed)
     if settings.profile is Profile.PRODUCTION:
         # Imported here: the embedded profile needs no PostgreSQL driver.
-        from training.ingest import ingest_snapshots
+        from streamflow.training.ingest import ingest_snapshots
 
         ingest_snapshots(settings, tables)
         fingerprint = demo_data.tables_fingerprint(tables)

@@ -8,8 +8,8 @@ import logging
 import warnings
 from datetime import date
 
-from feature_repo.definitions import SNAPSHOT_DATES
 from streamflow.errors import StreamflowError
+from streamflow.feature_repo.definitions import SNAPSHOT_DATES
 from streamflow.settings import Profile, Settings
 
 # Feast logs every registry cache refresh at INFO; the steps' own progress lines are what a person wants.
@@ -39,7 +39,7 @@ def _as_of(text: str) -> date:
 
 
 def _generate(args: argparse.Namespace, settings: Settings) -> int:
-    from training.bootstrap import load_demo_data
+    from streamflow.training.bootstrap import load_demo_data
 
     _quiet()
     users = args.users or settings.users
@@ -51,7 +51,7 @@ def _generate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _apply(args: argparse.Namespace, settings: Settings) -> int:
-    from feature_repo import store
+    from streamflow.feature_repo import store
 
     _quiet()
     store.apply(settings)
@@ -60,8 +60,8 @@ def _apply(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _materialize(args: argparse.Namespace, settings: Settings) -> int:
-    from feature_repo import store
-    from training.demo_data import written_manifest
+    from streamflow.feature_repo import store
+    from streamflow.training.demo_data import written_manifest
 
     _quiet()
     manifest = written_manifest(settings) if settings.profile is Profile.EMBEDDED else None
@@ -71,7 +71,7 @@ def _materialize(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
-    from training.train import train
+    from streamflow.training.train import train
 
     _quiet()
     result = train(settings, _as_of(args.as_of))
@@ -86,7 +86,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
-    from training.registry import promote
+    from streamflow.training.registry import promote
 
     _quiet()
     done = promote(settings, args.version, args.stage, force=args.force)
@@ -103,7 +103,7 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _rollback(args: argparse.Namespace, settings: Settings) -> int:
-    from training.registry import rollback
+    from streamflow.training.registry import rollback
 
     _quiet()
     done = rollback(settings)
@@ -115,7 +115,7 @@ def _rollback(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _bootstrap(args: argparse.Namespace, settings: Settings) -> int:
-    from training.bootstrap import bootstrap
+    from streamflow.training.bootstrap import bootstrap
 
     _quiet()
     report = bootstrap(settings)

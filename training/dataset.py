@@ -13,7 +13,8 @@ from datetime import date
 import pandas as pd
 from feast.types import Bool, FeastType, Float64, Int64, String
 
-from feature_repo.definitions import (
+from streamflow.errors import StreamflowError
+from streamflow.feature_repo.definitions import (
     FEATURE_NAMES,
     FEATURE_SERVICE_NAME,
     JOIN_KEY,
@@ -21,11 +22,10 @@ from feature_repo.definitions import (
     TIMESTAMP_FIELD,
     VIEW_SPECS,
 )
-from feature_repo.store import open_store
-from streamflow.errors import StreamflowError
+from streamflow.feature_repo.store import open_store
 from streamflow.settings import Profile, Settings
-from training.demo_data import snapshot_timestamp, table_path
-from training.fingerprint import frame_fingerprint
+from streamflow.training.demo_data import snapshot_timestamp, table_path
+from streamflow.training.fingerprint import frame_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from feature_repo.definitions import LABELS_TABLE, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
+from streamflow.feature_repo.definitions import LABELS_TABLE, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
 from streamflow.settings import Settings
-from training.fingerprint import frame_fingerprint
+from streamflow.training.fingerprint import frame_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ import pandas as pd
 import psycopg
 from psycopg import sql
 
-from feature_repo.definitions import JOIN_KEY, LABELS_TABLE, TIMESTAMP_FIELD, VIEW_SPECS
 from streamflow import postgres
 from streamflow.errors import StreamflowError
+from streamflow.feature_repo.definitions import JOIN_KEY, LABELS_TABLE, TIMESTAMP_FIELD, VIEW_SPECS
 from streamflow.settings import Settings
-from training import demo_data
+from streamflow.training import demo_data
 
 log = logging.getLogger(__name__)
 

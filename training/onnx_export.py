@@ -22,7 +22,6 @@ from skl2onnx.common.data_types import (
 )
 from sklearn.pipeline import Pipeline
 
-from server.onnx_runtime import OnnxModel
 from streamflow.errors import StreamflowError
 from streamflow.model_contract import (
     ARTIFACT_DIR,
@@ -34,6 +33,7 @@ from streamflow.model_contract import (
     ParityReport,
     compare,
 )
+from streamflow.server.onnx_runtime import OnnxModel
 
 SAMPLE_ROWS = 256
 """Validation rows logged with the export; the server re-checks parity on them when it loads the model."""

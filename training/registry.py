@@ -24,7 +24,7 @@ from sklearn.base import ClassifierMixin
 
 from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
-from training.train import TAG_AS_OF, mlflow_client, score, validation_frame
+from streamflow.training.train import TAG_AS_OF, mlflow_client, score, validation_frame
 
 log = logging.getLogger(__name__)
 # Stages are used on purpose (people ask for them); MLflow's deprecation notice on every call is noise.

@@ -41,11 +41,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder
 
-from feature_repo.definitions import FEATURE_NAMES, FEATURE_SERVICE_NAME, VIEW_SPECS
 from streamflow.errors import StreamflowError
+from streamflow.feature_repo.definitions import FEATURE_NAMES, FEATURE_SERVICE_NAME, VIEW_SPECS
 from streamflow.model_contract import METRIC_VAL_AUC, TAG_AS_OF, TAG_FEATURE_SERVICE, TAG_FINGERPRINT
 from streamflow.settings import Profile, Settings
-from training.dataset import FEATURE_DTYPES, LABEL, training_set, training_set_fingerprint
+from streamflow.training.dataset import FEATURE_DTYPES, LABEL, training_set, training_set_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,7 @@ def _log_compiled(
 ) -> None:
     """The ONNX export and its parity report on the validation rows, logged with the version."""
     # Imported here: the export pulls in skl2onnx and onnxruntime, which the rest of training does not need.
-    from training.onnx_export import log_onnx_export
+    from streamflow.training.onnx_export import log_onnx_export
 
     log.info(
         "exporting version %s to ONNX and checking parity on %d validation rows", version, len(validation)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from client.generated.streamflow.serving.v1 import prediction_service_pb2 as streamflow_dot_serving_dot_v1_dot_prediction__service__pb2
+from streamflow.serving.v1 import prediction_service_pb2 as streamflow_dot_serving_dot_v1_dot_prediction__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
