@@ -252,11 +252,11 @@ def _all_subclasses(cls: type[ServingError]) -> Iterator[type[ServingError]]:
 def test_every_serving_error_resolves_to_a_row_of_the_error_table() -> None:
     # Every server module is imported, so an error class defined anywhere in the server is walked.
     for module in pkgutil.iter_modules(streamflow.server.__path__):
-        importlib.import_module(f"server.{module.name}")
+        importlib.import_module(f"streamflow.server.{module.name}")
     leaves = [
         cls
         for cls in _all_subclasses(ServingError)
-        if not cls.__subclasses__() and cls.__module__.startswith("server.")
+        if not cls.__subclasses__() and cls.__module__.startswith("streamflow.server.")
     ]
 
     assert len(leaves) >= len(ERROR_TABLE)
