@@ -38,6 +38,7 @@ def bare_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         timeout=600,
     )
     yield base / "venv" / "bin"
+    shutil.rmtree(base)  # 50 MB of venv: not worth keeping after a pass
 
 
 def test_the_client_brings_only_grpc_and_protobuf(bare_venv: Path) -> None:
