@@ -246,3 +246,66 @@ def test_deployment_serves_tls_from_a_secret_volume_the_kubelet_can_update() -> 
     assert env["STREAMFLOW_TLS_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
     assert env["STREAMFLOW_TLS_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
     assert volume["secret"]["defaultMode"] == 0o440  # readable by the pod's fsGroup, nobody else
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    # matchLabels only: an expression-based selector would need its own evaluation here.
+    return selector.keys() == {"matchLabels"} and selector["matchLabels"].items() <= labels.items()
+
+
+def test_autoscaler_scales_the_deployment_on_cpu_and_scales_down_slower_than_a_drain() -> None:
+    manifests = _manifests()
+    deployment, hpa = manifests["Deployment"], manifests["HorizontalPodAutoscaler"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (metric,) = hpa["spec"]["metrics"]
+    scale_down = hpa["spec"]["behavior"]["scaleDown"]
+    startup = container["startupProbe"]
+
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": deployment["apiVersion"],
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    assert "replicas" not in deployment["spec"], "kubectl apply would reset the autoscaler's count"
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
+    assert "cpu" in container["resources"]["requests"], "utilisation is a share of the CPU request"
+    # A pod scaled down on a dip takes up to the startup probe's budget to come back; one drains at a time.
+    grace = pod["terminationGracePeriodSeconds"]
+    window = scale_down["stabilizationWindowSeconds"]
+    assert window >= startup["periodSeconds"] * startup["failureThreshold"] and window > grace
+    assert [(p["type"], p["value"]) for p in scale_down["policies"]] == [("Pods", 1)]
+    assert all(p["periodSeconds"] > grace for p in scale_down["policies"])
+
+
+def test_disruption_budget_keeps_a_pod_serving_and_never_blocks_a_drain() -> None:
+    manifests = _manifests()
+    deployment, hpa, pdb = (
+        manifests[kind] for kind in ("Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget")
+    )
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    budget, replicas = pdb["spec"], hpa["spec"]["minReplicas"]
+    # The disruption controller's arithmetic for integer budgets (int() refuses a percentage: extend it then).
+    allowed = (
+        int(budget["maxUnavailable"])
+        if "maxUnavailable" in budget
+        else replicas - int(budget["minAvailable"])
+    )
+
+    assert _selects(budget["selector"], labels)
+    # At the autoscaler's minimum (the tightest case), a drain may evict a pod but never the last ones.
+    assert 1 <= allowed < replicas
+    assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # unready pods cannot stall a drain
+
+
+def test_pods_spread_over_zones_and_nodes() -> None:
+    template = _manifests()["Deployment"]["spec"]["template"]
+    constraints = {c["topologyKey"]: c for c in template["spec"]["topologySpreadConstraints"]}
+
+    assert set(constraints) == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    # A preference: a single-zone cluster (or one without zone labels) must still schedule the pods.
+    assert constraints["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+    for key, constraint in constraints.items():
+        assert _selects(constraint["labelSelector"], template["metadata"]["labels"]), key
+        assert constraint["maxSkew"] == 1, key
