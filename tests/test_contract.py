@@ -72,11 +72,27 @@ def test_buf_check_passes_on_the_committed_files_alone(workspace: Path, check: s
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_buf_lint_fails_on_a_style_violation(workspace: Path) -> None:
-    _edit(workspace, "string user_id = 1;\n}", "string userId = 1;\n}")
-    result = _buf(*BUF_CHECKS["lint"], cwd=workspace)
+@pytest.mark.parametrize(
+    ("check", "old", "new", "rule"),
+    [
+        ("lint", "string user_id = 1;\n}", "string userId = 1;\n}", "FIELD_LOWER_SNAKE_CASE"),
+        ("breaking", "  double churn_probability = 3;\n", "", "FIELD_NO_DELETE"),
+        (
+            "breaking",
+            'java_package = "com.streamflow.serving.v1"',
+            'java_package = "com.example"',
+            "FILE_SAME_JAVA_PACKAGE",
+        ),
+    ],
+    ids=["lint-style-violation", "breaking-deleted-field", "breaking-changed-language-option"],
+)
+def test_buf_check_fails_on_a_broken_contract(
+    workspace: Path, check: str, old: str, new: str, rule: str
+) -> None:
+    _edit(workspace, old, new)
+    result = _buf(*BUF_CHECKS[check], cwd=workspace)
     assert result.returncode != 0
-    assert "FIELD_LOWER_SNAKE_CASE" in _rules(result)
+    assert rule in _rules(result)
 
 
 def test_buf_format_fails_on_a_misformatted_contract(workspace: Path) -> None:
@@ -84,20 +100,6 @@ def test_buf_format_fails_on_a_misformatted_contract(workspace: Path) -> None:
     result = _buf(*BUF_CHECKS["format"], cwd=workspace)
     assert result.returncode != 0
     assert "-  string   user_id=1;" in result.stdout
-
-
-def test_breaking_check_catches_a_deleted_field(workspace: Path) -> None:
-    _edit(workspace, "  double churn_probability = 3;\n", "")
-    result = _buf(*BUF_CHECKS["breaking"], cwd=workspace)
-    assert result.returncode != 0
-    assert "FIELD_NO_DELETE" in _rules(result)
-
-
-def test_breaking_check_catches_a_changed_language_option(workspace: Path) -> None:
-    _edit(workspace, 'java_package = "com.streamflow.serving.v1"', 'java_package = "com.example"')
-    result = _buf(*BUF_CHECKS["breaking"], cwd=workspace)
-    assert result.returncode != 0
-    assert "FILE_SAME_JAVA_PACKAGE" in _rules(result)
 
 
 def test_generated_code_is_not_stale(tmp_path: Path) -> None:
