@@ -31,6 +31,7 @@ from statistics import median
 
 import grpc
 import pandas as pd
+from grpc_health.v1 import health_pb2
 
 from bench import h2load, http_json, observability, security
 from bench.floor import feast_sdk_call, feature_frame, floor_call, load_served_model, time_calls
@@ -115,6 +116,7 @@ def measure_service(
     batches: dict[int, h2load.Endpoint],
     duration: float,
     rounds: int,
+    what: str = "Predict",
 ) -> Column:
     """Drive one running service with h2load, `rounds` runs of each load, and keep each figure's median (a
     shared machine's speed drifts within minutes); memory is read after each run and the largest kept."""
@@ -132,7 +134,7 @@ def measure_service(
         return results
 
     for concurrency in (1, 8, 32):
-        print(f"  {service.name}: Predict at concurrency {concurrency}", flush=True)
+        print(f"  {service.name}: {what} at concurrency {concurrency}", flush=True)
         results = measured(predict, concurrency)
         column.values[f"rps{concurrency}"] = median(r.throughput for r in results)
         if concurrency == 1:
@@ -169,9 +171,15 @@ def json_endpoint(url: str, payload: object) -> h2load.Endpoint:
     return h2load.Endpoint(url, json.dumps(payload).encode(), h2load.JSON_HEADERS, http1=True)
 
 
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+"""The bare call of this server stack: routing, the call layer and a tiny answer; no features, no model."""
+
+
 def bench_streamflow(
     env: dict[str, str], users: list[str], duration: float, rounds: int, log: Path
-) -> Column:
+) -> tuple[Column, Column]:
+    """StreamFlow's figures, and the bare call's (a health Check) measured the same way on the same server:
+    the floor of the stack, against which Predict's own cost reads."""
     port = free_port()
     service = start(
         "StreamFlow gRPC",
@@ -193,7 +201,17 @@ def bench_streamflow(
             n: endpoint("BatchPredict", pb.BatchPredictRequest(user_ids=users[:n]).SerializeToString())
             for n in BATCH_SIZES
         }
-        return measure_service(service, predict, batches, duration, rounds)
+        ours = measure_service(service, predict, batches, duration, rounds)
+        check = h2load.Endpoint(
+            f"http://127.0.0.1:{port}{HEALTH_CHECK}",
+            h2load.grpc_frame(health_pb2.HealthCheckRequest().SerializeToString()),
+            h2load.GRPC_HEADERS,
+        )
+        bare = measure_service(service, check, {}, duration, rounds, what="health Check")
+        bare.name = "bare call (health Check, same server)"
+        for key in ("rss_total", "rss_worker"):  # the same processes: their memory is StreamFlow's column
+            bare.values.pop(key)
+        return ours, bare
     finally:
         service.stop()
 
@@ -273,37 +291,44 @@ def cell(value: float | None) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:,.2f}"
 
 
+def cost_over(mine: float | None, base: float | None, lower_is_better: bool) -> str:
+    """StreamFlow's cost over a base (1.00 = none): latency mine ÷ base, throughput base ÷ mine."""
+    if not mine or not base:
+        return "—"
+    return f"{(mine / base) if lower_is_better else (base / mine):,.2f}"
+
+
 def render(columns: list[Column], header: str) -> str:
-    ours, floor, sdk, seed, mlflow_serve = columns
+    ours, bare, floor, sdk, seed, mlflow_serve = columns
     names = [c.name for c in columns]
     lines = [
         header,
         "",
         "| measure | "
         + " | ".join(names)
-        + " | vs seed REST | vs mlflow serve | vs Feast SDK path | ÷ floor |",
-        "|---|" + "---:|" * (len(names) + 4),
+        + " | vs seed REST | vs mlflow serve | vs Feast SDK path | ÷ bare call | ÷ floor |",
+        "|---|" + "---:|" * (len(names) + 5),
     ]
     for metric in METRICS:
         values = [c.values.get(metric.key) for c in columns]
         mine = ours.values.get(metric.key)
-        floor_value = floor.values.get(metric.key)
-        to_floor = "—"
-        if mine and floor_value:
-            to_floor = f"{(mine / floor_value) if metric.lower_is_better else (floor_value / mine):,.2f}"
         lines.append(
             f"| {metric.label} | "
             + " | ".join(cell(v) for v in values)
             + f" | {ratio(mine, seed.values.get(metric.key), metric.lower_is_better)}"
             + f" | {ratio(mine, mlflow_serve.values.get(metric.key), metric.lower_is_better)}"
             + f" | {ratio(mine, sdk.values.get(metric.key), metric.lower_is_better)}"
-            + f" | {to_floor} |"
+            + f" | {cost_over(mine, bare.values.get(metric.key), metric.lower_is_better)}"
+            + f" | {cost_over(mine, floor.values.get(metric.key), metric.lower_is_better)} |"
         )
     lines += [
         "",
         'Ratios "vs X": how many times better StreamFlow is than X (latency: X ÷ StreamFlow; throughput',
-        'and memory the same way round, so above 1x favours StreamFlow). "÷ floor": StreamFlow\'s cost',
-        "over the in-process floor (1.00 = no overhead). Failed requests: "
+        'and memory the same way round, so above 1x favours StreamFlow). "÷ bare call" and "÷ floor":',
+        "StreamFlow's cost over a health Check on the same server (the stack's own floor: the Predict rows",
+        "of the bare-call column are that Check, driven the same way) and over the in-process feature read",
+        "and inference (1.00 = no overhead; latency StreamFlow ÷ base, throughput base ÷ StreamFlow). Failed",
+        "requests: "
         + ", ".join(f"{c.name} {c.failed}" for c in columns if c.name not in (floor.name, sdk.name))
         + ".",
     ]
@@ -368,7 +393,7 @@ def main() -> None:
     runtime = model.runtime
     del model
 
-    ours = bench_streamflow(env, users, args.duration, args.rounds, RESULTS / "streamflow.log")
+    ours, bare = bench_streamflow(env, users, args.duration, args.rounds, RESULTS / "streamflow.log")
     seed = bench_seed(env, users, args.duration, args.rounds, RESULTS / "seed_rest.log")
     mlflow_serve = bench_mlflow(
         settings, env, frames, workers, args.duration, args.rounds, RESULTS / "mlflow_serve.log"
@@ -385,7 +410,7 @@ def main() -> None:
     )
     secured = security_table(env, users[0], args.duration, args.rounds)
     over_http = http_table(env, users[0], args.duration, args.rounds)
-    table = render([ours, floor, sdk, seed, mlflow_serve], header) + watching + secured + over_http
+    table = render([ours, bare, floor, sdk, seed, mlflow_serve], header) + watching + secured + over_http
     print("\n" + table)
     (RESULTS / "latest.md").write_text(table)
     (ROOT / "bench" / "RESULTS.md").write_text(table)
