@@ -274,6 +274,7 @@ class MetricsObserver:
     def __init__(self) -> None:
         self._methods: dict[tuple[str, str], _MethodChildren] = {}
         self._callers: dict[tuple[str, str, grpc.StatusCode], Counter] = {}
+        self._caller_users: dict[str, Counter] = {}
 
     def _children(self, call: Call) -> _MethodChildren:
         key = (call.service, call.method)
@@ -300,7 +301,10 @@ class MetricsObserver:
                 calls = self._callers[key] = CALLER_CALLS.labels(call.caller, call.method, call.code.name)
             calls.inc()
             if call.users:
-                CALLER_USERS.labels(call.caller).inc(call.users)
+                users = self._caller_users.get(call.caller)
+                if users is None:
+                    users = self._caller_users[call.caller] = CALLER_USERS.labels(call.caller)
+                users.inc(call.users)
 
 
 # --- one folder and one endpoint per server run -------------------------------------------------------------

@@ -216,7 +216,7 @@ class CallGuard:
                 try:
                     authenticator.caller(context)
                 except Unauthenticated as exc:
-                    await _abort(context, status_of(exc))
+                    await _abort(context, bounded(status_of(exc)))
             async for response in method(requests, context):
                 yield response
 
