@@ -42,7 +42,8 @@ from streamflow.server.model_watcher import ModelWatcher
 from streamflow.server.observers import call_observers
 from streamflow.server.predictor import Predictor
 from streamflow.server.quotas import RateLimiter, SharedBuckets
-from streamflow.server.rpc import CallGuard, Policy, register, register_reflection
+from streamflow.server.reflection import register_reflection
+from streamflow.server.rpc import CallGuard, Policy, register
 from streamflow.server.servicer import PredictionServicer, users_requested
 from streamflow.server.workers import METRICS_CHECK_S, announce_bound, run_workers, worker_count
 from streamflow.serving.v1 import prediction_service_pb2 as pb
