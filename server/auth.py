@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 
 from streamflow.errors import StreamflowError
-from streamflow.server.errors import Unauthenticated
+from streamflow.server.errors import Unauthenticated, echo
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +195,11 @@ def add_token(path: Path, name: str) -> str:
     """A new random token for caller `name`, whose hash is added to the tokens file at `path` (created if
     missing) by an atomic replace, so a server re-reading it never sees half a file. Returns the token,
     which exists nowhere else: the caller must keep it."""
+    if not _NAME.fullmatch(name):
+        raise StreamflowError(
+            f"caller name {echo(name, quoted=True)} is not usable: 1 to 64 characters of [A-Za-z0-9._@-], "
+            "starting with a letter or a digit"
+        )
     existing = _read(path) if path.exists() else ""
     token = secrets.token_urlsafe(32)
     line = f"{name}:{token_hash(token)}"

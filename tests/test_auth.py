@@ -26,6 +26,7 @@ from streamflow.client import ChurnClient, RateLimitedError, UnauthenticatedErro
 from streamflow.errors import StreamflowError
 from streamflow.server.app import PredictionServer
 from streamflow.server.auth import TokenTable, add_token, token_hash
+from streamflow.server.errors import trailer_bytes
 from streamflow.server.quotas import SharedBuckets
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
@@ -471,3 +472,28 @@ def test_the_readme_calls_with_tls_a_client_certificate_and_a_token(
     assert client.returncode == 0, client.stderr
     assert json.loads(client.stdout)["user_id"] == "7590-VHVEG"
     assert health.returncode == 0 and health.stdout == f"localhost:{health_port} (server): SERVING\n"
+
+
+@pytest.mark.parametrize(
+    ("header", "problem"),
+    [
+        ("Bearer " + "x" * 6000, "unrecognized"),
+        ("Basic " + "x" * 6000, "malformed"),
+        ("Bearer    ", "malformed"),
+    ],
+    ids=["6000-char-token", "6000-char-other-scheme", "blank-token"],
+)
+def test_a_credential_at_its_worst_is_a_small_unauthenticated(
+    secured: PredictionServer, header: str, problem: str
+) -> None:
+    with grpc.insecure_channel(secured.local_address) as channel:
+        stub = pb_grpc.PredictionServiceStub(channel)
+        request = pb.PredictRequest(user_id=FIRST_USER_ID)
+        error = refused(lambda: stub.Predict(request, metadata=(("authorization", header),)))
+
+    assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+    decoded = wire_error(error)
+    assert decoded.info.reason == "UNAUTHENTICATED"
+    assert dict(decoded.info.metadata) == {"credential": problem}
+    assert trailer_bytes(decoded.status) < 1024  # nothing of the credential is repeated
+    assert "xxxx" not in decoded.status.message
