@@ -211,7 +211,9 @@ def create_server(
 async def _start(
     settings: Settings, servicer: PredictionServicer, guard: CallGuard, reuse_port: bool
 ) -> tuple[grpc.aio.Server, int, HealthService, grpc.aio.Server | None, HttpGateway | None]:
-    credentials = tls.server_credentials(settings)  # first: bad TLS files fail before anything binds
+    # First: bad TLS files fail before anything binds. One reloader serves both ports' handshakes.
+    certificates = tls.certificates(settings)
+    credentials = tls.server_credentials(certificates)
     # No `maximum_concurrent_rpcs`: it counted health checks too, so probes failed under a flood; the guard
     # admits PredictionService calls only (server/rpc.py).
     server = grpc.aio.server(
@@ -245,7 +247,7 @@ async def _start(
     # The same servicer, guard and policy over HTTP, on this loop.
     service = pb.DESCRIPTOR.services_by_name["PredictionService"]
     http = HttpGateway.for_settings(
-        settings, PredictionApp(service, servicer, guard, predictions), reuse_port
+        settings, PredictionApp(service, servicer, guard, predictions), reuse_port, certificates
     )
     for started in (server,) if health_server is None else (server, health_server):
         await started.start()

@@ -32,8 +32,10 @@ import logging
 import math
 import socket
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, cast
 
 import grpc
@@ -290,20 +292,25 @@ class _Config(Config):
 
 
 class RotatingTls:
-    """The HTTPS context, swapped per handshake for one made from the files once they changed to a valid set
-    (`tls.CertificateReloader` decides, and logs the rotation or the refusal once)."""
+    """The HTTPS context, swapped at a handshake for one made from the set in force once the process's
+    certificate reloader (shared with the gRPC port, which also logs rotations and refusals) has taken a new
+    one. The context is built from the validated bytes, never from the files again, which may have changed."""
 
-    def __init__(self, files: tls.TlsFiles) -> None:
-        self._files = files
-        self._reloader = tls.CertificateReloader(files)
-        self._current = self._context(self._reloader.initial)
+    def __init__(self, reloader: tls.CertificateReloader) -> None:
+        self._reloader = reloader
+        self._applied = reloader.served
+        self._current = self._context(self._applied)
         self.initial = self._current
 
     def _context(self, served: tls.CertificateSet) -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["h2", "http/1.1"])
-        context.load_cert_chain(self._files.cert, self._files.key)
+        # `load_cert_chain` reads files only: the set's own bytes, in a private folder for the instant.
+        with tempfile.TemporaryDirectory(prefix="streamflow-tls-") as folder:
+            pair = Path(folder) / "pair.pem"
+            pair.write_bytes(served.chain_pem + b"\n" + served.key_pem)
+            context.load_cert_chain(pair)
         if served.client_ca_pem is not None:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(cadata=served.client_ca_pem.decode())
@@ -311,15 +318,9 @@ class RotatingTls:
         return context
 
     def _on_handshake(self, connection: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
-        if self._reloader() is not None:  # a rotated set that passed validation
-            try:
-                self._current = self._context(tls.load(self._files))
-            except (
-                StreamflowError,
-                ssl.SSLError,
-                OSError,
-            ):  # changed again since: the next handshake retries
-                log.warning("TLS files changed while being read; the HTTP port keeps its certificate")
+        served = self._reloader.current()
+        if served is not self._applied:
+            self._applied, self._current = served, self._context(served)
         if connection.context is not self._current:
             connection.context = self._current
 
@@ -342,13 +343,18 @@ class HttpGateway:
         self._socket = self._bind()
 
     @classmethod
-    def for_settings(cls, settings: Settings, app: PredictionApp, reuse_port: bool) -> HttpGateway | None:
-        """The gateway of `settings` (bound, not yet serving), None when the HTTP port is off; raises
-        StreamflowError when the port cannot be bound or the TLS files cannot be served."""
+    def for_settings(
+        cls,
+        settings: Settings,
+        app: PredictionApp,
+        reuse_port: bool,
+        certificates: tls.CertificateReloader | None,
+    ) -> HttpGateway | None:
+        """The gateway of `settings` (bound, not yet serving), None when the HTTP port is off; HTTPS with
+        `certificates` (the gRPC port's) when given. Raises StreamflowError when the port cannot be bound."""
         if not settings.http_port:
             return None
-        files = tls.tls_files(settings)
-        context = RotatingTls(files).initial if files is not None else None
+        context = RotatingTls(certificates).initial if certificates is not None else None
         return cls(app, settings.listen_host, settings.http_port, reuse_port, context)
 
     @property

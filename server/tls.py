@@ -129,53 +129,54 @@ def check(settings: Settings) -> None:
 
 
 class CertificateReloader:
-    """grpc's certificate-configuration fetcher: a new configuration when the files changed to a valid set,
-    None (keep serving) otherwise. Called on grpc's threads, for every new handshake; never raises."""
+    """The process's one view of the TLS files: `current()` is the validated set in force, after a look at
+    the files (cheap: an `os.stat` signature) that takes a changed, valid set and keeps the served one
+    otherwise. Both ports ask it on every new handshake (grpc's threads, the HTTP port's loop), so a
+    rotation is read, validated and logged once per process; it never raises after construction."""
 
     def __init__(self, files: TlsFiles) -> None:
         self._files = files
         self._lock = threading.Lock()
         try:
-            self._served = files.signature()  # before the read: a change in between shows on a handshake
+            self._signature = files.signature()  # before the read: a change in between shows on a handshake
         except OSError:
-            self._served = ()  # `load` names the missing file
-        self.initial = load(files)
+            self._signature = ()  # `load` names the missing file
+        self.served = load(files)
         self._refusing = False
         log.info(
             "TLS certificate served: %s",
-            _summary(self.initial),
-            extra=event("tls_certificate_served", **self.initial.describe()),
+            _summary(self.served),
+            extra=event("tls_certificate_served", **self.served.describe()),
         )
 
-    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+    def current(self) -> CertificateSet:
         with self._lock:
             try:
-                return self._check()
-            except Exception:  # grpc would fail the handshake; the set in force keeps serving instead
+                self._check()
+            except Exception:  # a handshake would fail; the set in force keeps serving instead
                 self._refuse("unexpected error", exc_info=True)
-                return None
+            return self.served
 
-    def _check(self) -> grpc.ServerCertificateConfiguration | None:
+    def _check(self) -> None:
         try:
             signature = self._files.signature()
         except OSError as exc:
             self._refuse(f"{exc.filename}: {exc.strerror}")
-            return None
-        if signature == self._served:
+            return
+        if signature == self._signature:
             self._refusing = False  # the files are back to the served set: whatever was wrong is over
-            return None
+            return
         try:
             candidate = load(self._files)
         except StreamflowError as exc:
             self._refuse(str(exc))
-            return None
-        self._served, self._refusing = signature, False
+            return
+        self._signature, self.served, self._refusing = signature, candidate, False
         log.info(
             "TLS certificate rotated, new connections get %s",
             _summary(candidate),
             extra=event("tls_certificate_served", **candidate.describe()),
         )
-        return candidate.configuration()
 
     def _refuse(self, why: str, exc_info: bool = False) -> None:
         """Warn once per episode: every handshake meanwhile would repeat it."""
@@ -191,19 +192,40 @@ class CertificateReloader:
         )
 
 
+def certificates(settings: Settings) -> CertificateReloader | None:
+    """The process's certificate reloader, None when TLS is off. Raises StreamflowError when the files are
+    missing or invalid."""
+    files = tls_files(settings)
+    return None if files is None else CertificateReloader(files)
+
+
+class _GrpcFetcher:
+    """grpc's certificate-configuration fetcher: a new configuration when the set in force is not the one
+    grpc has, None (keep serving) otherwise."""
+
+    def __init__(self, reloader: CertificateReloader) -> None:
+        self._reloader = reloader
+        self._applied = reloader.served
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        served = self._reloader.current()
+        if served is self._applied:
+            return None
+        self._applied = served
+        return served.configuration()
+
+
 def _summary(served: CertificateSet) -> str:
     return ", ".join(f"{name} {value}" for name, value in served.describe().items())
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+def server_credentials(reloader: CertificateReloader | None) -> grpc.ServerCredentials | None:
     """Dynamic TLS credentials for the gRPC port (client certificates required when a client CA is set);
-    None when TLS is off. Raises StreamflowError when the files are missing or invalid."""
-    files = tls_files(settings)
-    if files is None:
+    None when TLS is off."""
+    if reloader is None:
         return None
-    reloader = CertificateReloader(files)
     return grpc.dynamic_ssl_server_credentials(
-        reloader.initial.configuration(),
-        reloader,  # type: ignore[arg-type]  # grpc documents None as "no change"; its stub omits it
-        require_client_authentication=files.client_ca is not None,
+        reloader.served.configuration(),
+        _GrpcFetcher(reloader),  # type: ignore[arg-type]  # grpc documents None as "no change"; its stub omits it
+        require_client_authentication=reloader.served.client_ca_pem is not None,
     )

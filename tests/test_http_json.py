@@ -27,6 +27,7 @@ import trustme
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 from google.rpc import status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from streamflow.server.app import PredictionServer
 from streamflow.server.auth import add_token
@@ -394,8 +395,9 @@ def answers(connection: http.client.HTTPConnection) -> bool:
 
 
 def test_https_serves_the_grpc_ports_certificate_and_takes_a_rotation(
-    embedded_settings: Settings, tmp_path: Path
+    embedded_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="streamflow.server.tls")
     first, second = trustme.CA(), trustme.CA()
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     first.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
@@ -422,6 +424,18 @@ def test_https_serves_the_grpc_ports_certificate_and_takes_a_rotation(
         assert status_with(second) in (200, 503)
         with pytest.raises(httpx.ConnectError):
             status_with(first)
+        # The gRPC port takes the same rotation from the same reloader: read, checked and logged once.
+        credentials = grpc.ssl_channel_credentials(second.cert_pem.bytes())
+        with grpc.secure_channel(f"127.0.0.1:{running.port}", credentials) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert health.status in (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
+        )
+
+    tls_lines = [r.getMessage() for r in caplog.records if r.name == "streamflow.server.tls"]
+    assert sum(line.startswith("TLS certificate served") for line in tls_lines) == 1
+    assert sum(line.startswith("TLS certificate rotated") for line in tls_lines) == 1
 
 
 def test_grpc_clients_can_use_the_http_port_too(http_server: PredictionServer) -> None:

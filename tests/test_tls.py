@@ -30,7 +30,7 @@ from streamflow.errors import StreamflowError
 from streamflow.healthcheck import check
 from streamflow.server.app import SERVICE_NAME, PredictionServer
 from streamflow.server.auth import add_token
-from streamflow.server.tls import server_credentials
+from streamflow.server.tls import certificates
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
@@ -348,7 +348,7 @@ def test_unusable_files_at_start_are_one_clear_error(
     settings = embedded_settings.model_copy(update=tls_settings(volume, mtls=True))
 
     with pytest.raises(StreamflowError) as exc:
-        server_credentials(settings)
+        certificates(settings)
 
     assert str(exc.value) == problem.format(cert=volume.cert, key=volume.key, ca=volume.client_ca)
 
