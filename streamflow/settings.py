@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Production profile: Redis online store."""
 
+    redis_cluster: bool = False
+    """Production profile: the online store is a Redis Cluster; `STREAMFLOW_REDIS_URL` then names one or more
+    of its nodes, comma-separated (`redis://node1:6379,node2:6379`), and database 0 or none."""
+
     redis_key_prefix: str = "streamflow"
     """Production profile: Feast project name, which namespaces every Redis key and registry row."""
 
