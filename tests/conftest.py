@@ -11,6 +11,7 @@ import pytest
 
 from streamflow.server.logs import StderrHandler
 from tests.fixtures.production import *  # noqa: F403
+from tests.fixtures.redis_cluster import *  # noqa: F403
 from tests.fixtures.serving import *  # noqa: F403
 from tests.fixtures.training import *  # noqa: F403
 
