@@ -7,10 +7,10 @@ for serving:
 - Retries. A Redis client retries 3 times with up to 14 s of backoff, a cluster client 3 times with backoff
   and a slot-table refresh in between: both outlast a caller's deadline. Every read here fails at once
   instead; the server's breaker and the callers' retries of UNAVAILABLE handle an outage.
-- A cluster pipeline's fallback. When a node fails mid-pipeline, redis-py sends every command that was bound
-  for it again, one at a time: a frozen master costs one socket timeout per key it holds (measured: 17 s for a
-  100-key read at 0.5 s), not one per read. `HashReader` fails the whole read instead, and sends commands
-  alone only when the cluster redirects them (MOVED/ASK while a slot migrates), as redis-py does.
+- A cluster pipeline's fallback. When a node fails mid-pipeline, redis-py's ClusterPipeline sends every
+  command that was bound for it again, one at a time: a frozen master costs one socket timeout per key it
+  holds (measured: 17 s for a 100-key read at 0.5 s), not one per read. `HashReader` fails the whole read
+  instead, and sends a command alone only when the cluster redirects it (MOVED/ASK while a slot migrates).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import redis
 import redis.cluster
 import redis.exceptions
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.retry import Retry
 
 Client = redis.Redis | redis.cluster.RedisCluster
@@ -101,21 +102,39 @@ class HashReader:
 def _cluster_hmget(
     client: redis.cluster.RedisCluster, keys: Sequence[bytes], fields: Sequence[bytes]
 ) -> list[list[bytes | None]]:
-    """One pipeline per master, all written before any is read; replies come back in request order.
+    """One plain pipeline per master holding any of `keys`, from the client's slot table; replies come back in
+    request order.
 
-    redis-py's RedisClusterException here means the client could not map a key to a node that answers (no
-    node gave it a slot table, or the table leaves slots uncovered): the store is unreachable."""
-    commands = [redis.cluster.PipelineCommand(("HMGET", key, *fields), {}, i) for i, key in enumerate(keys)]
+    Not redis-py's ClusterPipeline: besides its fallback (above), it routes each command through its generic
+    policy machinery. Side by side on three local masters, a 1,000-user read (14 fields) cost 2.7-3.2x the
+    single-server read through it and 1.6-1.75x here; one user, 1.0x here. A node that cannot answer makes the
+    client re-read the slot table, as redis-py does, so a failed-over master is found by the next read.
+    redis-py's RedisClusterException means no node gave a usable slot table: the store is unreachable."""
+    manager = client.nodes_manager
     try:
-        with client.pipeline(transaction=False) as pipe:
-            replies: list[Any] = pipe.send_cluster_commands(
-                commands, raise_on_error=False, allow_redirections=False
-            )
-        for i, reply in enumerate(replies):
-            if isinstance(reply, _REDIRECTED):  # the slot moved: redis-py follows it and updates its table
-                replies[i] = client.execute_command("HMGET", keys[i], *fields)
-            elif isinstance(reply, Exception):
-                raise reply
+        by_node: dict[str, tuple[redis.cluster.ClusterNode, list[int]]] = {}
+        for i, key in enumerate(keys):
+            node = manager.get_node_from_slot(key_slot(key))
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        replies: list[Any] = [None] * len(keys)
+        for node, positions in by_node.values():
+            server = client.get_redis_connection(node)
+            try:
+                with server.pipeline(transaction=False) as pipe:
+                    for i in positions:
+                        pipe.execute_command("HMGET", keys[i], *fields)
+                    answers = pipe.execute(raise_on_error=False)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                server.connection_pool.disconnect(inuse_connections=False)  # idle sockets to it are dead too
+                manager.move_node_to_end_of_cached_nodes(node.name)  # ask the others for the slot table
+                manager.initialize()
+                raise
+            for i, answer in zip(positions, answers, strict=True):
+                if isinstance(answer, _REDIRECTED):  # the slot moved: redis-py follows it, updates its table
+                    answer = client.execute_command("HMGET", keys[i], *fields)
+                elif isinstance(answer, Exception):
+                    raise answer
+                replies[i] = answer
     except redis.exceptions.RedisClusterException as exc:
         raise redis.exceptions.ConnectionError(str(exc)) from exc
     return replies
