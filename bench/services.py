@@ -46,6 +46,10 @@ class Service:
         pss = sum(p.memory_full_info().pss for p in processes)
         return pss / 2**20, max(p.memory_info().rss for p in processes) / 2**20
 
+    def worker_rss_mb(self) -> dict[int, float]:
+        """Resident memory (VmRSS) of each child process, in MB, by pid: the workers of `streamflow serve`."""
+        return {child.pid: vm_rss_mb(child.pid) for child in psutil.Process(self.process.pid).children()}
+
     def stop(self) -> None:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
@@ -54,6 +58,14 @@ class Service:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def vm_rss_mb(pid: int) -> float:
+    """A process's resident set size as the kernel reports it (`VmRSS` of /proc/PID/status, in kB), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"process {pid} reports no VmRSS (a zombie?)")
 
 
 def start(
