@@ -21,9 +21,11 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.cluster
 import redis.connection
 from feast import FeatureStore
 from feast.infra.online_stores.helpers import _redis_key
+from feast.infra.online_stores.redis import RedisOnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 
@@ -34,6 +36,7 @@ from streamflow.feature_repo.production import redis_connection_string
 from streamflow.server.app import PredictionServer
 from streamflow.server.feature_layout import feature_layout
 from streamflow.server.online_rows import online_rows
+from streamflow.server.redis_client import HashReader
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
 from streamflow.training import demo_data
@@ -189,6 +192,30 @@ def test_the_bulk_reader_reads_what_feast_reads_from_every_master_in_one_round_t
         any(value.WhichOneof("val") for value, _ in user_cells) == (user_id != UNKNOWN_USER)
         for user_id, user_cells in zip(users, cells, strict=True)
     )
+
+
+def test_feast_and_the_server_reach_the_cluster_with_the_timeout_and_no_retries(
+    cluster_served: ClusterServed,
+) -> None:
+    settings = cluster_served.settings.model_copy(update={"online_store_timeout_s": 0.25})
+    feast = store.open_store(settings)
+    online = feast._get_provider().online_store
+    assert isinstance(online, RedisOnlineStore)
+    feast_client = online._get_client(feast.config.online_store)
+    layout = feature_layout(feast, FEATURE_SERVICE_NAME).store
+    server_client = HashReader(
+        layout.redis_nodes, cluster=layout.redis_cluster, options=dict(layout.redis_options)
+    ).client()
+
+    for client in (feast_client, server_client):
+        assert isinstance(client, redis.cluster.RedisCluster)
+        assert client.retry.get_retries() == 0
+        masters = client.get_primaries()
+        assert sorted(int(node.port) for node in masters) == sorted(cluster_served.cluster.ports)
+        for node in masters:
+            kwargs = client.get_redis_connection(node).connection_pool.connection_kwargs
+            assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.25, 0.25)
+            assert kwargs["retry"].get_retries() == 0
 
 
 def test_served_calls_over_the_cluster_answer_as_over_one_redis(
