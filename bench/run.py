@@ -37,7 +37,7 @@ import grpc
 import pandas as pd
 from grpc_health.v1 import health_pb2
 
-from bench import h2load, http_json, observability, scale, security
+from bench import h2load, http_json, observability, scale, security, skew
 from bench.floor import feast_sdk_call, feature_frame, floor_call, load_served_model, time_calls
 from bench.services import BIN, Service, free_port, grpc_serving, http_ok, start
 from streamflow.feature_repo.definitions import SNAPSHOT_DATES, VIEW_SPECS
@@ -108,13 +108,14 @@ def bootstrap(env: dict[str, str]) -> None:
     subprocess.run([str(BIN / "streamflow"), "bootstrap"], env={**os.environ, **env}, check=True)
 
 
-def measure_in_process(settings: Settings, users: list[str]) -> tuple[Column, Column]:
+def measure_in_process(settings: Settings, users: list[str], sdk_path: bool = True) -> tuple[Column, Column]:
+    """The floor's figures, and the Feast SDK path's unless `sdk_path` is off (its column stays empty)."""
     model, store = load_served_model(settings)
     floor, sdk = Column("floor (in-process)"), Column("Feast SDK path (in-process)")
-    for column, make in (
-        (floor, lambda ids: floor_call(model, ids)),
-        (sdk, lambda ids: feast_sdk_call(model, store, ids)),
-    ):
+    measured = [(floor, lambda ids: floor_call(model, ids))]
+    if sdk_path:
+        measured.append((sdk, lambda ids: feast_sdk_call(model, store, ids)))
+    for column, make in measured:
         one = time_calls(make(users[:1]), repeat=2000)
         column.values.update(p50=one.percentile(50), p99=one.percentile(99), rps1=one.calls_per_s)
         for size in BATCH_SIZES:
@@ -362,6 +363,32 @@ def worker_rss_line(column: Column) -> str:
     )
 
 
+def predict_table(
+    env: dict[str, str], settings: Settings, users: list[str], duration: float, rounds: int
+) -> str:
+    """Issue 13's three figures alone: StreamFlow's Predict and BatchPredict beside the bare call on the same
+    server and the in-process floor (a few minutes, for tuning the call path)."""
+    print("in-process floor ...", flush=True)
+    floor, _ = measure_in_process(settings, users, sdk_path=False)
+    ours, bare = bench_streamflow(env, users, duration, rounds, RESULTS / "streamflow.log")
+    columns = (ours, bare, floor)
+    lines = [
+        f"| measure | {' | '.join(c.name for c in columns)} | ÷ bare call | ÷ floor |",
+        "|---|" + "---:|" * (len(columns) + 2),
+    ]
+    for metric in METRICS:
+        mine = ours.values.get(metric.key)
+        if mine is None:
+            continue
+        lines.append(
+            f"| {metric.label} | "
+            + " | ".join(cell(c.values.get(metric.key)) for c in columns)
+            + f" | {cost_over(mine, bare.values.get(metric.key), metric.lower_is_better)}"
+            + f" | {cost_over(mine, floor.values.get(metric.key), metric.lower_is_better)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def watching_table(env: dict[str, str], user_id: str, duration: float, rounds: int) -> str:
     print("cost of metrics and access logs, and health under a flood ...", flush=True)
     log = RESULTS / "observability.log"
@@ -394,9 +421,17 @@ def main() -> None:
     )
     parser.add_argument("--http-only", action="store_true", help="only Predict over HTTP/JSON beside gRPC")
     parser.add_argument(
+        "--predict-only",
+        action="store_true",
+        help="only Predict and BatchPredict beside the bare call and the in-process floor",
+    )
+    parser.add_argument(
         "--scale-only",
         action="store_true",
         help="only Predict against 1,000,000 users in Redis beside 7,043 (minutes; more to fill Redis once)",
+    )
+    parser.add_argument(
+        "--skew-only", action="store_true", help="only the version skew of promotions under a running server"
     )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -410,11 +445,17 @@ def main() -> None:
     settings = Settings(home=HOME)
     workers = settings.workers or os.cpu_count() or 1
     users = demo_users(settings)
+    if args.predict_only:
+        print(predict_table(env, settings, users, args.duration, args.rounds))
+        return
     if args.security_only:
         print(security_table(env, users[0], args.duration, args.rounds))
         return
     if args.http_only:
         print(http_table(env, users[0], args.duration, args.rounds))
+        return
+    if args.skew_only:
+        print(skew.measure_skew(env, settings, RESULTS / "skew.log"))
         return
     watching = watching_table(env, users[0], args.duration, args.rounds)
     if args.observability_only:
@@ -445,6 +486,7 @@ def main() -> None:
     )
     secured = security_table(env, users[0], args.duration, args.rounds)
     over_http = http_table(env, users[0], args.duration, args.rounds)
+    switched = skew.measure_skew(env, settings, RESULTS / "skew.log")
     scaled = scale.run_scale(HOME, RESULTS, args.duration, args.rounds)
     table = (
         render([ours, bare, floor, sdk, seed, mlflow_serve], header)
@@ -452,6 +494,7 @@ def main() -> None:
         + watching
         + secured
         + over_http
+        + switched
         + scaled
     )
     print("\n" + table)
