@@ -3,8 +3,9 @@
 The production stack's features are materialized into the cluster through Feast (`redis_type:
 redis_cluster`). The server's bulk reader then returns exactly what Feast's `get_online_features` returns for
 users whose hashes sit on all three masters, in one round trip per master; served calls over real channels
-answer as a server on one Redis does, an unknown user is NOT_FOUND; and a master killed is the store's
-UNAVAILABLE path (FEATURE_STORE_UNAVAILABLE), before and after the cluster declares itself down.
+answer as a server on one Redis does, an unknown user is NOT_FOUND; a master killed is the store's
+UNAVAILABLE path (FEATURE_STORE_UNAVAILABLE), before and after the cluster declares itself down, and a frozen
+one costs a read one timeout. A read also follows slots moved since its client read the slot table.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from feast.infra.online_stores.helpers import _redis_key
 from feast.infra.online_stores.redis import RedisOnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
+from redis.crc import key_slot
 
 from streamflow.errors import StreamflowError
 from streamflow.feature_repo import store
@@ -349,3 +352,33 @@ def test_a_frozen_master_costs_a_batch_one_read_of_it_not_one_per_user(
                 assert time.monotonic() < deadline, "calls kept failing after the master thawed"
                 time.sleep(PROBE_INTERVAL_S)
         assert [r.user_id for r in answered.results] == list(own_cluster.masters)
+
+
+def test_a_read_follows_slots_the_cluster_moved_since_the_client_read_its_slot_table(tmp_path: Path) -> None:
+    with start_redis_cluster(tmp_path / "cluster") as cluster:
+        first, second = cluster.ports[:2]
+        reader = HashReader([("127.0.0.1", first)], cluster=True, options={"socket_timeout": 5})
+        client = reader.client()
+        assert isinstance(client, redis.cluster.RedisCluster)
+        keys = [f"user-{i}".encode() for i in range(300)]
+        for i, key in enumerate(keys):
+            client.hset(key, b"value", i)  # type: ignore[arg-type]  # redis-py annotates keys as str
+        before = {key: cluster.port_of(key) for key in keys}
+        ids = {port: cluster.node(port).execute_command("CLUSTER MYID").decode() for port in (first, second)}
+        subprocess.run(
+            [
+                *("redis-cli", "--cluster", "reshard", f"127.0.0.1:{first}"),
+                *("--cluster-from", ids[first], "--cluster-to", ids[second]),
+                *("--cluster-slots", "2000", "--cluster-yes"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        cluster.wait_for_state("ok")
+        moved = [key for key in keys if before[key] == first and cluster.port_of(key) == second]
+        stale = client.nodes_manager.get_node_from_slot(key_slot(moved[0]))
+        assert moved and int(stale.port) == first  # the client still sends them to their old master
+
+        assert reader.hmget(keys, [b"value", b"none"]) == [[str(i).encode(), None] for i in range(len(keys))]
+        assert int(client.nodes_manager.get_node_from_slot(key_slot(moved[0])).port) == second
