@@ -6,6 +6,13 @@ the thread idle is scored at once, alone. Under load the batches grow by themsel
 one ONNX run for 10 users cost far less than 10 of each (a forest scored row after row walks cold trees; a
 batch walks each tree once). At concurrency 32 this about doubled a worker's Predicts/s.
 
+A lone call on a quiet server skips the thread: handing it over and back (two wake-ups, the GIL passed
+twice) cost more than scoring one user holds the loop. It is scored right on the loop while no batch of
+several has formed for `COALESCED_HOLD_S` (a server under load keeps its batches: a loop busy scoring takes
+no calls meanwhile, so none could pile up) and the last scoring succeeded within `INLINE_BUDGET_S` (an online
+store that is down or slow is waited for on the thread, so health and other calls keep answering: at most
+the first read of an outage holds the loop, for up to the store's timeout).
+
 Each call still gets its own answer: its prediction, or the error Predict would have raised for that user
 alone. An error of the whole read (no model loaded, the online store down) reaches every call of the batch; an
 unexpected one (a stored value of the wrong type) has each call scored alone, so only its user's call fails.
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Generic, TypeVar
@@ -24,6 +33,12 @@ from opentelemetry.trace import SpanContext
 from streamflow.server import metrics, tracing
 from streamflow.server.errors import FeatureError, ServingError
 from streamflow.server.predictor import check_user_id
+
+COALESCED_HOLD_S = 1.0
+"""After a batch of several users, lone calls still go to the thread for this long."""
+INLINE_BUDGET_S = 0.02
+"""A scoring slower than this (or one that failed) sends lone calls to the thread until one is fast again: a
+slow or unreachable online store, not a busy machine (one user scores in about 0.1 ms)."""
 
 Answer = TypeVar("Answer")
 """What a scored user becomes: a `Prediction`, or the server's response message built on the scoring thread
@@ -41,13 +56,19 @@ class PredictBatcher(Generic[Answer]):
         score: Callable[[Sequence[str]], Sequence[Answer | FeatureError]],
         pool: Executor,
         max_batch_size: int,
+        coalesced_hold_s: float = COALESCED_HOLD_S,
+        inline_budget_s: float = INLINE_BUDGET_S,
     ) -> None:
         self._score = score
         self._pool = pool  # a single thread: batches never overlap, so calls pile up for the next one
         self._max_batch_size = max_batch_size
+        self._coalesced_hold_s = coalesced_hold_s
+        self._inline_budget_s = inline_budget_s
         # Each caller's user, its answer to come, and its server span (None when tracing is off).
         self._pending: list[tuple[str, asyncio.Future[Answer], SpanContext | None]] = []
         self._draining: asyncio.Task[None] | None = None
+        self._coalesced_at = -math.inf  # loop time of the last batch of several users
+        self._inline_ok = True  # the last scoring succeeded within the budget
 
     async def predict(self, user_id: str) -> Answer:
         """Score one user, or raise the `ServingError` that explains why not."""
@@ -85,14 +106,24 @@ class PredictBatcher(Generic[Answer]):
     async def _answers(self, user_ids: list[str]) -> list[Answer | BaseException]:
         """Each id's answer, or the exception (a `FeatureError` among them) its caller is to get."""
         loop = asyncio.get_running_loop()
+        if len(user_ids) > 1:
+            self._coalesced_at = loop.time()
+        inline = self._inline_ok and loop.time() - self._coalesced_at >= self._coalesced_hold_s
+        self._inline_ok = False  # until this scoring proves fast
+        answers: Sequence[Answer | FeatureError]
         try:
-            # The batch's trace context goes with the work to the scoring thread.
-            context = contextvars.copy_context()
+            if inline:
+                answers, seconds = self._timed_score(user_ids)
+            else:
+                # The batch's trace context goes with the work to the scoring thread.
+                context = contextvars.copy_context()
 
-            def score(ids: Sequence[str]) -> Sequence[Answer | FeatureError]:
-                return context.run(self._score, ids)
+                def score(ids: Sequence[str]) -> tuple[Sequence[Answer | FeatureError], float]:
+                    return context.run(self._timed_score, ids)
 
-            return list(await loop.run_in_executor(self._pool, score, user_ids))
+                answers, seconds = await loop.run_in_executor(self._pool, score, user_ids)
+            self._inline_ok = seconds < self._inline_budget_s
+            return list(answers)
         except ServingError as exc:  # no model, the store down: the same for every caller
             return [exc] * len(user_ids)
         except Exception as exc:
@@ -101,6 +132,12 @@ class PredictBatcher(Generic[Answer]):
             # Unexpected, so possibly one user's data (a value of the wrong type): each caller is scored
             # alone, so only the one whose data breaks scoring fails.
             return [answer for user_id in user_ids for answer in await self._answers([user_id])]
+
+    def _timed_score(self, user_ids: Sequence[str]) -> tuple[Sequence[Answer | FeatureError], float]:
+        """The answers, and the seconds scoring took (a busy machine's wait for the thread not counted)."""
+        started = time.perf_counter()
+        answers = self._score(user_ids)
+        return answers, time.perf_counter() - started
 
 
 def _resolve(future: asyncio.Future[Answer], answer: Answer | BaseException) -> None:

@@ -7,6 +7,7 @@ is a real single-thread executor that also records the batches it is handed. The
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -112,6 +113,70 @@ def test_a_failure_of_the_whole_read_reaches_every_call_of_the_batch(
 
     assert len(pool.batches) == 1
     assert all(isinstance(r, ModelNotLoaded) for r in results)
+
+
+def scored_where(
+    server: PredictionServer, pool: RecordingPool, **limits: float
+) -> tuple[PredictBatcher[Prediction], list[bool], list[bool]]:
+    """A batcher over the server's predictor whose scoring fails while the returned `failing` list holds
+    True, recording per scoring whether it ran on the event loop (asyncio.run's main thread)."""
+    on_loop: list[bool] = []
+    failing = [False]
+
+    def score(user_ids: Sequence[str]) -> list[Prediction | FeatureError]:
+        on_loop.append(threading.current_thread() is threading.main_thread())
+        if failing[0]:
+            raise ModelNotLoaded("models:/streamflow_churn/Production")
+        return server.predictor.score(user_ids)
+
+    batcher: PredictBatcher[Prediction] = PredictBatcher(score, pool, max_batch_size=1000, **limits)
+    return batcher, on_loop, failing
+
+
+def test_a_lone_call_on_a_quiet_server_is_scored_on_the_loop_and_load_or_a_failure_sends_it_to_the_thread(
+    embedded_server: PredictionServer, pool: RecordingPool
+) -> None:
+    users = current_users(embedded_server.settings, 3)
+    # Every scoring counts as fast: what sends calls to the thread here is a batch of several or a failure.
+    hold_s = 0.2
+    batcher, on_loop, failing = scored_where(
+        embedded_server, pool, coalesced_hold_s=hold_s, inline_budget_s=60
+    )
+
+    async def scenario() -> list[Prediction | BaseException]:
+        answers: list[Prediction | BaseException] = [await batcher.predict(users[0])]  # quiet: on the loop
+        answers += await outcomes(batcher, users[:2])  # a batch of two: on the thread
+        answers.append(await batcher.predict(users[2]))  # alone, but right after a batch: on the thread
+        await asyncio.sleep(hold_s)
+        failing[0] = True
+        answers += await outcomes(batcher, users[:1])  # quiet again: on the loop, and it fails
+        failing[0] = False
+        answers.append(await batcher.predict(users[1]))  # after a failure: on the thread
+        answers.append(await batcher.predict(users[2]))  # that scoring succeeded: on the loop again
+        return answers
+
+    answers = asyncio.run(scenario())
+
+    assert on_loop == [True, False, False, True, False, True]
+    assert pool.batches == [users[:2], users[2:3], users[1:2]]
+    assert isinstance(answers[4], ModelNotLoaded)
+    expected = [users[0], *users[:2], users[2], None, users[1], users[2]]
+    assert [a.user_id if isinstance(a, Prediction) else None for a in answers] == expected
+
+
+def test_a_scoring_over_the_budget_sends_lone_calls_to_the_thread(
+    embedded_server: PredictionServer, pool: RecordingPool
+) -> None:
+    users = current_users(embedded_server.settings, 3)
+    batcher, on_loop, _ = scored_where(embedded_server, pool, inline_budget_s=0)  # every scoring is slow
+
+    async def one_by_one() -> list[Prediction | FeatureError]:
+        return [await batcher.predict(user_id) for user_id in users]
+
+    answers = asyncio.run(one_by_one())
+
+    assert on_loop == [True, False, False]  # a slow store is waited for off the loop
+    assert [a.user_id for a in answers if isinstance(a, Prediction)] == users
 
 
 def test_a_call_given_up_on_leaves_the_others_and_later_calls_answered(
