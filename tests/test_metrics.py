@@ -17,14 +17,15 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import numpy as np
 import psutil
 import pytest
 import redis
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
 from streamflow.feature_repo.definitions import VIEW_SPECS
 from streamflow.server.errors import FeatureStoreUnavailable
-from streamflow.server.metrics import MetricsEndpoint, _remove_orphaned_dirs
+from streamflow.server.metrics import CHURN_PROBABILITY, MetricsEndpoint, _remove_orphaned_dirs, observe_all
 from streamflow.server.store_health import StoreBreaker
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
@@ -204,6 +205,38 @@ def test_one_worker_serves_its_own_metrics_with_every_feature_reason_and_reload_
             "the refusal is counted",
         )
         assert set(live_models(served.scrape()).values()) == {good}
+
+
+def test_observing_a_batch_at_once_equals_observing_each_value() -> None:
+    bounds = CHURN_PROBABILITY._upper_bounds[:-1]  # the finite ones; +Inf is implied
+    # On each bound, between them, below the first, above the last, repeated; and a batch of one.
+    batches = [
+        np.array([0.0, 0.1, 0.15, 0.5, 0.5, 0.999, 1.0, 3.5]),
+        np.array([0.05]),
+        np.linspace(0, 1, 1000),
+    ]
+    registry = CollectorRegistry()
+    one_by_one = Histogram("one_by_one", "", buckets=bounds, registry=registry)
+    at_once = Histogram("at_once", "", buckets=bounds, registry=registry)
+
+    for values in batches:
+        for value in values:
+            one_by_one.observe(float(value))
+        observe_all(at_once, values)
+
+    def samples(name: str) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (sample.name.removeprefix(name), sample.labels, sample.value)
+            for metric in registry.collect()
+            if metric.name == name
+            for sample in metric.samples
+            if not sample.name.endswith("_created")
+        ]
+
+    expected, actual = samples("one_by_one"), samples("at_once")
+    assert [(suffix, labels) for suffix, labels, _ in actual] == [(s, ls) for s, ls, _ in expected]
+    assert [value for _, _, value in actual] == pytest.approx([value for _, _, value in expected])
+    assert dict((suffix, value) for suffix, _, value in actual)["_count"] == 1009
 
 
 def test_store_errors_count_every_failed_read() -> None:
