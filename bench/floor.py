@@ -16,7 +16,8 @@ from streamflow.feature_repo.definitions import JOIN_KEY
 from streamflow.feature_repo.store import open_store
 from streamflow.server.features import FeatureRow
 from streamflow.server.heap import settle_after_load
-from streamflow.server.model_loader import LoadedModel, ModelTarget, load_model
+from streamflow.server.loaded_model import LoadedModel
+from streamflow.server.model_loader import ModelTarget, load_model
 from streamflow.settings import Settings
 
 
@@ -52,7 +53,7 @@ def load_served_model(settings: Settings) -> tuple[LoadedModel, FeatureStore]:
     if version is None:
         raise SystemExit(f"no model version behind {settings.model_uri}; run `streamflow bootstrap`")
     store = open_store(settings)
-    model = load_model(settings, client, store, version)
+    _, model = load_model(settings, client, store, version)
     settle_after_load()  # as the server does after each load
     return model, store
 

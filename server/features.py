@@ -1,10 +1,11 @@
 """Reads a model's features from the Feast online store and decides whether they can be scored.
 
-A `FeatureReader` is built once per model load: it resolves the model's FeatureService, its views, their
-features' types and time-to-live and the online store then, so a request only reads rows and classifies them.
-Rows come from Feast's own online store, every view in one round-trip per request (`server.online_rows`;
-the registry and the store stay the source of truth; the SDK's `get_online_features` would re-resolve all of
-that per call and costs several times more per user), and equal what that SDK call returns. Each requested
+A `FeatureReader` is built once per model from its scoring artifact, in which the control plane wrote down
+what it resolved with Feast (the FeatureService's views, their features' types and time-to-live, the online
+store's layout, each feature's validity rule), so a request only reads rows and classifies them, and the
+reader imports no Feast. Rows come from Feast's own online store, every view in one round-trip per request
+(`server.online_rows`; the SDK's `get_online_features` would re-resolve all of that per call and costs
+several times more per user), and equal what that SDK call returns. Each requested
 user comes back either as a `FeatureRow` or as the `FeatureError` that keeps it from being scored, checked in
 this order:
 
@@ -18,7 +19,8 @@ this order:
    server does. The clock is `STREAMFLOW_STALENESS_REFERENCE`: an instant (the demo default, a week after the
    last demo snapshot, so the demo's 2024 data is judged as of its own time) or `now` for a live deployment.
    A view without a TTL never goes stale, and an event time in the future is not stale;
-4. a value outside `VALID_RANGES` / `VALID_CATEGORIES`, or a non-finite float: `FeaturesInvalid`.
+4. a value outside its feature's valid range or categories (the artifact's rules), or a non-finite float:
+   `FeaturesInvalid`.
 
 Only the first failing check is reported, with every feature that fails it.
 """
@@ -33,15 +35,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import numpy as np
-import redis.exceptions
-import sqlalchemy.exc
-from feast import FeatureService, FeatureStore
-from feast.infra.provider import get_provider
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from feast.types import Bool, FeastType, Float32, Float64, Int32, Int64, String
+from google.protobuf.message import Message
 
-from streamflow.errors import StreamflowError
-from streamflow.server import metrics
+from streamflow.server import metrics, redis_client
 from streamflow.server.domain import FeatureScalar, FeatureSchema, FeatureType, FeatureValue
 from streamflow.server.errors import (
     EntityNotFound,
@@ -51,41 +47,12 @@ from streamflow.server.errors import (
     FeaturesMissing,
     FeaturesStale,
 )
-from streamflow.server.online_rows import UNDATED, UNDECODABLE, Cell, ViewFeatures, online_rows
+from streamflow.server.online_rows import Cell, ValueCodec, online_rows
+from streamflow.server.scoring_artifact import FeatureLayout, FeatureRule
 from streamflow.server.store_health import StoreBreaker, breaker_for
 from streamflow.settings import Settings
 
-JOIN_KEY = "user_id"
-
-VALID_RANGES: dict[str, tuple[float, float]] = {
-    "months_active": (0, math.inf),
-    "monthly_fee": (0, math.inf),
-    "watch_hours_30d": (0, 30 * 24),  # hours in 30 days
-    "avg_session_mins_7d": (0, 7 * 24 * 60),  # minutes in 7 days
-    "unique_devices_30d": (0, math.inf),
-    "skips_7d": (0, math.inf),
-    "rebuffer_events_7d": (0, math.inf),
-    "failed_payments_90d": (0, math.inf),
-    "support_tickets_90d": (0, math.inf),
-    "ticket_avg_resolution_hrs_90d": (0, 90 * 24),  # hours in 90 days
-}
-"""Inclusive valid range of each numeric feature; a feature not listed accepts any finite value."""
-
-VALID_CATEGORIES: dict[str, frozenset[str]] = {
-    "net_service": frozenset({"DSL", "Fiber optic", "No"}),
-}
-"""Accepted values of each string feature; a feature not listed accepts any string."""
-
-# Feast dtype -> served type. Narrower Feast types widen losslessly into the contract's 64-bit types.
-_TYPES: dict[FeastType, FeatureType] = {
-    Int64: FeatureType.INT64,
-    Int32: FeatureType.INT64,
-    Float64: FeatureType.DOUBLE,
-    Float32: FeatureType.DOUBLE,
-    Bool: FeatureType.BOOL,
-    String: FeatureType.STRING,
-}
-# Served type -> the ValueProto fields that may hold it, and the numpy dtype of the model's input column.
+# Served type -> the Value fields that may hold it, and the numpy dtype of the model's input column.
 _VALUE_FIELDS: dict[FeatureType, tuple[str, ...]] = {
     FeatureType.INT64: ("int64_val", "int32_val"),
     FeatureType.DOUBLE: ("double_val", "float_val"),
@@ -98,28 +65,17 @@ _FRAME_DTYPES: dict[FeatureType, str] = {
     FeatureType.BOOL: "bool",
     FeatureType.STRING: "object",
 }
-_NUMERIC = (FeatureType.INT64, FeatureType.DOUBLE)
 
 # The staleness cutoff of a view without a TTL (or with one longer than the calendar): nothing is older.
 _NEVER_STALE = datetime.min.replace(tzinfo=UTC)
 
-# What an unreachable online store raises, per store: SQLite (file cannot be opened, locked), Redis, SQL
-# registries behind SQLAlchemy, and sockets in general.
-_UNREACHABLE: tuple[type[BaseException], ...] = (
-    sqlite3.OperationalError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    sqlalchemy.exc.OperationalError,
-    OSError,
-)
+# What an unreachable online store raises, per store: SQLite (file cannot be opened, locked), Redis (a server
+# or a cluster: `server.redis_client`), and sockets in general.
+_UNREACHABLE: tuple[type[BaseException], ...] = (sqlite3.OperationalError, *redis_client.UNREACHABLE, OSError)
 
 
 class _WrongType(Exception):
     """A stored cell the feature's type cannot hold; `_classify` words it for the user's result."""
-
-
-class FeatureServiceError(StreamflowError):
-    """A model's FeatureService cannot be served (missing in Feast, an unsupported type, a duplicate name)."""
 
 
 @dataclass(frozen=True)
@@ -131,47 +87,27 @@ class FeatureRow:
 
 
 class FeatureReader:
-    """Reads and classifies the features of one FeatureService; built once per model load."""
+    """Reads and classifies the features of one model; built once per model from its artifact's layout."""
 
-    def __init__(self, store: FeatureStore, feature_service: str, settings: Settings) -> None:
-        try:
-            service: FeatureService = store.get_feature_service(feature_service)
-        except Exception as exc:  # Feast raises its own not-found type, registries raise theirs
-            raise FeatureServiceError(
-                f"FeatureService {feature_service!r} does not resolve in Feast: {exc}"
-            ) from exc
-        schema: list[FeatureSchema] = []
-        ttls: dict[str, timedelta | None] = {}
-        views: list[ViewFeatures] = []
-        for projection in service.feature_view_projections:
-            view_name = projection.name_to_use()
-            view = store.get_feature_view(projection.name)
-            ttls[view_name] = view.ttl if view.ttl and view.ttl > timedelta(0) else None
-            views.append(ViewFeatures(view, tuple(field.name for field in projection.features)))
-            for field in projection.features:
-                if field.dtype not in _TYPES:
-                    raise FeatureServiceError(
-                        f"feature {field.name!r} of {view_name} has type {field.dtype}, which the server "
-                        f"cannot serve; use one of {', '.join(str(t) for t in _TYPES)}"
-                    )
-                schema.append(FeatureSchema(field.name, _TYPES[field.dtype], view_name))
-        names = [f.name for f in schema]
-        if len(set(names)) != len(names) or JOIN_KEY in names:
-            raise FeatureServiceError(f"FeatureService {feature_service!r} repeats a feature name: {names}")
-        self.feature_service = feature_service
-        self.schema: tuple[FeatureSchema, ...] = tuple(schema)
-        self._rows = online_rows(get_provider(store.config), store.config, views, JOIN_KEY)
-        store_type = self.store_type = str(store.config.online_store.type)
+    def __init__(self, layout: FeatureLayout, settings: Settings) -> None:
+        self.feature_service = layout.feature_service
+        self.schema: tuple[FeatureSchema, ...] = layout.schema
+        self._rows = online_rows(layout.store, layout.views)
+        self._codec: ValueCodec = self._rows.codec
+        store_type = self.store_type = layout.store.kind
         metrics.store_error_series(store_type)  # 0 from the first scrape, so an alert's rate() starts at 0
         self._breaker = breaker_for(
-            store, lambda: StoreBreaker(store_type, _UNREACHABLE, settings.online_store_probe_interval_s)
+            layout.store.identity,
+            lambda: StoreBreaker(store_type, _UNREACHABLE, settings.online_store_probe_interval_s),
         )
-        self._ttls = ttls
+        self._ttls = {v.name: None if v.ttl_s is None else timedelta(seconds=v.ttl_s) for v in layout.views}
         self._clock = settings.staleness_clock
         # Resolved per feature, in schema order, so classifying a row looks nothing up by name.
-        self._names = tuple(names)
-        self._value_of = tuple(_value_reader(f) for f in self.schema)
-        self._problem_of = tuple(_value_rule(f) for f in self.schema)
+        self._names = tuple(f.name for f in self.schema)
+        self._value_of = tuple(_value_reader(f, self._codec) for f in self.schema)
+        self._problem_of = tuple(
+            _value_rule(f, rule) for f, rule in zip(self.schema, layout.rules, strict=True)
+        )
 
     def read(self, user_ids: Sequence[str]) -> list[FeatureRow | FeatureError]:
         """Each user's row or the reason it cannot be scored, in request order, from one bulk read."""
@@ -223,7 +159,7 @@ class FeatureReader:
             wrong = [
                 problem
                 for f, (proto, _) in zip(self.schema, row, strict=True)
-                if (problem := _type_problem(f, proto)) is not None
+                if (problem := _type_problem(f, proto, self._codec)) is not None
             ]
             return FeaturesInvalid(user_id, wrong)
         times = [event_time for _, event_time in row]
@@ -279,36 +215,40 @@ def _oldest_fresh(clock: datetime, ttl: timedelta | None) -> datetime:
         return _NEVER_STALE
 
 
-def _value_reader(feature: FeatureSchema) -> Callable[[ValueProto], FeatureScalar | None]:
+def _value_reader(feature: FeatureSchema, codec: ValueCodec) -> Callable[[Message], FeatureScalar | None]:
     """The Python value of a stored cell, or None when null; raises `_WrongType` for a value of another type
     or undecodable bytes (a bug upstream)."""
     fields = _VALUE_FIELDS[feature.type]
 
-    def value_of(proto: ValueProto) -> FeatureScalar | None:
+    def value_of(proto: Message) -> FeatureScalar | None:
         kind = proto.WhichOneof("val")
         if kind in fields:
             value: FeatureScalar = getattr(proto, kind)
             return value
-        if (kind is None or kind == "null_val") and proto is not UNDECODABLE and proto is not UNDATED:
+        if (
+            (kind is None or kind == "null_val")
+            and proto is not codec.undecodable
+            and proto is not codec.undated
+        ):
             return None
         raise _WrongType
 
     return value_of
 
 
-def _type_problem(feature: FeatureSchema, proto: ValueProto) -> FeatureProblem | None:
+def _type_problem(feature: FeatureSchema, proto: Message, codec: ValueCodec) -> FeatureProblem | None:
     """What is wrong with the stored type of a cell, or None when `_value_reader` accepts it. The raw value
     stays out: it is corrupt data of unknown size and content, not something to echo to callers."""
     fields = _VALUE_FIELDS[feature.type]
     kind = proto.WhichOneof("val")
-    if proto is UNDATED:
+    if proto is codec.undated:
         return FeatureProblem(
             feature.name,
             feature.feature_view,
             f"the event time of feature view {feature.feature_view}'s row does not decode, so the value's "
             "age is unknown; write the row again",
         )
-    if proto is UNDECODABLE:
+    if proto is codec.undecodable:
         stored = "bytes that do not decode as a Feast value"
     elif kind is None or kind == "null_val" or kind in fields:
         return None
@@ -322,16 +262,19 @@ def _type_problem(feature: FeatureSchema, proto: ValueProto) -> FeatureProblem |
     )
 
 
-def _value_rule(feature: FeatureSchema) -> Callable[[FeatureScalar], FeatureProblem | None]:
+def _value_rule(
+    feature: FeatureSchema, rule: FeatureRule
+) -> Callable[[FeatureScalar], FeatureProblem | None]:
     """The problem of a value of the feature, or None when it is valid; resolved once per model load.
 
     The feature's type decides which checks apply: only a DOUBLE holds floats (finiteness), only INT64 and
-    DOUBLE are ranged (`VALID_RANGES`; a bool is not), any feature may list categories (`VALID_CATEGORIES`).
-    A valid value, the common case, costs three comparisons and builds nothing."""
+    DOUBLE are ranged (a bool is not), any feature may list categories. A valid value, the common case, costs
+    three comparisons and builds nothing."""
     finite = feature.type is FeatureType.DOUBLE
-    ranged = feature.type in _NUMERIC
-    low, high = VALID_RANGES.get(feature.name, (-math.inf, math.inf))
-    allowed = VALID_CATEGORIES.get(feature.name)
+    ranged = feature.type in (FeatureType.INT64, FeatureType.DOUBLE)
+    low = -math.inf if rule.low is None else rule.low
+    high = math.inf if rule.high is None else rule.high
+    allowed = rule.categories
 
     def problem_of(value: Any) -> FeatureProblem | None:  # a value of the feature's type (`_value_reader`)
         if finite and not math.isfinite(value):

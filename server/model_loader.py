@@ -13,12 +13,14 @@ detail, ModelInfo callers a short fixed sentence (`ModelLoadError.reason`) that 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import pickle
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import mlflow.artifacts
 import mlflow.sklearn
@@ -34,23 +36,23 @@ from mlflow.types import DataType, Schema
 
 from streamflow.errors import StreamflowError
 from streamflow.model_contract import (
+    ARTIFACT_DIR,
     CHURN_CLASS,
+    EXPECTED_COLUMN,
+    MODEL_FILE,
     REQUIRED_METRICS,
+    SAMPLE_FILE,
     TAG_AS_OF,
     TAG_FEATURE_SERVICE,
     TAG_FINGERPRINT,
+    compare,
 )
-from streamflow.server.domain import (
-    FeatureScalar,
-    FeatureType,
-    FeatureValue,
-    ModelInfo,
-    ModelRef,
-    ReloadFailure,
-    Runtime,
-)
-from streamflow.server.features import VALID_CATEGORIES, FeatureReader, FeatureRow, FeatureServiceError
-from streamflow.server.onnx_runtime import Columns, ProbabilityModel, choose_runtime
+from streamflow.server.domain import FeatureScalar, FeatureType, FeatureValue, ModelRef, Runtime
+from streamflow.server.feature_layout import FeatureServiceError, feature_layout
+from streamflow.server.features import FeatureRow
+from streamflow.server.loaded_model import LoadedModel
+from streamflow.server.onnx_runtime import OnnxModel
+from streamflow.server.scoring_artifact import FeatureLayout, ScoringArtifact
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -133,53 +135,14 @@ class ModelTarget:
         return client.get_model_version(self.name, latest.version)
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """A validated model version and everything needed to serve it; replaced, never changed, on reload."""
-
-    ref: ModelRef
-    stage: str
-    aliases: tuple[str, ...]
-    run_id: str
-    model_uri: str
-    training_as_of: str
-    metrics: dict[str, float]
-    loaded_at: datetime
-    runtime: Runtime
-    model: ProbabilityModel
-    reader: FeatureReader
-
-    def info(self, last_reload_failure: ReloadFailure | None) -> ModelInfo:
-        """What ModelInfo reports about this model."""
-        return ModelInfo(
-            model=self.ref,
-            stage=self.stage,
-            aliases=self.aliases,
-            run_id=self.run_id,
-            model_uri=self.model_uri,
-            training_as_of=self.training_as_of,
-            feature_service=self.reader.feature_service,
-            features=self.reader.schema,
-            metrics=dict(self.metrics),
-            loaded_at=self.loaded_at,
-            runtime=self.runtime,
-            last_reload_failure=last_reload_failure,
-        )
-
-    def with_registry_state(self, version: ModelVersion) -> LoadedModel:
-        """The same model with the stage and aliases the registry now gives its version."""
-        stage, aliases = version.current_stage or "None", tuple(sorted(version.aliases or ()))
-        if (stage, aliases) == (self.stage, self.aliases):
-            return self
-        return dataclasses.replace(self, stage=stage, aliases=aliases)
-
-
-def load_model(
+def build_artifact(
     settings: Settings, client: MlflowClient, store: FeatureStore, version: ModelVersion
-) -> LoadedModel:
-    """Load one registry version and validate it; raise `ModelLoadError` when it must not serve.
+) -> ScoringArtifact:
+    """Load one registry version, validate it and write down everything scoring needs; raise
+    `ModelLoadError` when it must not serve.
 
-    The cheap checks (tags, FeatureService, signature, run) come before the model itself is loaded."""
+    The cheap checks (tags, FeatureService, signature, run) come before the model itself is loaded; the
+    smoke test builds the model exactly as a worker will, from the artifact alone."""
     feature_service = version.tags.get(TAG_FEATURE_SERVICE)
     if not feature_service:
         raise ModelLoadError(
@@ -187,18 +150,17 @@ def load_model(
             f"it has no {TAG_FEATURE_SERVICE} tag",
         )
     try:
-        reader = FeatureReader(store, feature_service, settings)
+        layout = feature_layout(store, feature_service)
     except FeatureServiceError as exc:
         raise ModelLoadError(
             str(exc), f"its {TAG_FEATURE_SERVICE} tag names no FeatureService this server can serve"
         ) from exc
-    _check_inputs(version, reader, _signature_inputs(settings, client, version))
+    _check_inputs(version, layout, _signature_inputs(settings, client, version))
     run_id = version.run_id or ""
     metrics = dict(client.get_run(run_id).data.metrics) if run_id else {}
     _check_provenance(version, run_id, metrics)
     runtime, model = choose_runtime(settings, run_id, lambda: _load_pipeline(settings, client, version))
-    _smoke_test(model, reader)
-    return LoadedModel(
+    artifact = ScoringArtifact(
         ref=ModelRef(version.name, str(version.version)),
         stage=version.current_stage or "None",
         aliases=tuple(sorted(version.aliases or ())),
@@ -206,11 +168,26 @@ def load_model(
         model_uri=settings.model_uri,
         training_as_of=version.tags[TAG_AS_OF],
         metrics=metrics,
-        loaded_at=datetime.now(UTC),
+        layout=layout,
         runtime=runtime,
         model=model,
-        reader=reader,
     )
+    return artifact
+
+
+def load_model(
+    settings: Settings, client: MlflowClient, store: FeatureStore, version: ModelVersion
+) -> tuple[ScoringArtifact, LoadedModel]:
+    """`build_artifact`, then the model built from it as a worker builds it, smoke-tested."""
+    artifact = build_artifact(settings, client, store, version)
+    try:
+        loaded = LoadedModel.from_artifact(artifact, settings)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"the scoring artifact does not load: {type(exc).__name__}: {exc}", _SMOKE_FAILED
+        ) from exc
+    _smoke_test(loaded, artifact)
+    return artifact, loaded
 
 
 def _signature_inputs(
@@ -234,7 +211,7 @@ def _signature_inputs(
     }
 
 
-def _check_inputs(version: ModelVersion, reader: FeatureReader, inputs: dict[str, str] | None) -> None:
+def _check_inputs(version: ModelVersion, reader: FeatureLayout, inputs: dict[str, str] | None) -> None:
     """Refuse a model whose inputs are not exactly the FeatureService's features with their types."""
     reason = f"its inputs do not match FeatureService {reader.feature_service}"
     if inputs is None:
@@ -279,8 +256,8 @@ def _check_provenance(version: ModelVersion, run_id: str, metrics: dict[str, flo
         raise ModelLoadError(f"version {version.version}: {refusal}", refusal)
 
 
-def _load_pipeline(settings: Settings, client: MlflowClient, version: ModelVersion) -> SklearnModel:
-    """The version's scikit-learn pipeline, set to score on the calling thread only."""
+def _load_pipeline(settings: Settings, client: MlflowClient, version: ModelVersion) -> bytes:
+    """The version's scikit-learn pipeline, set to score on the calling thread only, pickled."""
     # The explicit client resolves the artifact location: a `models:/` URI would be resolved against MLflow's
     # process-wide registry URI, and one process may serve several registries (tests do).
     location = client.get_model_version_download_uri(version.name, str(version.version))
@@ -299,26 +276,14 @@ def _load_pipeline(settings: Settings, client: MlflowClient, version: ModelVersi
             f"version {version.version} predicts classes {classes}, not [0, 1] (1 = churn)",
             "it does not predict the classes 0 and 1 (1 = churn)",
         )
-    return SklearnModel(pipeline)
-
-
-@dataclass(frozen=True)
-class SklearnModel:
-    """The scikit-learn pipeline behind the runtime seam: its ColumnTransformer selects columns by name, so it
-    gets the columns as a DataFrame."""
-
-    pipeline: ProbabilityModel
-
-    def predict_proba(self, columns: Columns) -> np.ndarray:
-        probabilities: np.ndarray = self.pipeline.predict_proba(pd.DataFrame(columns))
-        return probabilities
+    return pickle.dumps(pipeline)
 
 
 _SMOKE_FAILED = "it failed a test prediction; see the server log"
 
 
-def _smoke_test(model: ProbabilityModel, reader: FeatureReader) -> None:
-    """Score one typed, in-range row through the same column builder requests use."""
+def _smoke_test(loaded: LoadedModel, artifact: ScoringArtifact) -> None:
+    """Score one typed, valid row through the same column builder requests use."""
     neutral: dict[FeatureType, FeatureScalar] = {
         FeatureType.INT64: 0,
         FeatureType.DOUBLE: 0.0,
@@ -329,19 +294,51 @@ def _smoke_test(model: ProbabilityModel, reader: FeatureReader) -> None:
     row = FeatureRow(
         "smoke-test",
         tuple(
-            FeatureValue(
-                f.name,
-                min(VALID_CATEGORIES[f.name]) if f.name in VALID_CATEGORIES else neutral[f.type],
-                epoch,
-            )
-            for f in reader.schema
+            FeatureValue(f.name, min(rule.categories) if rule.categories else neutral[f.type], epoch)
+            for f, rule in zip(artifact.layout.schema, artifact.layout.rules, strict=True)
         ),
     )
     try:
-        probabilities = np.asarray(model.predict_proba(reader.columns([row])))
+        probabilities = np.asarray(loaded.model.predict_proba(loaded.reader.columns([row])))
     except Exception as exc:
         raise ModelLoadError(f"smoke prediction failed: {type(exc).__name__}: {exc}", _SMOKE_FAILED) from exc
     if probabilities.shape != (1, 2) or not np.all((probabilities >= 0) & (probabilities <= 1)):
         raise ModelLoadError(
             f"smoke prediction returned {probabilities!r}, not one pair of probabilities", _SMOKE_FAILED
         )
+
+
+def load_verified_onnx(export_dir: Path) -> bytes:
+    """The ONNX model in `export_dir` if it reproduces the pipeline's probabilities logged with its sample.
+
+    Raises ValueError when it does not, OSError when files are missing, and whatever onnxruntime raises for
+    an unreadable model.
+    """
+    model_bytes = (export_dir / MODEL_FILE).read_bytes()
+    sample = pd.read_parquet(export_dir / SAMPLE_FILE)
+    report = compare(sample[EXPECTED_COLUMN].to_numpy(), OnnxModel(model_bytes).predict_proba(sample)[:, 1])
+    if not report.ok:
+        raise ValueError(
+            f"ONNX parity fails on {report.rows} sample rows: label agreement {report.label_agreement:.4f}, "
+            f"max |Δp| {report.max_abs_probability_diff:.2e} (tolerance {report.tolerance:.0e})"
+        )
+    return model_bytes
+
+
+def choose_runtime(
+    settings: Settings, run_id: str, load_pipeline: Callable[[], bytes]
+) -> tuple[Runtime, bytes]:
+    """The ONNX export logged in `run_id` when it loads and its parity holds, else `load_pipeline()` (the
+    pickled pipeline). Every reason to fall back is logged; none is an error, since the pipeline is the
+    model of record."""
+    with tempfile.TemporaryDirectory(prefix="streamflow-onnx-") as tmp:
+        try:
+            export_dir = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=ARTIFACT_DIR, dst_path=tmp, tracking_uri=settings.tracking_uri
+            )
+            model = load_verified_onnx(Path(export_dir))
+        except Exception as exc:  # absent, unreadable or not faithful: all mean "serve the pipeline"
+            log.warning("serving run %s with scikit-learn: no usable ONNX export (%s)", run_id, exc)
+            return Runtime.SKLEARN, load_pipeline()
+    log.info("serving run %s with the ONNX export (parity holds on its sample)", run_id)
+    return Runtime.ONNX, model

@@ -1,128 +1,114 @@
-"""Reads the rows of a FeatureService's views from Feast's online store in one round-trip per request.
+"""Reads the rows of a FeatureService's views from Feast's online store, in one round-trip per request,
+without Feast.
 
 Feast's `online_read` reads one feature view per call and serializes every entity key again for each view.
-For the two stores StreamFlow ships this module reads all views at once, through Feast's own connection,
-table names, hash fields and key encoding, and decodes values and event times exactly as Feast's
-`online_read` does:
+This module reads all views at once, from the layout the control plane resolved with Feast
+(`server.scoring_artifact.StoreLayout`: tables, hash fields, key encoding, connection), and decodes values and
+event times exactly as Feast's `online_read` does:
 
 - SQLite: one statement, a `UNION ALL` of every view's table over the requested keys;
-- Redis: Feast keeps all views of an entity in one hash, so one HMGET per user, one pipeline per request.
+- Redis (one server or a Redis Cluster): Feast keeps all views of an entity in one hash, so one HMGET per
+  user, all in one pipeline per request (a cluster pipeline sends one batch to each master).
 
-Any other online store is read through Feast's provider, one `online_read` per view (`ProviderRows`).
+Cells are Feast `Value` messages, built from the descriptor the artifact carries in a descriptor pool of this
+module's own, so a worker never imports Feast and a process that does (the control plane) has no clash.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import sqlite3
 import struct
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-from feast import FeatureView, RepoConfig
-from feast.infra.key_encoding_utils import serialize_entity_key
-from feast.infra.online_stores.helpers import _redis_key, compute_versioned_name
-from feast.infra.online_stores.redis import RedisClient, RedisOnlineStore
-from feast.infra.online_stores.sqlite import SqliteOnlineStore, _quote_id, _table_id
-from feast.infra.provider import Provider
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
-from feast.protos.feast.types.Value_pb2 import Value as ValueProto
-from google.protobuf.message import DecodeError
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-log = logging.getLogger(__name__)
+from streamflow.server.redis_client import HashReader
+from streamflow.server.scoring_artifact import StoreLayout, ViewLayout
 
-Cell = tuple[ValueProto, datetime]
-"""A stored feature value and the event time of its row (null and the epoch when the view has no row)."""
-NULL = ValueProto()
-UNDECODABLE = ValueProto()
-"""Stored bytes that are no ValueProto, known by identity: a corrupt cell fails its user only."""
+VALUE_TYPE = "feast.types.Value"
+
+Cell = tuple[Message, datetime]
+"""A stored feature value (a Feast `Value`) and the event time of its row (null and the epoch when the view
+has no row)."""
 EPOCH = datetime.fromtimestamp(0, UTC)
-UNDATED = ValueProto()
-"""Every value of a view row whose stored event time does not decode (age unknown), known by identity."""
 _BAD_TIME = datetime.fromtimestamp(0, UTC)  # what a decoder returns for such an event time, known by identity
-
-# Ids a fast key encoding must encode exactly as Feast does before it is used: empty, typical, long (a
-# length above one byte) and non-ASCII (the length counts UTF-8 bytes, not characters).
-PROBE_IDS = ("", "7590-VHVEG", "x" * 300, "ünï-çødé_名前-😀")
 _LENGTH = struct.Struct("<I")
 _Stored = TypeVar("_Stored", bound=bytes | None)
 _Decoded = TypeVar("_Decoded")
+_Made = TypeVar("_Made")
 
 
-@dataclass(frozen=True)
-class ViewFeatures:
-    """One feature view of the FeatureService and the features the model reads from it, in order."""
+class ValueCodec:
+    """Feast's `Value` message type and the three cells known by identity."""
 
-    view: FeatureView
-    names: tuple[str, ...]
+    def __init__(self, descriptor: bytes) -> None:
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(descriptor_pb2.FileDescriptorProto.FromString(descriptor))
+        self.message: Callable[..., Message] = message_factory.GetMessageClass(
+            pool.FindMessageTypeByName(VALUE_TYPE)
+        )
+        self.null = self.message()
+        self.undecodable = self.message()
+        """Stored bytes that are no Value: a corrupt cell fails its user only."""
+        self.undated = self.message()
+        """Every value of a view row whose stored event time does not decode (age unknown)."""
+
+    def decode(self, raw: bytes | None) -> Message:
+        """A stored value; no bytes (no field, or no row of the feature) is null, as Feast reads it."""
+        if not raw:
+            return self.null
+        try:
+            value = self.message()
+            value.ParseFromString(raw)
+            return value
+        except DecodeError:
+            return self.undecodable
+
+
+@functools.cache
+def value_codec(descriptor: bytes) -> ValueCodec:
+    """One codec per descriptor: every model of a process reading the same Feast shares its cells' type."""
+    return ValueCodec(descriptor)
 
 
 class OnlineRows(Protocol):
     """Reads the cells of distinct users; each user's cells are the views' features in view order."""
 
+    codec: ValueCodec
+
     def read(self, user_ids: Sequence[str]) -> list[list[Cell]]: ...
 
 
-def online_rows(
-    provider: Provider, config: RepoConfig, views: Sequence[ViewFeatures], join_key: str
-) -> OnlineRows:
-    """The reader of the configured store: one round-trip for SQLite and redis-py, per view otherwise."""
-    store = provider.online_store
-    if isinstance(store, SqliteOnlineStore):
-        return SqliteRows(store, config, views, join_key)
-    if isinstance(store, RedisOnlineStore) and config.online_store.client == RedisClient.redis:
-        # (Feast's GLIDE client batches off the GIL on its own; it stays on the generic path.)
-        return RedisRows(store, config, views, join_key)
-    return ProviderRows(provider, config, views, join_key)
+def online_rows(store: StoreLayout, views: Sequence[ViewLayout]) -> OnlineRows:
+    """The reader of the store the layout describes."""
+    if store.kind == "sqlite":
+        return SqliteRows(store, views)
+    return RedisRows(store, views)
 
 
-def entity_key(join_key: str, user_id: str) -> EntityKeyProto:
-    """The entity key proto of one user, as the SDK builds it from an entity row."""
-    return EntityKeyProto(join_keys=[join_key], entity_values=[ValueProto(string_val=user_id)])
+def entity_key_encoder(prefix: bytes) -> Callable[[str], bytes]:
+    """Feast's serialized entity key of a single string key: a fixed prefix, the UTF-8 length and the UTF-8
+    bytes (the control plane checked the layout against Feast's own function)."""
 
-
-def entity_key_encoder(join_key: str, config: RepoConfig) -> Callable[[str], bytes]:
-    """Feast's `serialize_entity_key` of a single string key, without building protos per user.
-
-    Feast's bytes for one string key are a fixed prefix, the UTF-8 length and the UTF-8 bytes; the prefix is
-    taken from Feast's own encoding of "" and the result checked against Feast on `PROBE_IDS`. Should Feast's
-    layout ever differ, Feast's function is used instead."""
-    version = config.entity_key_serialization_version
-
-    def feast(user_id: str) -> bytes:
-        key: bytes = serialize_entity_key(
-            entity_key(join_key, user_id), entity_key_serialization_version=version
-        )
-        return key
-
-    prefix = feast("")[: -_LENGTH.size]
-
-    def direct(user_id: str) -> bytes:
+    def encode(user_id: str) -> bytes:
         raw = user_id.encode()
         return prefix + _LENGTH.pack(len(raw)) + raw
 
-    return verified(direct, feast, "entity key serialization")
-
-
-def verified(
-    fast: Callable[[str], bytes], feast: Callable[[str], bytes], what: str
-) -> Callable[[str], bytes]:
-    """`fast` when it returns Feast's bytes for every probe id, else Feast's own (slower) function."""
-    if all(fast(user_id) == feast(user_id) for user_id in PROBE_IDS):
-        return fast
-    log.warning("%s differs from Feast's on probe ids; using Feast's own function", what)
-    return feast
+    return encode
 
 
 class _DecodedOnce(dict[_Stored, _Decoded]):
     """A request's stored bytes, each distinct one decoded once: users share most values and event times.
 
-    Decoded values are shared between cells, as `NULL` is; nothing mutates a cell."""
+    Decoded values are shared between cells, as the null cell is; nothing mutates a cell."""
 
     def __init__(self, decode: Callable[[_Stored], _Decoded]) -> None:
         super().__init__()
@@ -138,41 +124,43 @@ def as_utc(event_time: datetime) -> datetime:
     return event_time.replace(tzinfo=UTC) if event_time.tzinfo is None else event_time.astimezone(UTC)
 
 
-def _value(raw: bytes | None) -> ValueProto:
-    """A stored value; no bytes (no field, or no row of the feature) is null, as Feast reads it."""
-    if not raw:
-        return NULL
-    try:
-        return ValueProto.FromString(raw)
-    except DecodeError:
-        return UNDECODABLE
+class _Lazy(Generic[_Made]):
+    """A store connection made on the first read, so an unreachable store fails reads (which the breaker
+    counts) rather than the model load, as Feast's own connections do. Made once, whichever thread asks."""
+
+    def __init__(self, make: Callable[[], _Made]) -> None:
+        self._make = make
+        self._made: _Made | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> _Made:
+        made = self._made
+        if made is None:
+            with self._lock:
+                made = self._made
+                if made is None:
+                    made = self._made = self._make()
+        return made
 
 
 class SqliteRows:
-    """All views of Feast's SQLite store in one statement on Feast's own connection."""
+    """All views of Feast's SQLite store in one statement."""
 
-    def __init__(
-        self,
-        store: SqliteOnlineStore,
-        config: RepoConfig,
-        views: Sequence[ViewFeatures],
-        join_key: str,
-    ) -> None:
-        self._store = store
-        self._config = config
+    def __init__(self, store: StoreLayout, views: Sequence[ViewLayout]) -> None:
+        path = store.sqlite_path
+        assert path is not None
+        self.codec = value_codec(store.value_descriptor)
         self._views = views
-        self._encode = entity_key_encoder(join_key, config)
-        versioning = config.registry.enable_online_feature_view_versioning
-        tables = [_quote_id(_table_id(config.project, v.view, versioning)) for v in views]
+        self._encode = entity_key_encoder(store.entity_key_prefix)
+        self._connection = _Lazy(lambda: sqlite3.connect(path, check_same_thread=False))
         # event_ts comes back as its stored bytes (a cast has no declared type, so sqlite3 converts nothing)
-        # and goes through the converter Feast registered for the column type, once per distinct value.
+        # and is decoded as Feast's converter does, once per distinct value.
         self._selects = [
-            f"SELECT {i}, entity_key, feature_name, value, CAST(event_ts AS BLOB) FROM {table} "
+            f"SELECT {i}, entity_key, feature_name, value, CAST(event_ts AS BLOB) FROM {v.sqlite_table} "
             "WHERE entity_key IN"
-            for i, table in enumerate(tables)
+            for i, v in enumerate(views)
         ]
         self._statement = functools.lru_cache(maxsize=32)(self._statement_for)
-        self._timestamp = sqlite3.converters["TIMESTAMP"]
 
     def read(self, user_ids: Sequence[str]) -> list[list[Cell]]:
         keys = [self._encode(user_id) for user_id in user_ids]
@@ -181,24 +169,25 @@ class SqliteRows:
         # Feast's online_read keeps (both queries walk the same entity_key index, so rows come in one order).
         values: list[defaultdict[bytes, dict[str, bytes]]] = [defaultdict(dict) for _ in self._views]
         stamps: list[dict[bytes, bytes]] = [{} for _ in self._views]
-        for i, key, name, value, stamp in self._store._get_conn(self._config).execute(statement, keys):
+        for i, key, name, value, stamp in self._connection.get().execute(statement, keys):
             values[i][key][name] = value
             stamps[i][key] = stamp
-        protos = _DecodedOnce(_value)
-        event_times = _DecodedOnce(self._event_time)
+        codec = self.codec
+        protos = _DecodedOnce(codec.decode)
+        event_times = _DecodedOnce(_sqlite_event_time)
         cells: list[list[Cell]] = []
         for key in keys:
             user_cells: list[Cell] = []
             for view, view_values, view_stamps in zip(self._views, values, stamps, strict=True):
                 row = view_values.get(key)
                 if row is None:  # no row of the view: nulls at the epoch, as the SDK gives for Feast's None
-                    user_cells += [(NULL, EPOCH)] * len(view.names)
+                    user_cells += [(codec.null, EPOCH)] * len(view.features)
                 else:
                     event_time = event_times[view_stamps[key]]
                     if event_time is _BAD_TIME:
-                        user_cells += [(UNDATED, EPOCH)] * len(view.names)
+                        user_cells += [(codec.undated, EPOCH)] * len(view.features)
                     else:
-                        user_cells += [(protos[row.get(name)], event_time) for name in view.names]
+                        user_cells += [(protos[row.get(name)], event_time) for name in view.features]
             cells.append(user_cells)
         return cells
 
@@ -208,11 +197,13 @@ class SqliteRows:
         keys = ",".join(f"?{n}" for n in range(1, key_count + 1))
         return " UNION ALL ".join(f"{select} ({keys})" for select in self._selects)
 
-    def _event_time(self, raw: bytes) -> datetime:
-        try:
-            return as_utc(self._timestamp(raw))
-        except (ValueError, OverflowError, OSError):  # not a timestamp Feast wrote
-            return _BAD_TIME
+
+def _sqlite_event_time(raw: bytes) -> datetime:
+    """Feast's SQLite converter of `event_ts` (epoch seconds, read as a naive time), in UTC."""
+    try:
+        return as_utc(datetime.fromtimestamp(int(raw)))
+    except (ValueError, OverflowError, OSError):  # not a timestamp Feast wrote
+        return _BAD_TIME
 
 
 @dataclass(frozen=True)
@@ -226,43 +217,28 @@ class _HashSlice:
 class RedisRows:
     """All views of Feast's Redis store: one HMGET of the user's hash per user, one pipeline per request."""
 
-    def __init__(
-        self,
-        store: RedisOnlineStore,
-        config: RepoConfig,
-        views: Sequence[ViewFeatures],
-        join_key: str,
-    ) -> None:
-        self._store = store
-        self._config = config
-        encode = entity_key_encoder(join_key, config)
-        project = config.project.encode()
-        version = config.entity_key_serialization_version
-        # Feast's key of an entity's hash: its serialized key, then the project's name.
-        self._key = verified(
-            lambda user_id: encode(user_id) + project,
-            lambda user_id: _redis_key(config.project, entity_key(join_key, user_id), version),
-            "Redis key encoding",
+    def __init__(self, store: StoreLayout, views: Sequence[ViewLayout]) -> None:
+        self.codec = value_codec(store.value_descriptor)
+        # One Redis server or a Redis Cluster, connected at the first read, never retrying.
+        self._hashes = HashReader(
+            store.redis_nodes, cluster=store.redis_cluster, options=dict(store.redis_options)
         )
-        self._fields: list[str | bytes] = []
+        encode = entity_key_encoder(store.entity_key_prefix)
+        suffix = store.redis_key_suffix
+        # Feast's key of an entity's hash: its serialized key, then the project's name.
+        self._key: Callable[[str], bytes] = lambda user_id: encode(user_id) + suffix
+        self._fields: list[bytes] = []
         self._slices: list[_HashSlice] = []
-        versioning = config.registry.enable_online_feature_view_versioning
         for v in views:
             # Feast's own field list: mmh3 of "view:feature" per feature, then the view's "_ts:view" field.
-            _, fields = store._generate_hset_keys_for_features(
-                v.view, list(v.names), fv_name_override=compute_versioned_name(v.view, versioning)
-            )
             start = len(self._fields)
-            self._fields.extend(fields)
+            self._fields.extend(v.redis_fields)
             self._slices.append(_HashSlice(start, len(self._fields) - 1))
 
     def read(self, user_ids: Sequence[str]) -> list[list[Cell]]:
-        client = self._store._get_client(self._config.online_store)
-        with client.pipeline(transaction=False) as pipe:
-            for user_id in user_ids:
-                pipe.hmget(self._key(user_id), self._fields)
-            replies: list[list[bytes | None]] = pipe.execute()
-        protos = _DecodedOnce(_value)
+        replies = self._hashes.hmget([self._key(user_id) for user_id in user_ids], self._fields)
+        codec = self.codec
+        protos = _DecodedOnce(codec.decode)
         event_times = _DecodedOnce(_redis_event_time)
         cells = [
             [
@@ -273,7 +249,9 @@ class RedisRows:
             for reply in replies
         ]
         if any(event_time is _BAD_TIME for event_time in event_times.values()):  # a handful of distinct times
-            cells = [[(UNDATED, EPOCH) if at is _BAD_TIME else (v, at) for v, at in row] for row in cells]
+            cells = [
+                [(codec.undated, EPOCH) if at is _BAD_TIME else (v, at) for v, at in row] for row in cells
+            ]
         return cells
 
 
@@ -286,29 +264,3 @@ def _redis_event_time(raw: bytes | None) -> datetime:
         return datetime.fromtimestamp(stamp.seconds + stamp.nanos / 1_000_000_000.0, tz=UTC)
     except (DecodeError, ValueError, OverflowError, OSError):  # not a timestamp Feast wrote
         return _BAD_TIME
-
-
-class ProviderRows:
-    """Any other online store: Feast's provider `online_read`, one call per view."""
-
-    def __init__(
-        self, provider: Provider, config: RepoConfig, views: Sequence[ViewFeatures], join_key: str
-    ) -> None:
-        self._provider = provider
-        self._config = config
-        self._views = views
-        self._join_key = join_key
-
-    def read(self, user_ids: Sequence[str]) -> list[list[Cell]]:
-        keys = [entity_key(self._join_key, user_id) for user_id in user_ids]
-        cells: list[list[Cell]] = [[] for _ in user_ids]
-        for v in self._views:
-            # A copy: Feast's Redis store appends its timestamp key to the list it is given.
-            rows = self._provider.online_read(self._config, v.view, keys, list(v.names))
-            for user_cells, (event_time, values) in zip(cells, rows, strict=True):
-                if values is None or event_time is None:
-                    user_cells.extend([(NULL, EPOCH)] * len(v.names))
-                else:
-                    at = as_utc(event_time)
-                    user_cells.extend((values.get(name, NULL), at) for name in v.names)
-        return cells

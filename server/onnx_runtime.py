@@ -2,35 +2,24 @@
 
 Training, the one place where the pipeline and its export exist side by side, logs the export next to the
 model (`onnx/` in the version's run) with a parity report and a sample of validation rows carrying the
-pipeline's own churn probabilities. At load time the server runs the export on that sample and serves it only
-when it reproduces those probabilities (labels identical, |Δp| within 1e-5); otherwise, or when the export is
-absent or unreadable, it loads the scikit-learn pipeline. A worker serving ONNX thus never imports
-scikit-learn nor holds the forest twice (about 370 MB resident instead of 490 MB on the demo model). Both
-runtimes expose the same `predict_proba(columns)`, so the rest of the server never knows which one answers.
+pipeline's own churn probabilities. At load time the control plane (server/model_loader.py) runs the export
+on that sample and serves it only when it reproduces those probabilities (labels identical, |Δp| within
+1e-5); otherwise, or when the export is absent or unreadable, it serves the scikit-learn pipeline. A worker
+serving ONNX thus never imports scikit-learn nor pandas, nor holds the forest twice. Both runtimes expose the
+same `predict_proba(columns)`, so the rest of the server never knows which one answers.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import logging
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Protocol
 
-import mlflow.artifacts
 import numpy as np
 import onnxruntime as ort
-import pandas as pd
-
-from streamflow.model_contract import ARTIFACT_DIR, EXPECTED_COLUMN, MODEL_FILE, SAMPLE_FILE, compare
-from streamflow.server.domain import Runtime
-from streamflow.settings import Settings
-
-log = logging.getLogger(__name__)
 
 PROBABILITIES_OUTPUT = "probabilities"
 
@@ -109,40 +98,3 @@ class OnnxModel:
     def _run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         probabilities: np.ndarray = self._session.run(self._outputs, feed)[0]
         return probabilities
-
-
-def load_verified_onnx(export_dir: Path) -> OnnxModel:
-    """The ONNX model in `export_dir` if it reproduces the pipeline's probabilities logged with its sample.
-
-    Raises ValueError when it does not, OSError when files are missing, and whatever onnxruntime raises for
-    an unreadable model.
-    """
-    model = OnnxModel((export_dir / MODEL_FILE).read_bytes())
-    sample = pd.read_parquet(export_dir / SAMPLE_FILE)
-    report = compare(sample[EXPECTED_COLUMN].to_numpy(), model.predict_proba(sample)[:, 1])
-    if not report.ok:
-        raise ValueError(
-            f"ONNX parity fails on {report.rows} sample rows: label agreement {report.label_agreement:.4f}, "
-            f"max |Δp| {report.max_abs_probability_diff:.2e} (tolerance {report.tolerance:.0e})"
-        )
-    return model
-
-
-def choose_runtime(
-    settings: Settings, run_id: str, load_pipeline: Callable[[], ProbabilityModel]
-) -> tuple[Runtime, ProbabilityModel]:
-    """The ONNX export logged in `run_id` when it loads and its parity holds, else `load_pipeline()`.
-
-    Every reason to fall back is logged; none is an error, since the pipeline is the model of record.
-    """
-    with tempfile.TemporaryDirectory(prefix="streamflow-onnx-") as tmp:
-        try:
-            export_dir = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=ARTIFACT_DIR, dst_path=tmp, tracking_uri=settings.tracking_uri
-            )
-            model = load_verified_onnx(Path(export_dir))
-        except Exception as exc:  # absent, unreadable or not faithful: all mean "serve the pipeline"
-            log.warning("serving run %s with scikit-learn: no usable ONNX export (%s)", run_id, exc)
-            return Runtime.SKLEARN, load_pipeline()
-    log.info("serving run %s with the ONNX export (parity holds on its sample)", run_id)
-    return Runtime.ONNX, model

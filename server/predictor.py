@@ -17,8 +17,7 @@ from streamflow.server import metrics, tracing
 from streamflow.server.domain import ModelInfo, Prediction
 from streamflow.server.errors import FeatureError, FieldViolation, InvalidBatch, InvalidUserId, ModelNotLoaded
 from streamflow.server.features import FeatureRow
-from streamflow.server.model_loader import LoadedModel
-from streamflow.server.model_watcher import ModelWatcher
+from streamflow.server.loaded_model import LoadedModel, ModelSource
 from streamflow.settings import Settings
 
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -46,7 +45,7 @@ def user_id_problem(user_id: str) -> str | None:
 class Predictor:
     """Scores users with the watcher's current model."""
 
-    def __init__(self, settings: Settings, watcher: ModelWatcher) -> None:
+    def __init__(self, settings: Settings, watcher: ModelSource) -> None:
         self.settings = settings
         self.watcher = watcher
 

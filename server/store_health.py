@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -132,15 +131,15 @@ class StoreBreaker:
         )
 
 
-_BREAKERS: weakref.WeakKeyDictionary[object, StoreBreaker] = weakref.WeakKeyDictionary()
+_BREAKERS: dict[str, StoreBreaker] = {}
 _BREAKERS_LOCK = threading.Lock()
 
 
-def breaker_for(owner: object, make: Callable[[], StoreBreaker]) -> StoreBreaker:
-    """The one breaker of `owner` (a Feast FeatureStore), made on first use: the readers of successive model
-    loads share it, so an outage spanning a reload is still one outage, logged once."""
+def breaker_for(store: str, make: Callable[[], StoreBreaker]) -> StoreBreaker:
+    """The one breaker of `store` (its identity: which database or servers), made on first use: the readers
+    of successive model loads share it, so an outage spanning a reload is still one outage, logged once."""
     with _BREAKERS_LOCK:
-        breaker = _BREAKERS.get(owner)
+        breaker = _BREAKERS.get(store)
         if breaker is None:
-            breaker = _BREAKERS[owner] = make()
+            breaker = _BREAKERS[store] = make()
         return breaker

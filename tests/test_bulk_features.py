@@ -2,29 +2,25 @@
 
 Rows are written straight into the online store (SQLite, and Redis when it runs), so the cases are exact: a
 user with every view, one with some views only, one with null values, one with invalid values, an unknown user
-and a repeated user. Each store is read both ways the server can: its one-round-trip reader and Feast's
-per-view `online_read`, which any other online store gets.
+and a repeated user, in each store the server reads (SQLite and Redis) through the layout the control plane
+resolves with Feast, by the reader a worker runs without Feast.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from feast import FeatureStore, FeatureView, RepoConfig
+from feast import FeatureStore, RepoConfig
 from feast.infra.key_encoding_utils import serialize_entity_key
-from feast.infra.passthrough_provider import PassthroughProvider
-from feast.infra.provider import Provider
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-import streamflow.server.features
-import streamflow.server.online_rows
+import streamflow.server.feature_layout
 from streamflow.feature_repo.definitions import (
     FEATURE_SERVICE_NAME,
     JOIN_KEY,
@@ -41,14 +37,9 @@ from streamflow.server.errors import (
     FeaturesStale,
     FeatureStoreUnavailable,
 )
+from streamflow.server.feature_layout import PROBE_IDS, FeatureServiceError, feature_layout, store_layout
 from streamflow.server.features import FeatureReader, FeatureRow
-from streamflow.server.online_rows import (
-    PROBE_IDS,
-    OnlineRows,
-    ProviderRows,
-    ViewFeatures,
-    entity_key_encoder,
-)
+from streamflow.server.online_rows import entity_key_encoder
 from streamflow.settings import Settings
 
 FEB = datetime(2024, 2, 29, tzinfo=UTC)
@@ -134,48 +125,15 @@ def store_and_settings(
     yield _store(config, settings), settings
 
 
-def _generic_rows(
-    provider: Provider, config: RepoConfig, views: Sequence[ViewFeatures], join_key: str
-) -> OnlineRows:
-    return ProviderRows(provider, config, views, join_key)
+def _reader(store: FeatureStore, settings: Settings) -> FeatureReader:
+    return FeatureReader(feature_layout(store, FEATURE_SERVICE_NAME), settings)
 
 
-@pytest.fixture
-def online_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The feature views Feast's provider `online_read` is asked for while the test runs."""
-    views: list[str] = []
-    original = PassthroughProvider.online_read
-
-    def counted(
-        self: PassthroughProvider,
-        config: RepoConfig,
-        table: FeatureView,
-        entity_keys: list[EntityKeyProto],
-        requested_features: list[str] | None = None,
-    ) -> object:
-        views.append(table.name)
-        return original(self, config, table, entity_keys, requested_features)
-
-    monkeypatch.setattr(PassthroughProvider, "online_read", counted)
-    return views
-
-
-@pytest.mark.parametrize("path", ["one round-trip", "per view"])
-def test_bulk_read_equals_feast_sdk(
-    store_and_settings: tuple[FeatureStore, Settings],
-    path: str,
-    online_reads: list[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_bulk_read_equals_feast_sdk(store_and_settings: tuple[FeatureStore, Settings]) -> None:
     store, settings = store_and_settings
-    if path == "per view":  # what any online store other than SQLite and Redis gets
-        monkeypatch.setattr(streamflow.server.features, "online_rows", _generic_rows)
-    reader = FeatureReader(store, FEATURE_SERVICE_NAME, settings)
+    reader = _reader(store, settings)
 
     cells = reader.read_cells(REQUEST)
-
-    views = [view.name for view in store.get_feature_service(FEATURE_SERVICE_NAME).feature_view_projections]
-    assert online_reads == ([] if path == "one round-trip" else views)
 
     sdk = store.get_online_features(
         features=store.get_feature_service(FEATURE_SERVICE_NAME), entity_rows={JOIN_KEY: REQUEST}
@@ -186,7 +144,11 @@ def test_bulk_read_equals_feast_sdk(
         assert len(user_cells) == len(reader.schema)
         for feature, (value, event_time) in zip(reader.schema, user_cells, strict=True):
             vector = sdk.results[column[feature.name]]
-            assert value == vector.values[row], (REQUEST[row], feature.name)
+            # Two classes of one message (the reader's descriptor pool is its own): equal bytes, equal value.
+            assert value.SerializeToString() == vector.values[row].SerializeToString(), (
+                REQUEST[row],
+                feature.name,
+            )
             assert event_time == vector.event_timestamps[row].ToDatetime(tzinfo=UTC), (
                 REQUEST[row],
                 feature.name,
@@ -206,7 +168,7 @@ def test_read_classifies_each_case_with_the_first_failing_check(
     store_and_settings: tuple[FeatureStore, Settings],
 ) -> None:
     store, settings = store_and_settings  # the clock: the demo's, 2024-03-07
-    reader = FeatureReader(store, FEATURE_SERVICE_NAME, settings)
+    reader = _reader(store, settings)
 
     stale, part_only, with_nulls, out_of_range, unknown, repeated = reader.read(REQUEST)
 
@@ -238,7 +200,7 @@ def test_read_classifies_each_case_with_the_first_failing_check(
     assert repeated.message == stale.message
 
     fresh = settings.model_copy(update={"staleness_reference": FEB})
-    (row,) = FeatureReader(store, FEATURE_SERVICE_NAME, fresh).read(["7590-VHVEG"])
+    (row,) = _reader(store, fresh).read(["7590-VHVEG"])
     assert isinstance(row, FeatureRow)
     assert [(v.name, v.value, v.event_time) for v in row.values[:2]] == [
         ("months_active", 3, FEB),
@@ -246,7 +208,7 @@ def test_read_classifies_each_case_with_the_first_failing_check(
     ]
     assert [v.name for v in row.values] == [f.name for f in reader.schema]
     live = settings.model_copy(update={"staleness_reference": "now"})
-    (stale_and_invalid,) = FeatureReader(store, FEATURE_SERVICE_NAME, live).read(["OUT-OF-RANGE"])
+    (stale_and_invalid,) = _reader(store, live).read(["OUT-OF-RANGE"])
     assert isinstance(stale_and_invalid, FeaturesStale)
 
 
@@ -256,7 +218,7 @@ def test_a_view_without_ttl_never_goes_stale(store_and_settings: tuple[FeatureSt
     usage.ttl = timedelta(0)
     store.apply([usage])
 
-    (result,) = FeatureReader(store, FEATURE_SERVICE_NAME, settings).read(["7590-VHVEG"])
+    (result,) = _reader(store, settings).read(["7590-VHVEG"])
 
     assert isinstance(result, FeatureRow)
 
@@ -274,9 +236,7 @@ def test_an_unreachable_store_is_unavailable(store_and_settings: tuple[FeatureSt
             "online_store": {**online.model_dump(exclude_unset=True), "type": online.type, **broken},
         }
     )
-    reader = FeatureReader(
-        FeatureStore(repo_path=str(settings.feature_repo), config=config), FEATURE_SERVICE_NAME, settings
-    )
+    reader = _reader(FeatureStore(repo_path=str(settings.feature_repo), config=config), settings)
 
     with pytest.raises(FeatureStoreUnavailable) as unavailable:
         reader.read_cells(["7590-VHVEG"])
@@ -286,35 +246,31 @@ def test_an_unreachable_store_is_unavailable(store_and_settings: tuple[FeatureSt
 
 @pytest.mark.parametrize("version", [3, 2])
 @pytest.mark.filterwarnings("ignore:Serialization of entity key with version < 3")
-def test_entity_keys_are_feasts_bytes_without_calling_feast_per_user(
-    tmp_path: Path, version: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_entity_keys_are_feasts_bytes(tmp_path: Path, version: int) -> None:
     config = embedded_repo_config(Settings(home=tmp_path)).model_copy(
         update={"entity_key_serialization_version": version}
     )
-    encode = entity_key_encoder(JOIN_KEY, config)
+    encode = entity_key_encoder(store_layout(config).entity_key_prefix)
 
-    def not_per_user(entity_key: EntityKeyProto, entity_key_serialization_version: int) -> bytes:
-        raise AssertionError("the verified encoding calls Feast's function only at load")
-
-    monkeypatch.setattr(streamflow.server.online_rows, "serialize_entity_key", not_per_user)
     for user_id in [*PROBE_IDS, "7590-VHVEG", "Ω-ünknown_名", "0" * 64]:
         assert encode(user_id) == _feast_key(user_id, version), user_id
 
 
-def test_an_entity_key_layout_unlike_feasts_falls_back_to_feasts_function(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_an_entity_key_layout_unlike_feasts_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A Feast whose bytes for a key are no longer a prefix, the length and the UTF-8 bytes.
     def changed(entity_key: EntityKeyProto, entity_key_serialization_version: int) -> bytes:
         return serialize_entity_key(entity_key, entity_key_serialization_version)[::-1]
 
-    monkeypatch.setattr(streamflow.server.online_rows, "serialize_entity_key", changed)
-    with caplog.at_level(logging.WARNING, logger="streamflow.server.online_rows"):
-        encode = entity_key_encoder(JOIN_KEY, embedded_repo_config(Settings(home=tmp_path)))
+    monkeypatch.setattr(streamflow.server.feature_layout, "serialize_entity_key", changed)
+    with pytest.raises(FeatureServiceError) as refused:
+        store_layout(embedded_repo_config(Settings(home=tmp_path)))
 
-    assert encode("7590-VHVEG") == _feast_key("7590-VHVEG", 3)[::-1]
-    assert "entity key serialization differs from Feast's" in caplog.text
+    assert (
+        str(refused.value)
+        == "Feast's entity key serialization (version 3) is not the layout the server reads"
+    )
 
 
 def _feast_key(user_id: str, version: int) -> bytes:

@@ -163,7 +163,7 @@ def test_parity_report_fails_on_a_different_model(embedded_settings: Settings) -
 def test_server_loads_the_onnx_runtime_when_parity_holds(embedded_settings: Settings) -> None:
     settings = embedded_settings
     client = _client(settings)
-    loaded = load_model(settings, client, open_store(settings), _production(settings))
+    _, loaded = load_model(settings, client, open_store(settings), _production(settings))
 
     assert loaded.runtime is Runtime.ONNX
     assert isinstance(loaded.model, OnnxModel)
@@ -211,8 +211,8 @@ def test_server_falls_back_to_sklearn(
         export(settings, candidate, client, run.info.run_id)
     candidate = client.get_model_version(settings.model_name, candidate.version)
 
-    with caplog.at_level(logging.WARNING, logger="streamflow.server.onnx_runtime"):
-        loaded = load_model(settings, client, open_store(settings), candidate)
+    with caplog.at_level(logging.WARNING, logger="streamflow.server.model_loader"):
+        _, loaded = load_model(settings, client, open_store(settings), candidate)
 
     assert loaded.runtime is Runtime.SKLEARN
     assert not isinstance(loaded.model, OnnxModel)

@@ -12,12 +12,8 @@ from streamflow.feature_repo.definitions import FEATURE_SERVICE_NAME, VIEW_SPECS
 from streamflow.feature_repo.store import open_store
 from streamflow.server.domain import FeatureScalar, FeatureSchema, FeatureType
 from streamflow.server.errors import FeaturesStale
-from streamflow.server.features import (
-    FeatureReader,
-    FeatureRow,
-    FeatureServiceError,
-    _value_rule,
-)
+from streamflow.server.feature_layout import FeatureServiceError, feature_layout
+from streamflow.server.features import FeatureReader, FeatureRow, _value_rule
 from streamflow.settings import Settings
 from streamflow.training.demo_data import FIRST_USER_ID
 from tests.fixtures.serving import departed_users
@@ -29,7 +25,8 @@ AGGREGATE_FEATURES = [name for spec in VIEW_SPECS[1:] for name, _ in spec.featur
 
 def read(settings: Settings, user_id: str, reference: datetime | str) -> FeatureRow | Exception:
     clocked = settings.model_copy(update={"staleness_reference": reference})
-    (result,) = FeatureReader(open_store(clocked), FEATURE_SERVICE_NAME, clocked).read([user_id])
+    reader = FeatureReader(feature_layout(open_store(clocked), FEATURE_SERVICE_NAME), clocked)
+    (result,) = reader.read([user_id])
     return result
 
 
@@ -61,7 +58,7 @@ def test_an_event_time_after_the_clock_is_not_stale(embedded_settings: Settings)
 
 def test_an_unknown_feature_service_is_refused(embedded_settings: Settings) -> None:
     with pytest.raises(FeatureServiceError) as refused:
-        FeatureReader(open_store(embedded_settings), "churn_model_v9", embedded_settings)
+        feature_layout(open_store(embedded_settings), "churn_model_v9")
 
     assert "churn_model_v9" in str(refused.value)
 
@@ -111,12 +108,12 @@ def test_a_value_is_valid_exactly_within_the_published_ranges_and_categories(
     embedded_settings: Settings,
 ) -> None:
     # The real schema the server reads (names, types, views), so every served feature is covered.
-    schema = FeatureReader(open_store(embedded_settings), FEATURE_SERVICE_NAME, embedded_settings).schema
-    assert sorted(f.name for f in schema) == sorted(EXPECTED)
+    layout = feature_layout(open_store(embedded_settings), FEATURE_SERVICE_NAME)
+    assert sorted(f.name for f in layout.schema) == sorted(EXPECTED)
 
     wrong = []
-    for feature in schema:
-        problem_of = _value_rule(feature)
+    for feature, rule in zip(layout.schema, layout.rules, strict=True):
+        problem_of = _value_rule(feature, rule)
         for value, valid in _cases(feature):
             problem = problem_of(value)
             if (problem is None) != valid:

@@ -1,0 +1,122 @@
+"""A model ready to score: built from a scoring artifact, in a worker or in a single-process server.
+
+A `LoadedModel` is immutable: serving swaps the reference, never mutates it. It imports neither MLflow nor
+Feast; serving the ONNX runtime it imports no scikit-learn or pandas either (only the pipeline fallback
+unpickles scikit-learn, and feeds it a DataFrame).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Protocol
+
+import numpy as np
+
+from streamflow.server.domain import ModelInfo, ModelRef, ReloadFailure, Runtime
+from streamflow.server.features import FeatureReader
+from streamflow.server.onnx_runtime import Columns, OnnxModel, ProbabilityModel
+from streamflow.server.scoring_artifact import ScoringArtifact
+from streamflow.settings import Settings
+
+
+@dataclass(frozen=True)
+class SklearnModel:
+    """The scikit-learn pipeline behind the runtime seam: its ColumnTransformer selects columns by name, so it
+    gets the columns as a DataFrame."""
+
+    pipeline: ProbabilityModel
+
+    def predict_proba(self, columns: Columns) -> np.ndarray:
+        import pandas as pd  # the fallback runtime's own need: an ONNX worker never imports pandas
+
+        probabilities: np.ndarray = self.pipeline.predict_proba(pd.DataFrame(columns))
+        return probabilities
+
+
+def runtime_model(runtime: Runtime, model: bytes) -> ProbabilityModel:
+    """The scoring model of an artifact: the ONNX session, or the unpickled pipeline."""
+    if runtime is Runtime.ONNX:
+        return OnnxModel(model)
+    # The control plane pickled what it loaded and validated from the registry; nothing else writes here.
+    return SklearnModel(pickle.loads(model))
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A validated model version and everything needed to serve it; replaced, never changed, on reload."""
+
+    ref: ModelRef
+    stage: str
+    aliases: tuple[str, ...]
+    run_id: str
+    model_uri: str
+    training_as_of: str
+    metrics: dict[str, float]
+    loaded_at: datetime
+    runtime: Runtime
+    model: ProbabilityModel
+    reader: FeatureReader
+
+    @classmethod
+    def from_artifact(cls, artifact: ScoringArtifact, settings: Settings) -> LoadedModel:
+        """Build the model and its feature reader; raises what the runtime or the store client raises."""
+        return cls(
+            ref=artifact.ref,
+            stage=artifact.stage,
+            aliases=artifact.aliases,
+            run_id=artifact.run_id,
+            model_uri=artifact.model_uri,
+            training_as_of=artifact.training_as_of,
+            metrics=dict(artifact.metrics),
+            loaded_at=datetime.now(UTC),
+            runtime=artifact.runtime,
+            model=runtime_model(artifact.runtime, artifact.model),
+            reader=FeatureReader(artifact.layout, settings),
+        )
+
+    def info(self, last_reload_failure: ReloadFailure | None) -> ModelInfo:
+        """What ModelInfo reports about this model."""
+        return ModelInfo(
+            model=self.ref,
+            stage=self.stage,
+            aliases=self.aliases,
+            run_id=self.run_id,
+            model_uri=self.model_uri,
+            training_as_of=self.training_as_of,
+            feature_service=self.reader.feature_service,
+            features=self.reader.schema,
+            metrics=dict(self.metrics),
+            loaded_at=self.loaded_at,
+            runtime=self.runtime,
+            last_reload_failure=last_reload_failure,
+        )
+
+    def with_registry_state(self, stage: str, aliases: tuple[str, ...]) -> LoadedModel:
+        """The same model with the stage and aliases the registry now gives its version."""
+        if (stage, aliases) == (self.stage, self.aliases):
+            return self
+        return dataclasses.replace(self, stage=stage, aliases=aliases)
+
+
+class ModelSource(Protocol):
+    """Where the served model comes from: the registry watcher of a single-process server, or a worker's
+    follower of its control plane. Each call reads `current` once."""
+
+    @property
+    def current(self) -> LoadedModel | None: ...
+
+    @property
+    def last_failure(self) -> ReloadFailure | None: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+    def subscribe(self, listener: Callable[[LoadedModel], None]) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
