@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import os
 import signal
 import threading
-import time
 from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -37,8 +35,7 @@ from streamflow.server.auth import Authenticator
 from streamflow.server.health import SERVING, HealthService
 from streamflow.server.heap import limit_malloc_arenas
 from streamflow.server.http_gateway import HttpGateway, PredictionApp
-from streamflow.server.model_loader import LoadedModel, ModelTarget
-from streamflow.server.model_watcher import ModelWatcher
+from streamflow.server.loaded_model import LoadedModel
 from streamflow.server.observers import call_observers
 from streamflow.server.predictor import Predictor
 from streamflow.server.quotas import RateLimiter, SharedBuckets
@@ -172,6 +169,10 @@ def create_server(
     if settings.rate_limit_rps:
         limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst, buckets or SharedBuckets())
     if predictor is None:
+        # A server of its own follows the registry itself. Imported here: a scoring worker, which gets its
+        # predictor from the control plane, never imports MLflow and Feast.
+        from streamflow.server.model_watcher import ModelWatcher
+
         predictor = Predictor(settings, ModelWatcher(settings))
     event_loop = EventLoopThread()
     batch_pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="batch")
@@ -226,24 +227,14 @@ async def _start(
     predictions = Policy(admit=True, authenticate=True, cost=users_requested)
     register(server, pb.DESCRIPTOR.services_by_name["PredictionService"], servicer, guard, predictions)
     health_service = HealthService(HEALTH_SERVICES)
-    serve_health = functools.partial(
-        register,
-        service=health_pb2.DESCRIPTOR.services_by_name["Health"],
-        servicer=health_service,
-        guard=guard,
-        policy=Policy(),
-    )
-    serve_health(server)
+    serve_health(server, health_service, guard)
     if settings.reflection_on:
         register_reflection(server, (SERVICE_NAME, health.SERVICE_NAME), guard)
-    port = _bind(server, settings.listen_host, settings.port, credentials)
+    port = bind(server, settings.listen_host, settings.port, credentials)
     health_server = None
     if settings.health_port:
-        # Probes that cannot speak TLS or send a token (Kubernetes gRPC probes) get health alone, plaintext,
-        # from a server of its own on the same loop.
-        health_server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
-        serve_health(health_server)
-        _bind(health_server, settings.listen_host, settings.health_port, None)
+        health_server = health_only_server(health_service, guard, reuse_port)
+        bind(health_server, settings.listen_host, settings.health_port, None)
     # The same servicer, guard and policy over HTTP, on this loop.
     service = pb.DESCRIPTOR.services_by_name["PredictionService"]
     http = HttpGateway.for_settings(
@@ -258,7 +249,20 @@ async def _start(
     return server, port, health_service, health_server, http
 
 
-def _bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+def serve_health(server: grpc.aio.Server, service: HealthService, guard: CallGuard) -> None:
+    """Answer `grpc.health.v1` on `server`: never authenticated nor admitted, so probes always get through."""
+    register(server, health_pb2.DESCRIPTOR.services_by_name["Health"], service, guard, Policy())
+
+
+def health_only_server(service: HealthService, guard: CallGuard, reuse_port: bool) -> grpc.aio.Server:
+    """A server answering health alone, for probes that cannot speak TLS or send a token (Kubernetes gRPC
+    probes): plaintext, on `settings.health_port`, on the calling event loop."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
+    serve_health(server, service, guard)
+    return server
+
+
+def bind(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
     """Add the listening port (TLS with `credentials`, else plaintext); returns the port bound."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
@@ -301,31 +305,24 @@ def serve(settings: Settings) -> int:
         # Before the fork: every worker takes the callers' quotas from the same buckets.
         buckets = SharedBuckets() if settings.rate_limit_rps else None
         if workers > 1:
-            ModelTarget.parse(settings.model_uri)  # a malformed URI: one clear error, not one per worker
-            Authenticator.from_settings(settings.auth_tokens_file, False)  # likewise a bad tokens file
-            tls.check(settings)  # and unusable TLS files
-            return run_workers(settings, workers, functools.partial(serve_worker, buckets=buckets), endpoint)
-        return _serve_process(settings, reuse_port=False, endpoint=endpoint, buckets=buckets)
+            from streamflow.server.control_plane import (
+                ControlPlane,
+            )  # the supervisor's alone, like its imports
+            from streamflow.server.model_watcher import ModelWatcher
+
+            Authenticator.from_settings(
+                settings.auth_tokens_file, False
+            )  # a bad tokens file: one clear error
+            tls.check(settings)  # likewise unusable TLS files
+            control = ControlPlane(
+                settings, ModelWatcher(settings, serving=False)
+            )  # and a malformed model URI
+            inherited = () if buckets is None else (buckets.fileno(),)
+            return run_workers(settings, workers, control, endpoint, inherited)
+        return serve_process(settings, reuse_port=False, endpoint=endpoint, buckets=buckets)
 
 
-def serve_worker(settings: Settings, replacement: bool = False, buckets: SharedBuckets | None = None) -> int:
-    """One of several processes serving `settings.port` (the supervisor announces the address).
-
-    A `replacement` of a dead worker loads its model before it binds the port: bound at once, it would be
-    handed new connections it could only answer MODEL_NOT_LOADED, while the other workers can serve them.
-    """
-    predictor = None
-    if replacement:
-        watcher = ModelWatcher(settings)
-        watcher.poll()
-        while watcher.current is None:  # the watcher logs why; SIGTERM ends the process, which serves nothing
-            time.sleep(settings.poll_interval_s)
-            watcher.poll()
-        predictor = Predictor(settings, watcher)
-    return _serve_process(settings, reuse_port=True, predictor=predictor, buckets=buckets)
-
-
-def _serve_process(
+def serve_process(
     settings: Settings,
     reuse_port: bool,
     predictor: Predictor | None = None,

@@ -42,7 +42,7 @@ from prometheus_client import (
 from streamflow.model_contract import is_churn
 
 if TYPE_CHECKING:
-    from streamflow.server.model_loader import LoadedModel
+    from streamflow.server.loaded_model import LoadedModel
     from streamflow.server.rpc import Call
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,12 @@ WORKER_RESTARTS = Counter(
     "Worker processes the supervisor started again after a death.",
     ("worker",),
 )
+SWITCH_SKEW_SECONDS = Gauge(
+    "streamflow_model_switch_skew_seconds",
+    "Spread of the workers' swap instants at the last switch of model version (the version skew).",
+    ("model_name",),
+    multiprocess_mode="max",
+)
 
 ALL_METRICS = (
     CALLER_CALLS,
@@ -148,6 +154,7 @@ ALL_METRICS = (
     FEATURE_PROBLEMS,
     STORE_ERRORS,
     WORKER_RESTARTS,
+    SWITCH_SKEW_SECONDS,
 )
 
 RELOAD_OUTCOMES = ("loaded", "refused")
@@ -202,6 +209,11 @@ def model_served(name: str, version: str, runtime: str, stage: str) -> None:
             MODEL_INFO.labels(*_served).set(0)
         MODEL_INFO.labels(*labels).set(1)
         _served = labels
+
+
+def model_switch(model_name: str, skew_s: float) -> None:
+    """The workers swapped to a new version of `model_name` within `skew_s` of each other."""
+    SWITCH_SKEW_SECONDS.labels(model_name).set(skew_s)
 
 
 def model_served_by(model: LoadedModel | None) -> None:

@@ -31,15 +31,16 @@ from streamflow.feature_repo.store import open_store
 from streamflow.server import metrics
 from streamflow.server.domain import ReloadFailure
 from streamflow.server.heap import settle_after_load
+from streamflow.server.loaded_model import LoadedModel
 from streamflow.server.logs import event
 from streamflow.server.model_loader import (
     FAILED_TO_LOAD,
     NOT_FOUND_CODES,
-    LoadedModel,
     ModelLoadError,
     ModelTarget,
     load_model,
 )
+from streamflow.server.scoring_artifact import ScoringArtifact
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,11 +56,24 @@ MAX_BACKOFF_S = 60.0
 class ModelWatcher:
     """Owns the served model: polls the registry every `settings.poll_interval_s` on its own thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, serving: bool = True) -> None:
+        """`serving`: this process scores with the model, so it reports it in `streamflow_model_info` (not
+        so a control plane, whose workers report theirs)."""
         self.settings = settings
+        self._serving_here = serving
         self.target = ModelTarget.parse(settings.model_uri)
         self._listeners: list[Callable[[LoadedModel], None]] = []
-        self._client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+        self._change_listeners: list[Callable[[], None]] = []
+        self._artifact: ScoringArtifact | None = None
+        self._reported: tuple[object, ...] | None = None  # what change listeners last heard of
+        try:
+            self._client = MlflowClient(
+                tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri
+            )
+        except MlflowException as exc:  # an unsupported scheme or store: nothing a poll would fix
+            raise StreamflowError(
+                f"cannot open the MLflow registry at {settings.tracking_uri}: {exc.message.strip()}"
+            ) from exc
         self._store: FeatureStore | None = None
         self._current: LoadedModel | None = None
         self._last_failure: ReloadFailure | None = None
@@ -79,6 +93,11 @@ class ModelWatcher:
         return self._current
 
     @property
+    def artifact(self) -> ScoringArtifact | None:
+        """The scoring artifact of the current model, with the registry state it was loaded with."""
+        return self._artifact
+
+    @property
     def last_failure(self) -> ReloadFailure | None:
         """The last version refused since the current model was loaded."""
         return self._last_failure
@@ -93,6 +112,11 @@ class ModelWatcher:
         self._listeners.append(listener)
         if self._current is not None:
             listener(self._current)
+
+    def subscribe_changes(self, listener: Callable[[], None]) -> None:
+        """Call `listener` on the watcher's thread after each poll that changed the model served or what
+        ModelInfo reports of it (stage, aliases, the last refused version)."""
+        self._change_listeners.append(listener)
 
     def start(self) -> None:
         """Poll now and then every poll interval, on a daemon thread, until `stop`."""
@@ -132,7 +156,9 @@ class ModelWatcher:
         """One poll that never raises; returns the seconds to wait before the next one."""
         try:
             self.poll()
-            metrics.model_served_by(self._current)
+            if self._serving_here:
+                metrics.model_served_by(self._current)
+            self._report_changes()
         except Exception:
             self._failures += 1
             if self._failures == 1:
@@ -183,14 +209,14 @@ class ModelWatcher:
             )
             self._unreachable = False
         if current is not None and record is not None:
-            current = self._current = current.with_registry_state(record)
+            current = self._current = current.with_registry_state(*_registry_state(record))
         self._note_resolution(version)
         if version is None:
             return
         if version.status not in (None, "READY"):
             return  # still being registered (artifacts uploading): look again next poll
         if current is not None and current.ref.version == str(version.version):
-            self._current = current.with_registry_state(version)
+            self._current = current.with_registry_state(*_registry_state(version))
             return
         stamp = int(version.last_updated_timestamp or 0)
         if (
@@ -206,11 +232,12 @@ class ModelWatcher:
             extra=event("model_loading", model_name=version.name, model_version=str(version.version)),
         )
         try:
-            loaded = load_model(self.settings, self._client, self._feature_store(), version)
+            artifact, loaded = load_model(self.settings, self._client, self._feature_store(), version)
         except Exception as exc:
             self._refuse(version, stamp, exc)
             return
         settle_after_load()  # before the swap, so no request waits on the collection it runs
+        self._artifact = artifact
         self._current = loaded
         self._last_failure = None
         self._refused = None
@@ -308,6 +335,22 @@ class ModelWatcher:
                     loaded.ref.version,
                 )
 
+    def _report_changes(self) -> None:
+        """Tell each change listener when the model served or its reported state changed since last time."""
+        current = self._current
+        state = (
+            None if current is None else (current.ref, current.loaded_at, current.stage, current.aliases),
+            self._last_failure,
+        )
+        if state == self._reported:
+            return
+        self._reported = state
+        for listener in list(self._change_listeners):
+            try:
+                listener()
+            except Exception:
+                log.exception("a listener of model changes failed; the watcher goes on")
+
     def _serving(self) -> str:
         current = self._current
         return "nothing" if current is None else f"version {current.ref.version}"
@@ -318,3 +361,8 @@ class ModelWatcher:
         if self._store is None:
             self._store = open_store(self.settings)
         return self._store
+
+
+def _registry_state(version: ModelVersion) -> tuple[str, tuple[str, ...]]:
+    """The stage and aliases the registry gives a version."""
+    return version.current_stage or "None", tuple(sorted(version.aliases or ()))

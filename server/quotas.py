@@ -1,10 +1,11 @@
 """Per-caller quotas: a token bucket per caller, counted in users scored, shared by all workers of a server.
 
 The kernel spreads a caller's connections over the workers, so buckets kept per process would let a caller
-score `workers` times its quota. The buckets live instead in one shared memory map that the supervisor makes
-before it forks the workers; a POSIX record lock on the map's file guards each update. The kernel releases
-that lock when its holder dies, so a worker killed mid-update cannot wedge the others (a semaphore would stay
-taken). Only the event-loop thread of each process takes quotas, so the lock need not exclude threads.
+score `workers` times its quota. The buckets live instead in one shared memory map of a file the supervisor
+makes before it starts the workers, which inherit its descriptor; a POSIX record lock on the file guards each
+update. The kernel releases that lock when its holder dies, so a worker killed mid-update cannot wedge the
+others (a semaphore would stay taken). Only the event-loop thread of each process takes quotas, so the lock
+need not exclude threads.
 
 A bucket holds `burst` users and refills at `rate` per second. A call passes when the bucket holds its cost,
 or is full; it then takes its whole cost, possibly going into debt, so a batch larger than the bucket passes
@@ -21,6 +22,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable
+from typing import IO
 
 from streamflow.server.errors import RateLimited
 
@@ -31,14 +33,23 @@ _SLOT = struct.Struct("=Qdd")  # caller key (0 = free), tokens, last refill (CLO
 
 
 class SharedBuckets:
-    """The token buckets of every caller, in memory shared with the processes forked after it is made."""
+    """The token buckets of every caller, in a file mapped by every process that holds its descriptor: the
+    workers, forked after it is made or started with `fileno()` inherited (`attach`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fd: int | None = None) -> None:
         # Open as long as the buckets live (the workers inherit it): no `with`.
-        self._file = tempfile.TemporaryFile(prefix="streamflow-quotas-")  # noqa: SIM115
-        self._file.truncate(SLOTS * _SLOT.size)
+        self._file: IO[bytes]
+        if fd is None:
+            self._file = tempfile.TemporaryFile(prefix="streamflow-quotas-")  # noqa: SIM115
+            self._file.truncate(SLOTS * _SLOT.size)
+        else:
+            self._file = open(fd, "r+b", buffering=0)  # noqa: SIM115
         self._map = mmap.mmap(self._file.fileno(), SLOTS * _SLOT.size, mmap.MAP_SHARED)
         self._keys: dict[str, int] = {}
+
+    def fileno(self) -> int:
+        """The descriptor a worker started from a fresh interpreter maps (`SharedBuckets(fd)`)."""
+        return self._file.fileno()
 
     def take(self, caller: str, cost: int, rate: float, burst: float, now: float) -> float:
         """Take `cost` users from `caller`'s bucket if the call may pass: 0.0 when it passed, else the

@@ -23,14 +23,16 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from streamflow.errors import StreamflowError
 from streamflow.server.logs import event
 from streamflow.settings import Settings
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _certificates(path: Path, what: str, data: bytes) -> list[x509.Certificate]:
+    from cryptography import x509  # only where TLS is on: a worker without it stays 10 MB smaller
+
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:
@@ -102,6 +106,8 @@ def _certificates(path: Path, what: str, data: bytes) -> list[x509.Certificate]:
 
 def load(files: TlsFiles) -> CertificateSet:
     """Read and validate the set; raises StreamflowError naming the file and the problem."""
+    from cryptography.hazmat.primitives import serialization  # only where TLS is on, as above
+
     chain_pem = _read(files.cert, "certificate file")
     key_pem = _read(files.key, "key file")
     leaf = _certificates(files.cert, "certificate file", chain_pem)[0]

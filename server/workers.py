@@ -1,9 +1,11 @@
-"""Several server processes sharing one port, so every core serves: a supervisor forks and keeps the workers.
+"""Several server processes sharing one port, so every core serves: a supervisor starts and keeps the workers.
 
-gRPC objects must not exist before a fork (grpc `examples/python/multiprocessing`), so the supervisor creates
-none: it claims the port, forks, restarts workers that die and forwards SIGTERM/SIGINT. Each worker then
-builds its own server on the shared port with `grpc.so_reuseport` (the kernel spreads new connections across
-the workers) and its own registry watcher, so each follows the registry and swaps models independently.
+The supervisor is the control plane: it alone follows the registry, validates each version once and hands
+the workers its scoring artifact, switching them together (server/control_plane.py). It claims the ports,
+starts each worker as a fresh interpreter (`python -m streamflow.server.worker`, so a worker holds only what
+scoring imports, not the control plane's MLflow and Feast), restarts workers that die and forwards
+SIGTERM/SIGINT. Each worker builds its own gRPC server on the shared port with `grpc.so_reuseport` (the kernel
+spreads new connections across the workers) and follows the model over its control channel.
 
 The ports (the gRPC port, and the health and HTTP ports if any) are claimed for this server alone before the
 workers share them: SO_REUSEPORT would otherwise let a second `streamflow serve` join a port and take half of
@@ -34,6 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from streamflow.errors import StreamflowError
 from streamflow.server import metrics
@@ -42,9 +45,25 @@ from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Worker = Callable[[Settings, bool], int]
-"""Runs one server process on `settings.port` (port sharing on) until SIGTERM; returns its exit code. The flag
-says whether it replaces a dead worker, which the others stand in for until it is ready."""
+WORKER_MODULE = "streamflow.server.worker"
+"""What a worker runs: a fresh interpreter, so it holds only what scoring imports (server/worker.py)."""
+SETTINGS_VARIABLE = "STREAMFLOW_WORKER_SETTINGS"
+"""The environment variable handing a worker the supervisor's settings, as JSON."""
+
+
+class ControlChannels(Protocol):
+    """The control plane and its channels to the workers (server/control_plane.py)."""
+
+    def start(self) -> None: ...
+
+    def draining(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def attach(self, slot: int) -> socket.socket: ...
+
+    def detach(self, slot: int) -> None: ...
+
 
 CRASH_LIMIT = 5
 """Deaths of one worker slot within `CRASH_WINDOW_S` that make the supervisor give up and exit non-zero."""
@@ -136,13 +155,15 @@ class _Supervisor:
 
     def __init__(
         self,
-        worker: Worker,
+        control: ControlChannels,
         settings: Settings,
         count: int,
         child_mask: set[int | signal.Signals],
         endpoint: metrics.MetricsEndpoint | None,
+        inherited: tuple[int, ...],
     ):
-        self._worker = worker
+        self._control = control
+        self._inherited = inherited
         self._endpoint = endpoint
         self._settings = settings
         self._child_mask = child_mask
@@ -152,6 +173,7 @@ class _Supervisor:
         # Each worker writes a byte once its ports are bound; the address is announced once all have.
         self._bound_read, self._bound_write = os.pipe()
         os.set_blocking(self._bound_read, False)
+        os.set_inheritable(self._bound_write, True)
         self._bound = 0
         self._announcement: str | None = None
 
@@ -193,19 +215,34 @@ class _Supervisor:
             self._announcement = None
 
     def _start(self, slot: _Slot) -> None:
-        # Anything still buffered would be written again by every child that flushes its inherited copy.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        supervisor = os.getpid()
-        pid = os.fork()
-        if pid == 0:
-            if self._endpoint is not None:
-                self._endpoint.close_inherited()
-            global _bound_fd
-            os.close(self._bound_read)
-            _bound_fd = self._bound_write
-            replacement = slot.starts > 0
-            os._exit(_run_child(self._worker, self._settings, replacement, self._child_mask, supervisor))
+        """Start the slot's worker: a fresh interpreter with the signal state of a new process, its control
+        channel, the bound pipe and the `inherited` descriptors."""
+        channel = self._control.attach(slot.number)
+        replacement = slot.starts > 0
+        argv = [
+            sys.executable,
+            "-m",
+            WORKER_MODULE,
+            f"--supervisor={os.getpid()}",
+            f"--control-fd={channel.fileno()}",
+            f"--bound-fd={self._bound_write}",
+            *(f"--inherited-fd={fd}" for fd in self._inherited),
+            *(["--replacement"] if replacement else []),
+        ]
+        environment = {**os.environ, SETTINGS_VARIABLE: self._settings.model_dump_json()}
+        channel.set_inheritable(True)
+        try:
+            sys.stdout.flush()  # the worker writes to the same streams
+            sys.stderr.flush()
+            pid = os.posix_spawn(
+                sys.executable,
+                argv,
+                environment,
+                setsigmask=self._child_mask,
+                setsigdef=tuple(_SIGNALS),
+            )
+        finally:
+            channel.close()  # the worker's end; the control plane keeps its own
         slot.pid, slot.restart_at = pid, None
         slot.starts += 1
 
@@ -234,6 +271,7 @@ class _Supervisor:
             metrics.process_dead(pid)  # its live gauges go; its counters stay in the sums
             if slot is not None:
                 slot.pid = None
+                self._control.detach(slot.number)
                 self._exited(slot, pid, os.waitstatus_to_exitcode(status))
 
     def _exited(self, slot: _Slot, pid: int, code: int) -> None:
@@ -292,6 +330,7 @@ class _Supervisor:
                 "%s, stopping %d workers", why, running, extra=event("workers_stopping", workers=running)
             )
         self._stopping = True
+        self._control.draining()
         for slot in self._slots:
             slot.restart_at = None
             if slot.pid is not None:
@@ -300,26 +339,37 @@ class _Supervisor:
 
 
 def run_workers(
-    settings: Settings, count: int, worker: Worker, endpoint: metrics.MetricsEndpoint | None = None
+    settings: Settings,
+    count: int,
+    control: ControlChannels,
+    endpoint: metrics.MetricsEndpoint | None = None,
+    inherited: tuple[int, ...] = (),
 ) -> int:
-    """Fork `count` workers on `settings.port` and keep them running until SIGTERM/SIGINT; 0 on a clean stop.
-    The supervisor serves `endpoint` (every worker's metrics) meanwhile, started after the signals are blocked
-    so its threads never take one.
+    """Start `count` workers on `settings.port` and keep them running until SIGTERM/SIGINT; 0 on a clean stop.
+    The supervisor runs `control` and serves `endpoint` (every worker's metrics) meanwhile, both started after
+    the signals are blocked so their threads never take one. Each worker inherits the `inherited` descriptors.
 
     Raises StreamflowError when the port (or the health port) is taken.
     """
     with contextlib.ExitStack() as claims:
         port = claims.enter_context(claimed_port(settings.listen_host, settings.port))
-        if settings.health_port:  # the workers share it too: it is this server's alone as well
+        if (
+            settings.health_port
+        ):  # answered by the supervisor itself (server/control_plane.py), off the workers
             claims.enter_context(claimed_port(settings.listen_host, settings.health_port))
         if settings.http_port:  # and the HTTP port
             claims.enter_context(claimed_port(settings.listen_host, settings.http_port))
-        worker_settings = settings.model_copy(update={"port": port})
+        worker_settings = settings.model_copy(update={"port": port, "health_port": 0})
         _note_connection_migration()
-        # Blocked before the first fork, so no death or signal can slip in between; workers restore the mask.
+        # Blocked before the first worker starts, so no death or signal can slip in between; workers start
+        # with the mask of before.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
-            supervisor = _Supervisor(worker, worker_settings, count, mask, endpoint)
+            control.start()
+            claims.callback(control.stop)
+            for fd in inherited:
+                os.set_inheritable(fd, True)
+            supervisor = _Supervisor(control, worker_settings, count, mask, endpoint, inherited)
             supervisor.start_all()
             address = f"{settings.listen_host}:{port}"
             supervisor.announce_when_bound(f"streamflow serve: listening on {address} with {count} workers")
@@ -351,16 +401,13 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
-def _run_child(
-    worker: Worker, settings: Settings, replacement: bool, mask: set[int | signal.Signals], supervisor: int
-) -> int:
-    """A worker's whole life: the signal state of a fresh process, then serve."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+def worker_process(supervisor: int, bound_fd: int, serve: Callable[[], int]) -> int:
+    """A worker's whole life: tied to its supervisor, then `serve()`; returns the exit code."""
+    global _bound_fd
+    _bound_fd = bound_fd
     _drain_when_orphaned(supervisor)
     try:
-        return worker(settings, replacement)
+        return serve()
     except StreamflowError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1

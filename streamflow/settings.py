@@ -137,7 +137,8 @@ class Settings(BaseSettings):
 
     health_port: int = Field(default=0, ge=0, le=65535)
     """A second, plaintext port serving only `grpc.health.v1` (no token needed), for probes that cannot speak
-    TLS (Kubernetes gRPC probes); 0 serves health on the main port only."""
+    TLS (Kubernetes gRPC probes); with several workers the supervisor answers it, off the workers' event
+    loops, so probes answer under any load; 0 serves health on the main port only."""
 
     http_port: int = Field(default=8080, ge=0, le=65535)
     """Port serving the PredictionService over HTTP/1.1 and HTTP/2: the Connect protocol (JSON or binary

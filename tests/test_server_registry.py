@@ -25,7 +25,9 @@ from sklearn.linear_model import LogisticRegression
 from streamflow.model_contract import TAG_AS_OF, TAG_FEATURE_SERVICE, TAG_FINGERPRINT
 from streamflow.server import model_watcher
 from streamflow.server.app import PredictionServer
-from streamflow.server.model_loader import FAILED_TO_LOAD, LoadedModel
+from streamflow.server.loaded_model import LoadedModel
+from streamflow.server.model_loader import FAILED_TO_LOAD
+from streamflow.server.model_watcher import ModelWatcher
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Settings
@@ -363,6 +365,7 @@ def test_a_watcher_thread_that_dies_is_replaced(
     """A listener raising SystemExit escapes every per-poll guard and ends the thread itself."""
     settings, running, loop = live
     watcher = running.predictor.watcher
+    assert isinstance(watcher, ModelWatcher)  # a single-process server follows the registry itself
     exits = [0]
 
     def exiting_listener(model: LoadedModel) -> None:

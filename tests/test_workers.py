@@ -1,6 +1,6 @@
-"""Several worker processes share one port, and each follows the registry on its own.
+"""Several worker processes share one port and serve the model their supervisor's control plane hands them.
 
-The workers are told apart without a field in the contract: each loads its model at its own instant, so
+The workers are told apart without a field in the contract: each builds its model at its own instant, so
 `ModelInfo.loaded_at` differs between them, and fresh connections (a new channel with a private subchannel
 pool, hence a new source port) are spread across the workers by the kernel.
 """
@@ -143,9 +143,10 @@ def test_the_address_is_announced_once_every_worker_listens(
 
 
 def test_every_worker_swaps_to_a_newly_promoted_version(
-    multi_worker_server: tuple[subprocess.Popen[str], int], fresh_embedded_settings: Settings
+    multi_worker_server: tuple[subprocess.Popen[str], int], fresh_embedded_settings: Settings, tmp_path: Path
 ) -> None:
     process, port = multi_worker_server
+    log_path = tmp_path / "serve.log"
     workers = psutil.Process(process.pid).children()
     assert len(workers) == WORKERS
     client = MlflowClient(
@@ -162,8 +163,16 @@ def test_every_worker_swaps_to_a_newly_promoted_version(
     promote(fresh_embedded_settings, candidate.version, "Production", force=True)
 
     second = _workers_on(port, str(candidate.version))
-    assert not first & second  # each worker loaded the new version itself
+    assert not first & second  # each worker built the new version's model itself
     assert [p.pid for p in psutil.Process(process.pid).children()] == [p.pid for p in workers]
+    # The supervisor alone loaded and validated it, once, and switched both workers together.
+    log = log_path.read_text()
+    name = fresh_embedded_settings.model_name
+    assert log.count(f"loading {name} version {candidate.version}") == 1, log
+    switches = re.findall(
+        rf"(\d) worker\(s\) serve {name} version {candidate.version} \(version skew ([\d.]+) ms\)", log
+    )
+    assert len(switches) == 1 and switches[0][0] == str(WORKERS), log
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
@@ -418,31 +427,51 @@ def test_a_worker_that_keeps_dying_stops_the_server_with_one_error_line(
     embedded_settings: Settings, tmp_path: Path
 ) -> None:
     log_path = tmp_path / "serve.log"
-    # Real and fast: MLflow knows no `htp` scheme, so each worker fails building its registry client right
-    # after the fork, before it binds the port. The supervisor does not open the registry, so it starts.
-    with _serving(
-        embedded_settings, log_path, announced=False, MLFLOW_TRACKING_URI="htp://127.0.0.1:5000"
-    ) as (process, _):
-        _eventually(lambda: process.poll() is not None, "the supervisor to give up")
-        assert process.stdout is not None
-        stdout = process.stdout.read()
+    killed: set[int] = set()
+    with _serving(embedded_settings, log_path, announced=False) as (process, _):
+        supervisor = psutil.Process(process.pid)
+
+        def kill_every_worker() -> bool:  # as an OOM killer would, each time one starts
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for child in supervisor.children():
+                    if child.pid not in killed:
+                        killed.add(child.pid)
+                        child.kill()
+            return process.poll() is not None
+
+        _eventually(kill_every_worker, "the supervisor to give up")
 
     assert process.returncode != 0
-    assert stdout == ""  # no worker ever listened, so the address was never announced
     log = log_path.read_text()
     errors = [line for line in log.splitlines() if "stopping the server" in line]
     assert len(errors) == 1, log
     assert re.search(
         rf"ERROR streamflow\.server\.workers: worker \d died {CRASH_LIMIT} times within "
-        rf"{CRASH_WINDOW_S:.0f} s \(last: process \d+ exited with code 1\); stopping the server$",
+        rf"{CRASH_WINDOW_S:.0f} s \(last: process \d+ was killed by SIGKILL\); stopping the server$",
         errors[0],
     )
     assert log.count("restarting it in") >= CRASH_LIMIT - 1
-    # The dead workers as the log names them (polling the supervisor's children would miss some: each dies
-    # moments after its fork).
-    dead = {int(pid) for pid in re.findall(r"\(process (\d+)\) exited with code 1", log)}
-    assert len(dead) >= CRASH_LIMIT, log
+    dead = {int(pid) for pid in re.findall(r"\(process (\d+)\) was killed by SIGKILL", log)}
+    assert len(dead) >= CRASH_LIMIT and dead <= killed, log
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).ppid() == process.pid for pid in dead)
+
+
+def test_a_registry_the_server_cannot_open_is_one_error_line_before_any_worker_starts(
+    embedded_settings: Settings, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "serve.log"
+    # MLflow knows no `htp` scheme. Only the supervisor opens the registry, so it fails once, at start.
+    with _serving(
+        embedded_settings, log_path, announced=False, MLFLOW_TRACKING_URI="htp://127.0.0.1:5000"
+    ) as (process, _):
+        assert process.wait(timeout=DEADLINE_S) == 1
+        assert process.stdout is not None
+        assert process.stdout.read() == ""
+
+    log = log_path.read_text()
+    assert log.startswith("error: cannot open the MLflow registry at htp://127.0.0.1:5000: "), log
+    assert len(log.strip().splitlines()) == 1, log
+    assert "Traceback" not in log and "worker" not in log
 
 
 def test_workers_stop_when_the_supervisor_is_killed(
