@@ -252,10 +252,18 @@ def scoring(
     observe_all(probability, probabilities)
 
 
+BULK_OBSERVE_MIN = 16
+"""Fewest values `observe_all` counts with numpy: below it numpy's fixed cost exceeds one call per value."""
+
+
 def observe_all(histogram: Histogram, values: np.ndarray) -> None:
-    """`histogram.observe(v)` for each of `values`, with one increment per bucket rather than per value (a
-    1,000-user batch made 2,000 locked writes). Uses the internals of the pinned prometheus-client's
-    Histogram child; tests/test_metrics.py checks it equals observing one value at a time."""
+    """`histogram.observe(v)` for each of `values`, with one increment per bucket rather than per value for a
+    large batch (a 1,000-user batch made 2,000 locked writes). Uses the internals of the pinned
+    prometheus-client's Histogram child; tests/test_metrics.py checks it equals observing one at a time."""
+    if len(values) < BULK_OBSERVE_MIN:
+        for value in values.tolist():
+            histogram.observe(value)
+        return
     bounds = histogram._upper_bounds
     # The first bound each value is <= to, as `observe` finds it; a NaN lands past the last and, as there,
     # counts in no bucket.

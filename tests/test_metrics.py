@@ -25,7 +25,13 @@ from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
 from streamflow.feature_repo.definitions import VIEW_SPECS
 from streamflow.server.errors import FeatureStoreUnavailable
-from streamflow.server.metrics import CHURN_PROBABILITY, MetricsEndpoint, _remove_orphaned_dirs, observe_all
+from streamflow.server.metrics import (
+    BULK_OBSERVE_MIN,
+    CHURN_PROBABILITY,
+    MetricsEndpoint,
+    _remove_orphaned_dirs,
+    observe_all,
+)
 from streamflow.server.store_health import StoreBreaker
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
@@ -209,12 +215,10 @@ def test_one_worker_serves_its_own_metrics_with_every_feature_reason_and_reload_
 
 def test_observing_a_batch_at_once_equals_observing_each_value() -> None:
     bounds = CHURN_PROBABILITY._upper_bounds[:-1]  # the finite ones; +Inf is implied
-    # On each bound, between them, below the first, above the last, repeated; and a batch of one.
-    batches = [
-        np.array([0.0, 0.1, 0.15, 0.5, 0.5, 0.999, 1.0, 3.5]),
-        np.array([0.05]),
-        np.linspace(0, 1, 1000),
-    ]
+    # On each bound, between them, below the first, above the last, repeated: counted with numpy, and (fewer
+    # than BULK_OBSERVE_MIN) one at a time; a large batch; a batch of one.
+    edges = np.array([0.0, 0.1, 0.15, 0.5, 0.5, 0.999, 1.0, 3.5])
+    batches = [np.tile(edges, BULK_OBSERVE_MIN), edges, np.linspace(0, 1, 1000), np.array([0.05])]
     registry = CollectorRegistry()
     one_by_one = Histogram("one_by_one", "", buckets=bounds, registry=registry)
     at_once = Histogram("at_once", "", buckets=bounds, registry=registry)
@@ -236,7 +240,10 @@ def test_observing_a_batch_at_once_equals_observing_each_value() -> None:
     expected, actual = samples("one_by_one"), samples("at_once")
     assert [(suffix, labels) for suffix, labels, _ in actual] == [(s, ls) for s, ls, _ in expected]
     assert [value for _, _, value in actual] == pytest.approx([value for _, _, value in expected])
-    assert dict((suffix, value) for suffix, _, value in actual)["_count"] == 1009
+    assert (
+        dict((suffix, value) for suffix, _, value in actual)["_count"]
+        == (BULK_OBSERVE_MIN + 1) * len(edges) + 1001
+    )
 
 
 def test_store_errors_count_every_failed_read() -> None:
