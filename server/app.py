@@ -24,7 +24,7 @@ from collections.abc import Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2
@@ -34,7 +34,6 @@ from streamflow.server import metrics, tls, tracing
 from streamflow.server.auth import Authenticator
 from streamflow.server.health import SERVING, HealthService
 from streamflow.server.heap import limit_malloc_arenas
-from streamflow.server.http_gateway import HttpGateway, PredictionApp
 from streamflow.server.loaded_model import LoadedModel
 from streamflow.server.observers import call_observers
 from streamflow.server.predictor import Predictor
@@ -45,6 +44,9 @@ from streamflow.server.servicer import PredictionServicer, users_requested
 from streamflow.server.workers import METRICS_CHECK_S, announce_bound, run_workers, worker_count
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
+
+if TYPE_CHECKING:
+    from streamflow.server.http_gateway import HttpGateway
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +239,14 @@ async def _start(
         bind(health_server, settings.listen_host, settings.health_port, None)
     # The same servicer, guard and policy over HTTP, on this loop.
     service = pb.DESCRIPTOR.services_by_name["PredictionService"]
-    http = HttpGateway.for_settings(
-        settings, PredictionApp(service, servicer, guard, predictions), reuse_port, certificates
-    )
+    http = None
+    if settings.http_port:
+        # Imported only to serve it: the Connect and Hypercorn stack is 10 MB of a worker's memory.
+        from streamflow.server.http_gateway import HttpGateway, PredictionApp
+
+        http = HttpGateway.for_settings(
+            settings, PredictionApp(service, servicer, guard, predictions), reuse_port, certificates
+        )
     for started in (server,) if health_server is None else (server, health_server):
         await started.start()
     if http is not None:

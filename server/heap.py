@@ -1,9 +1,10 @@
 """Keeps a serving process's heap lean and out of the way after each model load.
 
-A server process holds some 400,000 long-lived objects (Feast, MLflow, pandas, the model). Python's cyclic GC
-rescans all of them at every full collection, and a 1,000-user batch allocates enough to trigger one: that
-doubled BatchPredict's feature read (213 ms -> 106 ms for 1,000 users once frozen, measured in process).
-Loading also leaves the scikit-learn pipeline's memory behind when the ONNX export serves instead.
+A server process holds hundreds of thousands of long-lived objects (its libraries and the model, plus Feast,
+MLflow and pandas in a single-process server or a control plane). Python's cyclic GC rescans all of them at
+every full collection, and a 1,000-user batch allocates enough to trigger one: that doubled BatchPredict's
+feature read (213 ms -> 106 ms for 1,000 users once frozen, measured in process). Loading also leaves the
+scikit-learn pipeline's memory behind when the ONNX export serves instead.
 """
 
 from __future__ import annotations

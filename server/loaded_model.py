@@ -37,12 +37,12 @@ class SklearnModel:
         return probabilities
 
 
-def runtime_model(runtime: Runtime, model: bytes) -> ProbabilityModel:
+def runtime_model(artifact: ScoringArtifact) -> ProbabilityModel:
     """The scoring model of an artifact: the ONNX session, or the unpickled pipeline."""
-    if runtime is Runtime.ONNX:
-        return OnnxModel(model)
+    if artifact.runtime is Runtime.ONNX:
+        return OnnxModel(artifact.model)
     # The control plane pickled what it loaded and validated from the registry; nothing else writes here.
-    return SklearnModel(pickle.loads(model))
+    return SklearnModel(pickle.loads(artifact.model_bytes()))
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class LoadedModel:
             metrics=dict(artifact.metrics),
             loaded_at=datetime.now(UTC),
             runtime=artifact.runtime,
-            model=runtime_model(artifact.runtime, artifact.model),
+            model=runtime_model(artifact),
             reader=FeatureReader(artifact.layout, settings),
         )
 

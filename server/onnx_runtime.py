@@ -16,6 +16,7 @@ import itertools
 import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -69,11 +70,13 @@ class OnnxModel:
     multi-threaded session would add about 100 MB per worker.
     """
 
-    def __init__(self, model: bytes, threads: int | None = None) -> None:
+    def __init__(self, model: bytes | Path, threads: int | None = None) -> None:
+        """`model`: the ONNX bytes, or a file holding them (read by onnxruntime itself)."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
-        self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        source = str(model) if isinstance(model, Path) else model
+        self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self._inputs = [(i.name, _INPUT_DTYPES[i.type]) for i in self._session.get_inputs()]
         self._outputs = [PROBABILITIES_OUTPUT]
         self._threads = threads if threads is not None else len(os.sched_getaffinity(0))

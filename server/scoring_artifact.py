@@ -106,12 +106,17 @@ class ScoringArtifact:
     metrics: dict[str, float]
     layout: FeatureLayout
     runtime: Runtime
-    model: bytes
+    model: bytes | Path
+    """The model's bytes, or the file that holds them (an artifact read from disk): onnxruntime reads a file
+    itself, without the 18 MB copy of the demo model's bytes it keeps when handed them."""
+
+    def model_bytes(self) -> bytes:
+        return self.model if isinstance(self.model, bytes) else self.model.read_bytes()
 
     def write(self, directory: Path) -> Path:
         """Write the artifact into `directory` (created, private to this user); returns it."""
         directory.mkdir(mode=0o700, parents=True)
-        (directory / MODEL_FILES[self.runtime]).write_bytes(self.model)
+        (directory / MODEL_FILES[self.runtime]).write_bytes(self.model_bytes())
         spec = _encode({k: v for k, v in vars(self).items() if k != "model"})
         temporary = directory / f".{SPEC_FILE}"
         temporary.write_text(json.dumps(spec))
@@ -120,7 +125,8 @@ class ScoringArtifact:
 
     @classmethod
     def read(cls, directory: Path) -> ScoringArtifact:
-        """The artifact written into `directory`; raises OSError or ValueError when it is not one."""
+        """The artifact written into `directory`, its model left in its file; raises OSError or ValueError
+        when it is not one."""
         spec = json.loads((directory / SPEC_FILE).read_text())
         runtime = Runtime(spec["runtime"])
         return cls(
@@ -133,7 +139,7 @@ class ScoringArtifact:
             metrics={k: float(v) for k, v in spec["metrics"].items()},
             layout=_layout(spec["layout"]),
             runtime=runtime,
-            model=(directory / MODEL_FILES[runtime]).read_bytes(),
+            model=_existing(directory / MODEL_FILES[runtime]),
         )
 
 
@@ -184,6 +190,12 @@ def _encode(value: Any) -> Any:
     if hasattr(value, "__dataclass_fields__"):
         return {k: _encode(v) for k, v in vars(value).items()}
     return value
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file {path.name} in the artifact")
+    return path
 
 
 def _bytes(value: dict[str, str]) -> bytes:

@@ -8,6 +8,7 @@ server in tests/test_workers.py; here, what a worker imports and the worker's si
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import signal
 import socket
@@ -95,7 +96,9 @@ def test_the_worker_side_of_the_control_channel(embedded_settings: Settings, tmp
     version = client.get_model_version_by_alias(settings.model_name, "production")
     artifact, _ = load_model(settings, client, open_store(settings), version)
     written = artifact.write(tmp_path / "artifact")
-    assert ScoringArtifact.read(written) == artifact  # what the worker reads is what was validated
+    read = ScoringArtifact.read(written)  # what the worker reads is what was validated
+    assert isinstance(read.model, Path) and read.model.read_bytes() == artifact.model
+    assert dataclasses.replace(read, model=artifact.model) == artifact
 
     supervisor, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     follower = ModelFollower(settings, worker)
