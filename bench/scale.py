@@ -11,23 +11,26 @@ share the registry and the Redis: `bench_demo` (bootstrapped as the production p
 applied, materialized by Feast, the model trained and promoted) and `bench_1m`.
 
 `bench_1m` is filled through Feast's typed writer (`FeatureStore.write_to_online_store`: the same
-`_convert_arrow_to_proto` and `online_write_batch` its materialization runs) with the latest row of each user
-of `demo_data.generate_tables(1_000_000, seed)`, the row Feast's materialization keeps; the ingestion into
+`_convert_arrow_to_proto` and `online_write_batch` its materialization runs, with `skip_dedup`, its
+initial-load path, in one process per core) with the latest row of each user of
+`demo_data.generate_tables(1_000_000, seed)`, the row Feast's materialization keeps; the ingestion into
 PostgreSQL and Feast's read back out of it are skipped. Every run checks that this path writes exactly what
 materialization wrote for the demo (every hash of `bench_demo`, byte for byte, against the same path's). The
 filled Redis is saved and reused by the next run only when a key in it records the fingerprint of the same
 data, definitions and Feast version; anything else is flushed and filled again.
 
-Time on this 2-core machine, shared: about 6 minutes with the fill cached (the demo's production bootstrap,
-training included, is half of it); the fill adds about 10 minutes the first time (generating the 1M users
-takes 4 s, Feast's Python conversion of each row the rest).
+Time on this 2-core machine while shared (load average 5-10): 4 to 6 minutes with the fill cached (the
+stack's start and the demo's production bootstrap, training included, take half); the first fill adds 13
+minutes (790 s: generating the 1M users takes 4 s, Feast's row-by-row Python conversion most of the rest).
+The saved data file is 335 MB; the Redis holds about 440 MB while it runs.
 
 Load: a Python gRPC client (h2load sends one fixed body, and the users asked for must vary) asks for users
 of the last snapshot in a random order: a random 50,000 of the 1M-user store (each asked about once) and
-every user of the demo store (each asked many times). Predict at concurrency 1 (one blocking channel) and
-32 (32 asyncio channels, one connection each). The client's own cost is in both columns, so absolute figures
-sit above the main table's (h2load) and the ratio is the finding. Target (issue 13): the 1M-user p50 within
-1.2x of the demo's.
+every user of the demo store (each asked many times). Predict at concurrency 1 on one blocking channel per
+store, the two stores' calls taking turns one by one (a shared machine's speed swings within seconds: taking
+turns puts each swing on both), and at 32 on 32 asyncio channels (one connection each), store after store.
+The client's own cost is in both columns, so absolute figures sit above the main table's (h2load) and the
+ratio is the finding. Target (issue 13): the 1M-user p50 within 1.2x of the demo's.
 """
 
 from __future__ import annotations
@@ -122,35 +125,33 @@ def scale_stack(home: Path, log_dir: Path) -> Iterator[Stack]:
     Redis on its saved data; the databases are dropped and the servers stopped afterwards."""
     dsn = postgres.with_database(Settings().postgres_dsn, DATABASE)
     backend = mlflow_server.backend_store_dsn(Settings(postgres_dsn=dsn))
-    for each in (dsn, backend):  # left over by an interrupted run
-        postgres.drop_database(each)
-    postgres.ensure_database(dsn)
-    redis_dir = home / "scale-redis"
-    redis_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    # No save points: the data file is written only by the SAVE after a complete fill.
-    args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir)]
-    args += ["--dbfilename", "scale.rdb", "--save", "", "--appendonly", "no"]
-    private_redis = start(
-        "redis-server (the bench's own)", args, {}, redis_ready, port, log_dir / "redis.log"
-    )
-    tmp = Path(tempfile.mkdtemp(prefix="streamflow-bench-scale-"))
-    mlflow = mlflow_server.start(
-        host="127.0.0.1",
-        port=free_port(),
-        backend_dsn=backend,
-        artifacts_destination=str(tmp / "artifacts"),
-        log_path=log_dir / "mlflow.log",
-    )
-    try:
+    with contextlib.ExitStack() as cleanup:  # undone in reverse order, however far the start got
+        for each in (dsn, backend):
+            postgres.drop_database(each)  # left over by an interrupted run
+            cleanup.callback(postgres.drop_database, each)
+        postgres.ensure_database(dsn)
+        tmp = Path(tempfile.mkdtemp(prefix="streamflow-bench-scale-"))
+        cleanup.callback(shutil.rmtree, tmp, ignore_errors=True)
+        redis_dir = home / "scale-redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        # No save points: the data file is written only by the SAVE after a complete fill.
+        args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir)]
+        args += ["--dbfilename", "scale.rdb", "--save", "", "--appendonly", "no"]
+        private_redis = start(
+            "redis-server (the bench's own)", args, {}, redis_ready, port, log_dir / "redis.log"
+        )
+        cleanup.callback(private_redis.stop)
+        mlflow = mlflow_server.start(
+            host="127.0.0.1",
+            port=free_port(),
+            backend_dsn=backend,
+            artifacts_destination=str(tmp / "artifacts"),
+            log_path=log_dir / "mlflow.log",
+        )
+        cleanup.callback(mlflow.stop)
         mlflow_server.wait_until_ready(mlflow)
         yield Stack(dsn, private_redis, mlflow.url, tmp)
-    finally:
-        mlflow.stop()
-        private_redis.stop()
-        for each in (dsn, backend):
-            postgres.drop_database(each)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def latest_rows(frame: pd.DataFrame) -> pd.DataFrame:
@@ -227,10 +228,10 @@ def ensure_filled(settings: Settings, tables: dict[str, pd.DataFrame]) -> str:
     return f"filled in {time.monotonic() - started:.0f} s (Feast's writer) and saved for the next run"
 
 
-def redis_key(project: str, user_id: str) -> bytes:
+def redis_key(project: str, user_id: str, serialization: int) -> bytes:
     """The Redis key under which Feast keeps every view of a user."""
     entity = EntityKeyProto(join_keys=[JOIN_KEY], entity_values=[ValueProto(string_val=user_id)])
-    return _redis_key(project, entity, entity_key_serialization_version=3)
+    return _redis_key(project, entity, entity_key_serialization_version=serialization)
 
 
 def check_fill_path(stack: Stack, tables: dict[str, pd.DataFrame]) -> int:
@@ -239,21 +240,26 @@ def check_fill_path(stack: Stack, tables: dict[str, pd.DataFrame]) -> int:
     check = stack.settings(CHECK_PROJECT)
     feature_store.apply(check)
     write_rows(check, tables, processes=1)
+    serialization = production_repo_config(check).entity_key_serialization_version
     users = list(dict.fromkeys(tables[VIEW_SPECS[0].table][JOIN_KEY]))
+    feasts, ours = ([redis_key(p, u, serialization) for u in users] for p in (DEMO_PROJECT, CHECK_PROJECT))
     client = redis.Redis.from_url(stack.redis_url)
     with client.pipeline(transaction=False) as pipe:
-        for user in users:
-            pipe.execute_command("HGETALL", redis_key(DEMO_PROJECT, user))
-            pipe.execute_command("HGETALL", redis_key(CHECK_PROJECT, user))
+        for key in (*feasts, *ours):
+            pipe.execute_command("HGETALL", key)
         stored = pipe.execute()
-    client.delete(*(redis_key(CHECK_PROJECT, user) for user in users))
+    client.delete(*ours)
+    materialized, written = stored[: len(users)], stored[len(users) :]
     differing = [
-        u for u, ours, feasts in zip(users, stored[1::2], stored[::2], strict=True) if ours != feasts
+        user
+        for user, feast_row, our_row in zip(users, materialized, written, strict=True)
+        if not feast_row or our_row != feast_row
     ]
-    if differing or not all(stored):
+    if differing:
         raise SystemExit(
-            f"the fill path wrote other rows than Feast's materialization for {len(differing)} demo users "
-            f"(e.g. {differing[:3]}); the 1M-user store would not be what Feast writes"
+            f"the fill path wrote other rows than Feast's materialization (or it wrote none) for "
+            f"{len(differing)} demo users, e.g. {differing[:3]}: the 1M-user store would not be what "
+            "Feast writes"
         )
     return len(users)
 
@@ -302,23 +308,48 @@ class Load:
         return len(self.latencies_ms) / (self.end - self.measured_from)
 
 
-def _drive_one(port: int, requests: Iterator[bytes], load: Load) -> None:
-    """Concurrency 1 on a blocking channel: the cheapest call a Python client makes, so the client adds the
-    least to the latency both stores are timed with."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        predict = channel.unary_unary(PREDICT, None, None)
-        while (started := time.perf_counter()) < load.end:
-            try:
-                predict(next(requests), timeout=10)
-            except grpc.RpcError:
-                load.record(started, failed=True)
-                continue
-            load.record(started, failed=False)
+def _timed(duration_s: float) -> Load:
+    now = time.perf_counter()
+    return Load(measured_from=now + WARM_UP_S, end=now + WARM_UP_S + duration_s)
+
+
+@contextlib.contextmanager
+def _no_collection() -> Iterator[None]:
+    """No garbage collection pause inside a timed call (this process holds a million rows)."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def drive_alternating(
+    ports: dict[str, int], requests: dict[str, Iterator[bytes]], duration_s: float
+) -> dict[str, Load]:
+    """Predict at concurrency 1, one blocking channel per store, the stores' calls taking turns one by one:
+    a shared machine's speed swings within seconds, and taking turns puts each swing on every store alike.
+    A blocking call is the cheapest a Python client makes, so the client adds the least to the latencies."""
+    loads = {name: _timed(duration_s) for name in ports}
+    with contextlib.ExitStack() as channels, _no_collection():
+        calls = {
+            name: channels.enter_context(grpc.insecure_channel(f"127.0.0.1:{port}")).unary_unary(
+                PREDICT, None, None
+            )
+            for name, port in ports.items()
+        }
+        while time.perf_counter() < min(load.end for load in loads.values()):
+            for name, predict in calls.items():
+                started = time.perf_counter()
+                try:
+                    predict(next(requests[name]), timeout=10)
+                except grpc.RpcError:
+                    loads[name].record(started, failed=True)
+                    continue
+                loads[name].record(started, failed=False)
+    return loads
 
 
 async def _drive_many(port: int, requests: Iterator[bytes], concurrency: int, load: Load) -> None:
-    """Concurrency N on N connections, as h2load opens them (a local subchannel pool keeps the channels from
-    sharing one), so the kernel spreads them over the server's workers."""
     options = [("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) for _ in range(concurrency)]
 
@@ -336,19 +367,12 @@ async def _drive_many(port: int, requests: Iterator[bytes], concurrency: int, lo
         await channel.close(None)
 
 
-def drive(port: int, requests: Iterator[bytes], concurrency: int, duration_s: float) -> Load:
-    """Predict from `concurrency` connections for `WARM_UP_S` + `duration_s`, each call asking for the next
-    user of `requests`; requests and answers stay bytes: no message is built or parsed in the timed loop."""
-    now = time.perf_counter()
-    load = Load(measured_from=now + WARM_UP_S, end=now + WARM_UP_S + duration_s)
-    gc.disable()  # this process holds a million rows: no collection pause inside a timed call
-    try:
-        if concurrency == 1:
-            _drive_one(port, requests, load)
-        else:
-            asyncio.run(_drive_many(port, requests, concurrency, load))
-    finally:
-        gc.enable()
+def drive_many(port: int, requests: Iterator[bytes], concurrency: int, duration_s: float) -> Load:
+    """Predict from `concurrency` connections, as h2load opens them (a local subchannel pool keeps the asyncio
+    channels from sharing one), so the kernel spreads them over the server's workers."""
+    load = _timed(duration_s)
+    with _no_collection():
+        asyncio.run(_drive_many(port, requests, concurrency, load))
     return load
 
 
@@ -389,20 +413,22 @@ def measure(
     duration_s: float,
     rounds: int,
 ) -> None:
-    """Each load on each store in turn, round after round, the order flipped every round."""
+    """Round after round: concurrency 1 with the stores' calls alternating (`duration_s` per store), then
+    concurrency 32 on each store in turn, the order flipped every round. Requests and answers stay bytes: no
+    message is built or parsed in the timed loops."""
     names = list(servers)
+    ports = {name: service.port for name, service in servers.items()}
     for round_ in range(rounds):
-        order = names if round_ % 2 == 0 else names[::-1]
-        for concurrency in (1, 32):
-            for name in order:
-                print(f"  {name}: Predict at concurrency {concurrency}, round {round_ + 1}", flush=True)
-                load = drive(servers[name].port, requests[name], concurrency, duration_s)
-                figures[name].failed += load.failed
-                if concurrency == 1:
-                    figures[name].p50.append(float(np.percentile(load.latencies_ms, 50)))
-                    figures[name].p99.append(float(np.percentile(load.latencies_ms, 99)))
-                else:
-                    figures[name].rps32.append(load.calls_per_s)
+        print(f"  Predict at concurrency 1, the stores taking turns, round {round_ + 1}", flush=True)
+        for name, load in drive_alternating(ports, requests, duration_s * len(names)).items():
+            figures[name].failed += load.failed
+            figures[name].p50.append(float(np.percentile(load.latencies_ms, 50)))
+            figures[name].p99.append(float(np.percentile(load.latencies_ms, 99)))
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            print(f"  {name}: Predict at concurrency 32, round {round_ + 1}", flush=True)
+            load = drive_many(ports[name], requests[name], 32, duration_s)
+            figures[name].failed += load.failed
+            figures[name].rps32.append(load.calls_per_s)
     for name, service in servers.items():
         figures[name].worker_rss_mb = service.worker_rss_mb()
 
@@ -430,8 +456,8 @@ def render(figures: dict[str, Figures], fill: str, compared: int, redis_mb: floa
     lines = [
         "",
         f"The 1M-user row (issue 13): one model served on the production profile's stack, its Redis online "
-        f"store holding {big.users:,} users beside {small.users:,} (medians; both stores measured in turn, "
-        "round after round, the order flipped each round):",
+        f"store holding {big.users:,} users beside {small.users:,} (medians of {len(small.p50)} rounds, both "
+        "stores measured in each):",
         "",
         f"| measure | {small_name} | {big_name} | larger ÷ smaller (calls/s: smaller ÷ larger) |",
         "|---|---:|---:|---:|",
@@ -449,10 +475,14 @@ def render(figures: dict[str, Figures], fill: str, compared: int, redis_mb: floa
         f"Target (issue 13): the {big.users:,}-user p50 within {TARGET}x of the demo's: {p50_cost:.2f}x, "
         f"{verdict}. Load: a Python gRPC client (h2load sends one fixed body, and the users must vary), "
         f"requests and answers kept as bytes; {WARM_UP_S:g} s of warm-up, then the timed run; concurrency 1 "
-        "on one blocking channel, 32 on 32 asyncio channels (one connection each). Each call asks for the "
+        "on one blocking channel per store, the stores' calls taking turns one by one (so the machine's "
+        "drift falls on both alike), 32 on 32 asyncio channels (one connection each), each store in turn. "
+        "Each call asks for the "
         f"next user of a shuffled list: all {small.asked:,} last-snapshot users of the demo store, a random "
         f"{big.asked:,} of the {big.users:,}-user store's. The client's cost is in both columns, so absolute "
-        "figures sit above the main table's (h2load); the ratio is the finding. Failed calls: "
+        "figures sit above the main table's (h2load); the ratio is the finding. Each round's p50, ms: "
+        + "; ".join(f"{name} " + ", ".join(f"{p50:.2f}" for p50 in f.p50) for name, f in figures.items())
+        + ". Failed calls: "
         + ", ".join(f"{name} {f.failed}" for name, f in figures.items())
         + ".",
         "",
