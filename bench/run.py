@@ -386,7 +386,7 @@ def predict_table(
             + f" | {cost_over(mine, bare.values.get(metric.key), metric.lower_is_better)}"
             + f" | {cost_over(mine, floor.values.get(metric.key), metric.lower_is_better)} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + worker_rss_line(ours)
 
 
 def watching_table(env: dict[str, str], user_id: str, duration: float, rounds: int) -> str:
