@@ -29,6 +29,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from streamflow.server import tracing
 from streamflow.server.app import PredictionServer
+from streamflow.server.batcher import INLINE_BUDGET_S
 from streamflow.server.logs import ACCESS_LOGGER, JsonFormatter
 from streamflow.server.observers import call_observers
 from streamflow.serving.v1 import prediction_service_pb2 as pb
@@ -178,10 +179,22 @@ def test_a_call_without_traceparent_starts_a_trace_of_its_own(
 
 
 def test_coalesced_predicts_share_one_batch_span_under_the_first_linked_to_the_others(
-    traced: tuple[PredictionServer, InMemorySpanExporter],
+    traced: tuple[PredictionServer, InMemorySpanExporter], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     running, exporter = traced
-    # Hold the scoring thread, so the calls that arrive meanwhile pile up into one batch.
+    # A lone call on a quiet server is scored on the loop; one scoring over the budget sends lone calls to
+    # the scoring thread (server/batcher.py), whose holding then piles up the calls that arrive meanwhile.
+    score = running.predictor.score
+
+    def slow(user_ids: Sequence[str]) -> Any:
+        time.sleep(2 * INLINE_BUDGET_S)
+        return score(user_ids)
+
+    monkeypatch.setattr(running.predictor, "score", slow)
+    with prediction_stub(running.local_address) as stub:
+        stub.Predict(pb.PredictRequest(user_id=FIRST_USER_ID), timeout=WAIT_S)
+    monkeypatch.undo()
+    exporter.clear()
     held = threading.Event()
     predict_pool = running.pools[0]
     predict_pool.submit(held.wait, WAIT_S)
