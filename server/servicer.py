@@ -2,8 +2,9 @@
 
 It runs on the asyncio server's event loop (server/app.py), behind the call guard (server/rpc.py), which
 decodes requests, admits calls and turns what a method raises into a status. Predict goes through the
-`PredictBatcher`, which scores concurrent calls together on its own thread; BatchPredict runs on the injected
-thread pool, so the loop keeps answering while a large batch is scored; ModelInfo answers right on the loop.
+`PredictBatcher`, which scores concurrent calls together on its own thread (a lone call on a quiet server
+right on the loop); BatchPredict runs on the injected thread pool, so the loop keeps answering while a large
+batch is scored; ModelInfo answers right on the loop.
 """
 
 from __future__ import annotations
