@@ -175,16 +175,9 @@ class ControlPlane:
             )
             return
         prepared = self._exchange(workers, {"op": "prepare", "seq": seq, "artifact": str(path)}, "prepared")
+        # Published even if no worker prepared it (they died meanwhile, say): the watcher validated it by
+        # building it as a worker does; every worker not on it is brought to it below, a replacement at start.
         unusable = sorted(slot for slot in workers if slot not in prepared)
-        if not prepared:
-            log.error(
-                "no worker could load %s version %s; they keep serving the previous version",
-                artifact.ref.name,
-                artifact.ref.version,
-                extra=event("switch_failed", model_version=artifact.ref.version),
-            )
-            shutil.rmtree(path, ignore_errors=True)
-            return
         previous = self._published
         with self._lock:
             self._published = (seq, path, artifact)
@@ -193,7 +186,8 @@ class ControlPlane:
         swapped = self._exchange({slot: workers[slot] for slot in prepared}, message, "serving")
         instants = [float(reply["at"]) for reply in swapped.values()]
         skew_s = max(instants) - min(instants) if instants else 0.0
-        metrics.model_switch(artifact.ref.name, skew_s)
+        if instants:
+            metrics.model_switch(artifact.ref.name, skew_s)
         log.info(
             "%d worker(s) serve %s version %s (version skew %.1f ms)%s",
             len(swapped),

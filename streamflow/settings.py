@@ -114,8 +114,9 @@ class Settings(BaseSettings):
 
     threads: int = Field(default=2, ge=1)
     """Threads of one server process that score BatchPredict calls; Predict calls are scored on a thread of
-    their own, coalesced when they arrive together; ModelInfo and health answer on the process's event loop.
-    Batches contend for the GIL, so more threads only queue them differently."""
+    their own, coalesced when they arrive together (a lone one on a quiet server on the event loop); ModelInfo
+    and health answer on the event loop. Batches contend for the GIL, so more threads only queue them
+    differently."""
 
     max_concurrent_rpcs: int = Field(default=256, ge=1)
     """PredictionService calls one process runs or queues at once; beyond it callers get RESOURCE_EXHAUSTED

@@ -137,7 +137,7 @@ def test_counts_from_every_worker_add_up_and_survive_a_worker_restart(
         assert grew("streamflow_batch_size_sum", kind="batch_predict") == 18
         assert delta["streamflow_feature_read_seconds_count"] >= 1  # one per scoring call, coalesced or not
         assert delta["streamflow_inference_seconds_count"] >= 1
-        assert after.value("streamflow_model_reloads_total", outcome="loaded") == 2  # one per worker
+        assert after.value("streamflow_model_reloads_total", outcome="loaded") == 1  # the control plane, once
 
         # A worker killed: its counts stay in the sums, its model-info series goes, the restart is counted.
         victim = next(iter(live_models(after)))
@@ -202,7 +202,7 @@ def test_one_worker_serves_its_own_metrics_with_every_feature_reason_and_reload_
         old = [
             v for ls, v in swapped.series("streamflow_model_info").items() if dict(ls)["model_version"] == "1"
         ]
-        assert old == [0.0]
+        assert old and all(value == 0.0 for value in old)  # one series per stage it was seen in
         assert all(dict(ls)["stage"] == "Production" for ls in swapped.series("streamflow_model_info"))
         bad = register_copy_without_metrics(settings)
         move_straight_to_production(settings, bad)
