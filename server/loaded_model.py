@@ -8,11 +8,12 @@ unpickles scikit-learn, and feeds it a DataFrame).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
 
 import numpy as np
 
@@ -21,6 +22,8 @@ from streamflow.server.features import FeatureReader
 from streamflow.server.onnx_runtime import Columns, OnnxModel, ProbabilityModel
 from streamflow.server.scoring_artifact import ScoringArtifact
 from streamflow.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,21 +105,52 @@ class LoadedModel:
         return dataclasses.replace(self, stage=stage, aliases=aliases)
 
 
-class ModelSource(Protocol):
-    """Where the served model comes from: the registry watcher of a single-process server, or a worker's
-    follower of its control plane. Each call reads `current` once."""
+class ModelSource:
+    """Where the served model comes from, followed on a background thread: the registry watcher of a
+    single-process server or a control plane, or a worker's follower of its control plane. Requests read
+    `current` once and keep that model for their whole call."""
+
+    def __init__(self) -> None:
+        self._current: LoadedModel | None = None
+        self._last_failure: ReloadFailure | None = None
+        self._listeners: list[Callable[[LoadedModel], None]] = []
+        self._thread: threading.Thread | None = None
 
     @property
-    def current(self) -> LoadedModel | None: ...
+    def current(self) -> LoadedModel | None:
+        """The model serving now, or None before the first one."""
+        return self._current
 
     @property
-    def last_failure(self) -> ReloadFailure | None: ...
+    def last_failure(self) -> ReloadFailure | None:
+        """The last version refused since the current model was loaded."""
+        return self._last_failure
 
     @property
-    def alive(self) -> bool: ...
+    def alive(self) -> bool:
+        """Whether the following thread runs (False before `start` and after `stop`)."""
+        return self._thread is not None and self._thread.is_alive()
 
-    def subscribe(self, listener: Callable[[LoadedModel], None]) -> None: ...
+    def subscribe(self, listener: Callable[[LoadedModel], None]) -> None:
+        """Call `listener` on the following thread after each swap, and now if a model is already served."""
+        self._listeners.append(listener)
+        if self._current is not None:
+            listener(self._current)
 
-    def start(self) -> None: ...
+    def start(self) -> None:
+        raise NotImplementedError
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _notify(self, loaded: LoadedModel) -> None:
+        """Tell each listener of the swap; one that raises is logged and does not keep the others from it."""
+        for listener in list(self._listeners):
+            try:
+                listener(loaded)
+            except Exception:
+                log.exception(
+                    "a listener of model swaps failed on %s version %s; it serves regardless",
+                    loaded.ref.name,
+                    loaded.ref.version,
+                )

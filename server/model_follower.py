@@ -24,7 +24,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 from streamflow.server import metrics
 from streamflow.server.domain import ReloadFailure
 from streamflow.server.heap import settle_after_load
-from streamflow.server.loaded_model import LoadedModel
+from streamflow.server.loaded_model import LoadedModel, ModelSource
 from streamflow.server.logs import event
 from streamflow.server.scoring_artifact import ScoringArtifact
 from streamflow.settings import Settings
@@ -69,38 +68,17 @@ def _failure(message: dict[str, str] | None) -> ReloadFailure | None:
     return ReloadFailure(message["version"], message["reason"], datetime.fromisoformat(message["at"]))
 
 
-class ModelFollower:
+class ModelFollower(ModelSource):
     """The model a worker serves, as its control plane tells it (a `ModelSource`)."""
 
     def __init__(self, settings: Settings, channel: socket.socket) -> None:
+        super().__init__()
         self.settings = settings
         self._channel = channel
-        self._current: LoadedModel | None = None
         self._serving_seq: int | None = None
         self._prepared: tuple[int, LoadedModel] | None = None
-        self._last_failure: ReloadFailure | None = None
-        self._listeners: list[Callable[[LoadedModel], None]] = []
         self._ready = threading.Event()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def current(self) -> LoadedModel | None:
-        return self._current
-
-    @property
-    def last_failure(self) -> ReloadFailure | None:
-        return self._last_failure
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def subscribe(self, listener: Callable[[LoadedModel], None]) -> None:
-        """Call `listener` on the follower's thread after each swap, and now if a model is served."""
-        self._listeners.append(listener)
-        if self._current is not None:
-            listener(self._current)
 
     def start(self) -> None:
         if not self.alive:
@@ -176,11 +154,7 @@ class ModelFollower:
         if swapped:
             send(self._channel, {"op": "serving", "seq": seq, "at": at})
             self._ready.set()
-            for listener in list(self._listeners):
-                try:
-                    listener(model)
-                except Exception:
-                    log.exception("a listener of model swaps failed on version %s", model.ref.version)
+            self._notify(model)
 
     def _serving(self) -> str:
         current = self._current

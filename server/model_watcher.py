@@ -31,7 +31,7 @@ from streamflow.feature_repo.store import open_store
 from streamflow.server import metrics
 from streamflow.server.domain import ReloadFailure
 from streamflow.server.heap import settle_after_load
-from streamflow.server.loaded_model import LoadedModel
+from streamflow.server.loaded_model import LoadedModel, ModelSource
 from streamflow.server.logs import event
 from streamflow.server.model_loader import (
     FAILED_TO_LOAD,
@@ -53,16 +53,16 @@ MAX_BACKOFF_S = 60.0
 """Longest wait between two polls after failed ones (unless the poll interval itself is longer)."""
 
 
-class ModelWatcher:
+class ModelWatcher(ModelSource):
     """Owns the served model: polls the registry every `settings.poll_interval_s` on its own thread."""
 
     def __init__(self, settings: Settings, serving: bool = True) -> None:
         """`serving`: this process scores with the model, so it reports it in `streamflow_model_info` (not
         so a control plane, whose workers report theirs)."""
+        super().__init__()
         self.settings = settings
         self._serving_here = serving
         self.target = ModelTarget.parse(settings.model_uri)
-        self._listeners: list[Callable[[LoadedModel], None]] = []
         self._change_listeners: list[Callable[[], None]] = []
         self._artifact: ScoringArtifact | None = None
         self._reported: tuple[object, ...] | None = None  # what change listeners last heard of
@@ -75,8 +75,6 @@ class ModelWatcher:
                 f"cannot open the MLflow registry at {settings.tracking_uri}: {exc.message.strip()}"
             ) from exc
         self._store: FeatureStore | None = None
-        self._current: LoadedModel | None = None
-        self._last_failure: ReloadFailure | None = None
         # (version, registry timestamp, monotonic time) of the last refusal, to avoid reloading it every poll.
         self._refused: tuple[str, int, float] | None = None
         # What was last logged, so each change is logged once: the URI points at nothing, the registry is
@@ -85,33 +83,11 @@ class ModelWatcher:
         self._unreachable = False
         self._failures = 0
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    @property
-    def current(self) -> LoadedModel | None:
-        """The model serving now, or None before the first successful load."""
-        return self._current
 
     @property
     def artifact(self) -> ScoringArtifact | None:
         """The scoring artifact of the current model, with the registry state it was loaded with."""
         return self._artifact
-
-    @property
-    def last_failure(self) -> ReloadFailure | None:
-        """The last version refused since the current model was loaded."""
-        return self._last_failure
-
-    @property
-    def alive(self) -> bool:
-        """Whether the watcher thread runs (False before `start` and after `stop`)."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def subscribe(self, listener: Callable[[LoadedModel], None]) -> None:
-        """Call `listener` on the watcher's thread after each swap, and now if a model is already loaded."""
-        self._listeners.append(listener)
-        if self._current is not None:
-            listener(self._current)
 
     def subscribe_changes(self, listener: Callable[[], None]) -> None:
         """Call `listener` on the watcher's thread after each poll that changed the model served or what
@@ -322,18 +298,6 @@ class ModelWatcher:
                 serving=self._serving(),
             ),
         )
-
-    def _notify(self, loaded: LoadedModel) -> None:
-        """Tell each listener of the swap; one that raises is logged and does not keep the others from it."""
-        for listener in list(self._listeners):
-            try:
-                listener(loaded)
-            except Exception:
-                log.exception(
-                    "a listener of model swaps failed on %s version %s; it serves regardless",
-                    loaded.ref.name,
-                    loaded.ref.version,
-                )
 
     def _report_changes(self) -> None:
         """Tell each change listener when the model served or its reported state changed since last time."""
