@@ -76,8 +76,12 @@ RESTART_BACKOFF_MAX_S = 8.0
 
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 """What the supervisor waits for, blocked and taken synchronously with `sigtimedwait`: no handler races."""
-_IDLE_WAIT_S = 3600.0
-"""Wait when no restart is due; any signal ends it sooner."""
+_IDLE_WAIT_S = 1.0
+"""Longest wait for a signal. Native threads a library started before the signals were blocked (OpenBLAS's,
+at numpy's import) do not block them, and the kernel may hand them a process-wide signal: a SIGCHLD taken
+there is lost (its default is to ignore it), so every wake-up also reaps, and a SIGTERM or SIGINT taken there
+runs `_received` (not the default, which would end the supervisor without draining its workers), noticed
+here. Either is thus noticed within this long; seen in CI as a supervisor that never reaped its workers."""
 _PR_SET_PDEATHSIG = 1
 _ANNOUNCE_CHECK_S = 0.05
 """How often the supervisor looks for its workers' bound ports until it has announced the address."""
@@ -170,6 +174,7 @@ class _Supervisor:
         self._slots = [_Slot(number) for number in range(1, count + 1)]
         self._stopping = False
         self._failed = False
+        self._received_elsewhere: int | None = None
         # Each worker writes a byte once its ports are bound; the address is announced once all have.
         self._bound_read, self._bound_write = os.pipe()
         os.set_blocking(self._bound_read, False)
@@ -199,13 +204,17 @@ class _Supervisor:
                 self._announce_if_bound()
                 timeout = min(timeout, _ANNOUNCE_CHECK_S)
             received = signal.sigtimedwait(_SIGNALS, timeout)
-            if received is None:
-                self._restart_due()
-            elif received.si_signo == signal.SIGCHLD:
-                self._reap()
-            else:
-                self._stop(f"{signal.Signals(received.si_signo).name} received")
+            signum = received.si_signo if received is not None else self._received_elsewhere
+            self._received_elsewhere = None
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                self._stop(f"{signal.Signals(signum).name} received")
+            self._reap()
+            self._restart_due()
         return 1 if self._failed else 0
+
+    def received(self, signum: int, frame: object) -> None:
+        """The handler of SIGTERM and SIGINT, for when another thread takes one (see `_IDLE_WAIT_S`)."""
+        self._received_elsewhere = signum
 
     def _announce_if_bound(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -370,6 +379,8 @@ def run_workers(
             for fd in inherited:
                 os.set_inheritable(fd, True)
             supervisor = _Supervisor(control, worker_settings, count, mask, endpoint, inherited)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, supervisor.received)
             supervisor.start_all()
             address = f"{settings.listen_host}:{port}"
             supervisor.announce_when_bound(f"streamflow serve: listening on {address} with {count} workers")
