@@ -240,7 +240,7 @@ async def _start(
         bind(health_server, settings.listen_host, settings.health_port, None)
     # The same servicer, guard and policy over HTTP, on this loop.
     service = pb.DESCRIPTOR.services_by_name["PredictionService"]
-    http = None
+    http: HttpGateway | None = None
     if settings.http_port:
         # Imported only to serve it: the Connect and Hypercorn stack is 10 MB of a worker's memory.
         from streamflow.server.http_gateway import HttpGateway, PredictionApp

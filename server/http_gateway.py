@@ -349,11 +349,10 @@ class HttpGateway:
         app: PredictionApp,
         reuse_port: bool,
         certificates: tls.CertificateReloader | None,
-    ) -> HttpGateway | None:
-        """The gateway of `settings` (bound, not yet serving), None when the HTTP port is off; HTTPS with
-        `certificates` (the gRPC port's) when given. Raises StreamflowError when the port cannot be bound."""
-        if not settings.http_port:
-            return None
+    ) -> HttpGateway:
+        """The gateway on `settings.http_port` (bound, not yet serving; the caller checks the port is on);
+        HTTPS with `certificates` (the gRPC port's) when given. Raises StreamflowError when the port cannot be
+        bound."""
         context = RotatingTls(certificates).initial if certificates is not None else None
         return cls(app, settings.listen_host, settings.http_port, reuse_port, context)
 
