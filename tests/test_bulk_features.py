@@ -276,3 +276,23 @@ def test_an_entity_key_layout_unlike_feasts_is_refused(
 def _feast_key(user_id: str, version: int) -> bytes:
     key = EntityKeyProto(join_keys=[JOIN_KEY], entity_values=[ValueProto(string_val=user_id)])
     return bytes(serialize_entity_key(key, entity_key_serialization_version=version))
+
+
+def test_an_online_store_the_server_does_not_read_is_refused_with_a_reason(tmp_path: Path) -> None:
+    config = embedded_repo_config(Settings(home=tmp_path))
+    sentinel = RepoConfig(
+        **{
+            **config.model_dump(by_alias=True, exclude_unset=True),
+            "online_store": {
+                "type": "redis",
+                "redis_type": "redis_sentinel",
+                "sentinel_master": "mymaster",
+                "connection_string": "127.0.0.1:26379",
+            },
+        }
+    )
+
+    with pytest.raises(FeatureServiceError) as refused:
+        store_layout(sentinel)
+
+    assert str(refused.value) == "Redis type RedisType.redis_sentinel is not one the server reads"
