@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.streamflow/serving/v1/prediction_service.proto\x12\x15streamflow.serving.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"!\n\x0ePredictRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"H\n\x0fPredictResponse\x12\x35\n\nprediction\x18\x01 \x01(\x0b\x32!.streamflow.serving.v1.Prediction\"\'\n\x13\x42\x61tchPredictRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\"R\n\x14\x42\x61tchPredictResponse\x12:\n\x07results\x18\x01 \x03(\x0b\x32).streamflow.serving.v1.BatchPredictResult\"\x8e\x01\n\x12\x42\x61tchPredictResult\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x37\n\nprediction\x18\x02 \x01(\x0b\x32!.streamflow.serving.v1.PredictionH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"\x12\n\x10ModelInfoRequest\"\x8a\x04\n\x11ModelInfoResponse\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x1f.streamflow.serving.v1.ModelRef\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x11\n\tmodel_uri\x18\x05 \x01(\t\x12\x16\n\x0etraining_as_of\x18\x06 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x07 \x01(\t\x12\x36\n\x08\x66\x65\x61tures\x18\x08 \x03(\x0b\x32$.streamflow.serving.v1.FeatureSchema\x12\x46\n\x07metrics\x18\t \x03(\x0b\x32\x35.streamflow.serving.v1.ModelInfoResponse.MetricsEntry\x12-\n\tloaded_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x07runtime\x18\x0b \x01(\x0e\x32\x1e.streamflow.serving.v1.Runtime\x12\x41\n\x13last_reload_failure\x18\x0c \x01(\x0b\x32$.streamflow.serving.v1.ReloadFailure\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xd1\x01\n\nPrediction\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x30\n\x05label\x18\x02 \x01(\x0e\x32!.streamflow.serving.v1.ChurnLabel\x12\x19\n\x11\x63hurn_probability\x18\x03 \x01(\x01\x12.\n\x05model\x18\x04 \x01(\x0b\x32\x1f.streamflow.serving.v1.ModelRef\x12\x35\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32#.streamflow.serving.v1.FeatureValue\"\xb2\x01\n\x0c\x46\x65\x61tureValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\x0bint64_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x07\n\x05value\"e\n\rFeatureSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x04type\x18\x02 \x01(\x0e\x32\".streamflow.serving.v1.FeatureType\x12\x14\n\x0c\x66\x65\x61ture_view\x18\x03 \x01(\t\"e\n\rReloadFailure\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12-\n\tfailed_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*V\n\nChurnLabel\x12\x1b\n\x17\x43HURN_LABEL_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HURN_LABEL_STAY\x10\x01\x12\x15\n\x11\x43HURN_LABEL_CHURN\x10\x02*\x8c\x01\n\x0b\x46\x65\x61tureType\x12\x1c\n\x18\x46\x45\x41TURE_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x45\x41TURE_TYPE_INT64\x10\x01\x12\x17\n\x13\x46\x45\x41TURE_TYPE_DOUBLE\x10\x02\x12\x15\n\x11\x46\x45\x41TURE_TYPE_BOOL\x10\x03\x12\x17\n\x13\x46\x45\x41TURE_TYPE_STRING\x10\x04*I\n\x07Runtime\x12\x17\n\x13RUNTIME_UNSPECIFIED\x10\x00\x12\x13\n\x0fRUNTIME_SKLEARN\x10\x01\x12\x10\n\x0cRUNTIME_ONNX\x10\x02\x32\xb6\x02\n\x11PredictionService\x12X\n\x07Predict\x12%.streamflow.serving.v1.PredictRequest\x1a&.streamflow.serving.v1.PredictResponse\x12g\n\x0c\x42\x61tchPredict\x12*.streamflow.serving.v1.BatchPredictRequest\x1a+.streamflow.serving.v1.BatchPredictResponse\x12^\n\tModelInfo\x12\'.streamflow.serving.v1.ModelInfoRequest\x1a(.streamflow.serving.v1.ModelInfoResponseB\xc0\x01\n\x19\x63om.streamflow.serving.v1B\x16PredictionServiceProtoP\x01Z9streamflow-serving/gen/go/streamflow/serving/v1;servingv1\xa2\x02\x03SSX\xaa\x02\x15Streamflow.Serving.V1\xca\x02\x15Streamflow\\Serving\\V1\xea\x02\x17Streamflow::Serving::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.streamflow/serving/v1/prediction_service.proto\x12\x15streamflow.serving.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"!\n\x0ePredictRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"H\n\x0fPredictResponse\x12\x35\n\nprediction\x18\x01 \x01(\x0b\x32!.streamflow.serving.v1.Prediction\"\'\n\x13\x42\x61tchPredictRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\"R\n\x14\x42\x61tchPredictResponse\x12:\n\x07results\x18\x01 \x03(\x0b\x32).streamflow.serving.v1.BatchPredictResult\"\x8e\x01\n\x12\x42\x61tchPredictResult\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x37\n\nprediction\x18\x02 \x01(\x0b\x32!.streamflow.serving.v1.PredictionH\x00\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"\x12\n\x10ModelInfoRequest\"\xbf\x04\n\x11ModelInfoResponse\x12.\n\x05model\x18\x01 \x01(\x0b\x32\x1f.streamflow.serving.v1.ModelRef\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0f\n\x07\x61liases\x18\x03 \x03(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x11\n\tmodel_uri\x18\x05 \x01(\t\x12\x16\n\x0etraining_as_of\x18\x06 \x01(\t\x12\x17\n\x0f\x66\x65\x61ture_service\x18\x07 \x01(\t\x12\x36\n\x08\x66\x65\x61tures\x18\x08 \x03(\x0b\x32$.streamflow.serving.v1.FeatureSchema\x12\x46\n\x07metrics\x18\t \x03(\x0b\x32\x35.streamflow.serving.v1.ModelInfoResponse.MetricsEntry\x12-\n\tloaded_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x07runtime\x18\x0b \x01(\x0e\x32\x1e.streamflow.serving.v1.Runtime\x12\x41\n\x13last_reload_failure\x18\x0c \x01(\x0b\x32$.streamflow.serving.v1.ReloadFailure\x12\x33\n\x06shadow\x18\r \x01(\x0b\x32#.streamflow.serving.v1.ShadowReport\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf9\x01\n\x0cShadowReport\x12\x11\n\tmodel_uri\x18\x01 \x01(\t\x12.\n\x05model\x18\x02 \x01(\x0b\x32\x1f.streamflow.serving.v1.ModelRef\x12\x0e\n\x06sample\x18\x03 \x01(\x01\x12<\n\x0b\x63omparisons\x18\x04 \x03(\x0b\x32\'.streamflow.serving.v1.ShadowComparison\x12\x15\n\rusers_dropped\x18\x05 \x01(\x04\x12\x41\n\x13last_reload_failure\x18\x06 \x01(\x0b\x32$.streamflow.serving.v1.ReloadFailure\"\xa6\x01\n\x10ShadowComparison\x12\x16\n\x0eshadow_version\x18\x01 \x01(\t\x12\x1a\n\x12production_version\x18\x02 \x01(\t\x12\x16\n\x0eusers_compared\x18\x03 \x01(\x04\x12\x17\n\x0flabel_agreement\x18\x04 \x01(\x01\x12\x16\n\x0emean_abs_delta\x18\x05 \x01(\x01\x12\x15\n\rp99_abs_delta\x18\x06 \x01(\x01\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\xd1\x01\n\nPrediction\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x30\n\x05label\x18\x02 \x01(\x0e\x32!.streamflow.serving.v1.ChurnLabel\x12\x19\n\x11\x63hurn_probability\x18\x03 \x01(\x01\x12.\n\x05model\x18\x04 \x01(\x0b\x32\x1f.streamflow.serving.v1.ModelRef\x12\x35\n\x08\x66\x65\x61tures\x18\x05 \x03(\x0b\x32#.streamflow.serving.v1.FeatureValue\"\xb2\x01\n\x0c\x46\x65\x61tureValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\x0bint64_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x05 \x01(\tH\x00\x12.\n\nevent_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x07\n\x05value\"e\n\rFeatureSchema\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x04type\x18\x02 \x01(\x0e\x32\".streamflow.serving.v1.FeatureType\x12\x14\n\x0c\x66\x65\x61ture_view\x18\x03 \x01(\t\"e\n\rReloadFailure\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12-\n\tfailed_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*V\n\nChurnLabel\x12\x1b\n\x17\x43HURN_LABEL_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HURN_LABEL_STAY\x10\x01\x12\x15\n\x11\x43HURN_LABEL_CHURN\x10\x02*\x8c\x01\n\x0b\x46\x65\x61tureType\x12\x1c\n\x18\x46\x45\x41TURE_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46\x45\x41TURE_TYPE_INT64\x10\x01\x12\x17\n\x13\x46\x45\x41TURE_TYPE_DOUBLE\x10\x02\x12\x15\n\x11\x46\x45\x41TURE_TYPE_BOOL\x10\x03\x12\x17\n\x13\x46\x45\x41TURE_TYPE_STRING\x10\x04*I\n\x07Runtime\x12\x17\n\x13RUNTIME_UNSPECIFIED\x10\x00\x12\x13\n\x0fRUNTIME_SKLEARN\x10\x01\x12\x10\n\x0cRUNTIME_ONNX\x10\x02\x32\xb6\x02\n\x11PredictionService\x12X\n\x07Predict\x12%.streamflow.serving.v1.PredictRequest\x1a&.streamflow.serving.v1.PredictResponse\x12g\n\x0c\x42\x61tchPredict\x12*.streamflow.serving.v1.BatchPredictRequest\x1a+.streamflow.serving.v1.BatchPredictResponse\x12^\n\tModelInfo\x12\'.streamflow.serving.v1.ModelInfoRequest\x1a(.streamflow.serving.v1.ModelInfoResponseB\xc0\x01\n\x19\x63om.streamflow.serving.v1B\x16PredictionServiceProtoP\x01Z9streamflow-serving/gen/go/streamflow/serving/v1;servingv1\xa2\x02\x03SSX\xaa\x02\x15Streamflow.Serving.V1\xca\x02\x15Streamflow\\Serving\\V1\xea\x02\x17Streamflow::Serving::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\031com.streamflow.serving.v1B\026PredictionServiceProtoP\001Z9streamflow-serving/gen/go/streamflow/serving/v1;servingv1\242\002\003SSX\252\002\025Streamflow.Serving.V1\312\002\025Streamflow\\Serving\\V1\352\002\027Streamflow::Serving::V1'
   _globals['_MODELINFORESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_MODELINFORESPONSE_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_CHURNLABEL']._serialized_start=1697
-  _globals['_CHURNLABEL']._serialized_end=1783
-  _globals['_FEATURETYPE']._serialized_start=1786
-  _globals['_FEATURETYPE']._serialized_end=1926
-  _globals['_RUNTIME']._serialized_start=1928
-  _globals['_RUNTIME']._serialized_end=2001
+  _globals['_CHURNLABEL']._serialized_start=2171
+  _globals['_CHURNLABEL']._serialized_end=2257
+  _globals['_FEATURETYPE']._serialized_start=2260
+  _globals['_FEATURETYPE']._serialized_end=2400
+  _globals['_RUNTIME']._serialized_start=2402
+  _globals['_RUNTIME']._serialized_end=2475
   _globals['_PREDICTREQUEST']._serialized_start=131
   _globals['_PREDICTREQUEST']._serialized_end=164
   _globals['_PREDICTRESPONSE']._serialized_start=166
@@ -55,19 +55,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELINFOREQUEST']._serialized_start=510
   _globals['_MODELINFOREQUEST']._serialized_end=528
   _globals['_MODELINFORESPONSE']._serialized_start=531
-  _globals['_MODELINFORESPONSE']._serialized_end=1053
-  _globals['_MODELINFORESPONSE_METRICSENTRY']._serialized_start=1007
-  _globals['_MODELINFORESPONSE_METRICSENTRY']._serialized_end=1053
-  _globals['_MODELREF']._serialized_start=1055
-  _globals['_MODELREF']._serialized_end=1096
-  _globals['_PREDICTION']._serialized_start=1099
-  _globals['_PREDICTION']._serialized_end=1308
-  _globals['_FEATUREVALUE']._serialized_start=1311
-  _globals['_FEATUREVALUE']._serialized_end=1489
-  _globals['_FEATURESCHEMA']._serialized_start=1491
-  _globals['_FEATURESCHEMA']._serialized_end=1592
-  _globals['_RELOADFAILURE']._serialized_start=1594
-  _globals['_RELOADFAILURE']._serialized_end=1695
-  _globals['_PREDICTIONSERVICE']._serialized_start=2004
-  _globals['_PREDICTIONSERVICE']._serialized_end=2314
+  _globals['_MODELINFORESPONSE']._serialized_end=1106
+  _globals['_MODELINFORESPONSE_METRICSENTRY']._serialized_start=1060
+  _globals['_MODELINFORESPONSE_METRICSENTRY']._serialized_end=1106
+  _globals['_SHADOWREPORT']._serialized_start=1109
+  _globals['_SHADOWREPORT']._serialized_end=1358
+  _globals['_SHADOWCOMPARISON']._serialized_start=1361
+  _globals['_SHADOWCOMPARISON']._serialized_end=1527
+  _globals['_MODELREF']._serialized_start=1529
+  _globals['_MODELREF']._serialized_end=1570
+  _globals['_PREDICTION']._serialized_start=1573
+  _globals['_PREDICTION']._serialized_end=1782
+  _globals['_FEATUREVALUE']._serialized_start=1785
+  _globals['_FEATUREVALUE']._serialized_end=1963
+  _globals['_FEATURESCHEMA']._serialized_start=1965
+  _globals['_FEATURESCHEMA']._serialized_end=2066
+  _globals['_RELOADFAILURE']._serialized_start=2068
+  _globals['_RELOADFAILURE']._serialized_end=2169
+  _globals['_PREDICTIONSERVICE']._serialized_start=2478
+  _globals['_PREDICTIONSERVICE']._serialized_end=2788
 # @@protoc_insertion_point(module_scope)

@@ -81,7 +81,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "stage", "aliases", "run_id", "model_uri", "training_as_of", "feature_service", "features", "metrics", "loaded_at", "runtime", "last_reload_failure")
+    __slots__ = ("model", "stage", "aliases", "run_id", "model_uri", "training_as_of", "feature_service", "features", "metrics", "loaded_at", "runtime", "last_reload_failure", "shadow")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class ModelInfoResponse(_message.Message):
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     LAST_RELOAD_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     stage: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
@@ -113,7 +114,40 @@ class ModelInfoResponse(_message.Message):
     loaded_at: _timestamp_pb2.Timestamp
     runtime: Runtime
     last_reload_failure: ReloadFailure
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., stage: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., run_id: _Optional[str] = ..., model_uri: _Optional[str] = ..., training_as_of: _Optional[str] = ..., feature_service: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureSchema, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., runtime: _Optional[_Union[Runtime, str]] = ..., last_reload_failure: _Optional[_Union[ReloadFailure, _Mapping]] = ...) -> None: ...
+    shadow: ShadowReport
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., stage: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., run_id: _Optional[str] = ..., model_uri: _Optional[str] = ..., training_as_of: _Optional[str] = ..., feature_service: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureSchema, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., runtime: _Optional[_Union[Runtime, str]] = ..., last_reload_failure: _Optional[_Union[ReloadFailure, _Mapping]] = ..., shadow: _Optional[_Union[ShadowReport, _Mapping]] = ...) -> None: ...
+
+class ShadowReport(_message.Message):
+    __slots__ = ("model_uri", "model", "sample", "comparisons", "users_dropped", "last_reload_failure")
+    MODEL_URI_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    COMPARISONS_FIELD_NUMBER: _ClassVar[int]
+    USERS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    LAST_RELOAD_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    model_uri: str
+    model: ModelRef
+    sample: float
+    comparisons: _containers.RepeatedCompositeFieldContainer[ShadowComparison]
+    users_dropped: int
+    last_reload_failure: ReloadFailure
+    def __init__(self, model_uri: _Optional[str] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., sample: _Optional[float] = ..., comparisons: _Optional[_Iterable[_Union[ShadowComparison, _Mapping]]] = ..., users_dropped: _Optional[int] = ..., last_reload_failure: _Optional[_Union[ReloadFailure, _Mapping]] = ...) -> None: ...
+
+class ShadowComparison(_message.Message):
+    __slots__ = ("shadow_version", "production_version", "users_compared", "label_agreement", "mean_abs_delta", "p99_abs_delta")
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRODUCTION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    USERS_COMPARED_FIELD_NUMBER: _ClassVar[int]
+    LABEL_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABS_DELTA_FIELD_NUMBER: _ClassVar[int]
+    P99_ABS_DELTA_FIELD_NUMBER: _ClassVar[int]
+    shadow_version: str
+    production_version: str
+    users_compared: int
+    label_agreement: float
+    mean_abs_delta: float
+    p99_abs_delta: float
+    def __init__(self, shadow_version: _Optional[str] = ..., production_version: _Optional[str] = ..., users_compared: _Optional[int] = ..., label_agreement: _Optional[float] = ..., mean_abs_delta: _Optional[float] = ..., p99_abs_delta: _Optional[float] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")
