@@ -90,3 +90,42 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> ParityReport:
         label_agreement=float(np.mean((expected > CHURN_THRESHOLD) == (actual > CHURN_THRESHOLD))),
         max_abs_probability_diff=float(np.abs(expected - actual).max()),
     )
+
+
+# --- shadow evidence, recorded by the server and read by `streamflow promote` ------------------------------
+SHADOW_TAG_PREFIX = "shadow_evidence."
+"""Model-version tag of a shadow version, one per Production version it was compared with:
+`shadow_evidence.<production version>` holds a `ShadowEvidence` as JSON."""
+
+
+@dataclass(frozen=True)
+class ShadowEvidence:
+    """How a shadow version answered the live users a Production version answered, summed over a server."""
+
+    production_version: str
+    users: int
+    label_agreement: float
+    mean_abs_delta: float
+    p99_abs_delta: float
+    recorded_at: str
+    """When the server recorded it (ISO 8601, UTC)."""
+
+    @property
+    def tag(self) -> str:
+        return SHADOW_TAG_PREFIX + self.production_version
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ShadowEvidence:
+        """Raises ValueError (or KeyError, TypeError) when `text` is not one."""
+        data = json.loads(text)
+        return cls(
+            production_version=str(data["production_version"]),
+            users=int(data["users"]),
+            label_agreement=float(data["label_agreement"]),
+            mean_abs_delta=float(data["mean_abs_delta"]),
+            p99_abs_delta=float(data["p99_abs_delta"]),
+            recorded_at=str(data["recorded_at"]),
+        )

@@ -91,6 +91,13 @@ class Settings(BaseSettings):
     model_uri: str = "models:/streamflow_churn/Production"
     """Model the server serves and follows; the alias form `models:/streamflow_churn@production` works too."""
 
+    shadow_model_uri: str = ""
+    """A second model scored beside the served one, off the response path, and followed the same way (e.g.
+    `models:/streamflow_churn/Staging`); it never answers. Empty: no shadow."""
+
+    shadow_sample: float = Field(default=1.0, ge=0, le=1)
+    """The share of Predict and BatchPredict users the shadow model also scores (0 to 1)."""
+
     poll_interval_s: float = Field(default=5.0, gt=0)
     """Seconds between two looks at the registry for a new Production version."""
 
@@ -180,6 +187,24 @@ class Settings(BaseSettings):
     access_log_rate: int = Field(default=100, ge=0)
     """Access-log lines one server process writes per second at most, for successful calls and as many again
     for failed ones; what a second drops is counted in one line. 0 turns the access log off."""
+
+    # --- prediction log ------------------------------------------------------------------------------
+    prediction_log: bool = True
+    """Keep every served prediction (features, event times, probability, label, version) in the prediction
+    log: Parquet files under `<home>/predictions` (embedded), table `prediction_log` (production); what
+    `streamflow evaluate` and `drift` read. On by default: a model is only known to work when what it served
+    is kept, and written off the response path it costs little (`make bench --log-only`)."""
+
+    prediction_log_queue_size: int = Field(default=20_000, ge=1)
+    """Records each process holds for the prediction log's writer at most; past it (a sink slow or down)
+    records are dropped and counted (`streamflow_prediction_log_dropped_total`), never blocking a call."""
+
+    prediction_log_rotate_s: float = Field(default=300.0, gt=0)
+    """Embedded profile: seconds after which a prediction log Parquet file is completed and a new one begun
+    (a file is readable once complete, and at shutdown)."""
+
+    prediction_log_dsn: str | None = None
+    """Production profile: PostgreSQL database of the prediction log. Unset: `STREAMFLOW_POSTGRES_DSN`'s."""
 
     @model_validator(mode="after")
     def _check_security(self) -> Settings:

@@ -63,6 +63,8 @@ def test_every_setting_has_a_readme_row_with_its_default(field: str) -> None:
 # numbers and flags not listed here are derived from their default (`_non_default`).
 ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "profile": ("production", Profile.PRODUCTION),
+    "shadow_model_uri": ("models:/streamflow_churn/Staging", "models:/streamflow_churn/Staging"),
+    "shadow_sample": ("0.25", 0.25),
     "home": ("/srv/streamflow-home", Path("/srv/streamflow-home")),
     "users": ("123", 123),
     "seed": ("7", 7),
@@ -91,6 +93,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "tls_key_file": ("/etc/tls/tls.key", Path("/etc/tls/tls.key")),
     "tls_client_ca_file": ("/etc/tls/ca.crt", Path("/etc/tls/ca.crt")),
     "auth_tokens_file": ("/etc/streamflow/tokens", Path("/etc/streamflow/tokens")),
+    "prediction_log_dsn": ("postgresql://u@logs:5432/log", "postgresql://u@logs:5432/log"),
 }
 # Settings that are only valid beside others (a certificate needs its key): set with them.
 COMPANIONS: dict[str, dict[str, str]] = {
