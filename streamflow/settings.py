@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     n_estimators: int = Field(default=300, ge=1)
     """Trees in the RandomForest."""
 
+    compute: Literal["local", "ray"] = "local"
+    """Where `materialize`, the training set's `get_historical_features` and `score-all` run: `local` (this
+    process) or `ray` (Feast's Ray compute engine and Ray offline store, and Ray Data for `score-all`) on the
+    Ray cluster `RAY_ADDRESS` names, else on a local Ray instance started for the command."""
+
     # --- serving -----------------------------------------------------------------------------------
     host: str | None = None
     """Address the gRPC server and the metrics endpoint listen on. Unset: `127.0.0.1` in the embedded profile
