@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install run test lint protos mlflow-server constraints bench fuzz
 
-# Reinstalls only when pyproject.toml changes, so a second `make run` starts in seconds.
-$(STAMP): pyproject.toml
+# Reinstalls only when pyproject.toml or the compiled kernel changes, so a second `make run` starts in seconds.
+$(STAMP): pyproject.toml setup.py server/_treeshap.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "Installing StreamFlow and its dependencies into $(VENV) (a few minutes on a fresh clone)..."
 	$(BIN)/pip install --quiet --upgrade pip

@@ -1,0 +1,251 @@
+"""Per-prediction explanations: exact path-dependent TreeSHAP of the forest, over the model's raw features.
+
+The control plane, which holds the scikit-learn pipeline, flattens its forest into plain arrays
+(`forest_arrays`): per node its children, the transformed column it tests, the raw feature that column comes
+from (the one-hot columns of a categorical all map to it), the threshold, the cover fraction of each child,
+and per leaf its class-1 probability over the number of trees. The arrays go into the scoring artifact
+beside the model (`ForestArrays.save`); a worker maps them read-only (`ForestArrays.load`), so they cost no
+memory until the first explanation touches them, and the pages are shared by every worker.
+
+`Explainer` turns the model's input columns into the transformed row exactly as the pipeline does (a one-hot
+column is 1.0 where the value equals its category, numbers are rounded to float32 as the trees compare them)
+and runs the compiled kernel (`_treeshap.c`, built by pip at install and called through ctypes, which
+releases the GIL). Each raw feature is one player of the Shapley game, so the contributions are exact for the
+features a caller sees: base value + their sum = the forest's churn probability.
+
+No scikit-learn, shap or pandas import here: workers import this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamflow.server.onnx_runtime import Columns, row_chunks
+
+_ARRAYS = ("roots", "left", "right", "col", "raw", "thr", "frac_left", "frac_right", "value")
+_INT_ARRAYS = {"roots", "left", "right", "col", "raw"}
+SPEC_FILE = "explainer.json"
+QUADRATURE_POINTS = 8
+"""The kernel's NQ."""
+MAX_RAW_FEATURES = 2 * QUADRATURE_POINTS
+"""Most raw features the kernel explains (its MAX_RAW)."""
+
+
+class ExplainerUnsupported(ValueError):
+    """A model whose structure the explainer cannot take (not one-hot/passthrough columns into a forest)."""
+
+
+@dataclass(frozen=True)
+class ForestArrays:
+    """A forest flattened for TreeSHAP, and how its transformed columns come from the raw features."""
+
+    features: tuple[str, ...]
+    """The raw features in the model's order: the players, and the order of `Explainer` output columns."""
+    columns: tuple[tuple[int, str | None], ...]
+    """Per transformed column: the index of its raw feature, and its category for a one-hot column."""
+    base_value: float
+    """The expected churn probability as TreeSHAP defines it: the cover-weighted mean of the leaves."""
+    arrays: dict[str, np.ndarray]
+    """`roots` (one per tree) and, per node: `left`/`right` (-1 at a leaf), `col`, `raw`, `thr`,
+    `frac_left`/`frac_right` (cover of the child over the node's) and `value` (leaf probability / trees)."""
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(mode=0o700)
+        for name in _ARRAYS:
+            np.save(directory / f"{name}.npy", self.arrays[name])
+        spec = {
+            "features": list(self.features),
+            "columns": [list(c) for c in self.columns],
+            "base_value": self.base_value,
+        }
+        (directory / SPEC_FILE).write_text(json.dumps(spec))
+
+    @classmethod
+    def load(cls, directory: Path) -> ForestArrays:
+        """The arrays saved in `directory`, mapped read-only (nothing read until used)."""
+        spec = json.loads((directory / SPEC_FILE).read_text())
+        return cls(
+            features=tuple(spec["features"]),
+            columns=tuple((int(raw), category) for raw, category in spec["columns"]),
+            base_value=float(spec["base_value"]),
+            arrays={name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS},
+        )
+
+
+def forest_arrays(pipeline: Any, features: Sequence[str]) -> ForestArrays:
+    """Flatten `Pipeline(ColumnTransformer(OneHotEncoder | passthrough), RandomForestClassifier)`.
+
+    `features`: the raw features in the model's order. Raises `ExplainerUnsupported` for another shape."""
+    steps = getattr(pipeline, "steps", None)
+    if not steps or len(steps) != 2:
+        raise ExplainerUnsupported("the model is not a two-step pipeline (columns, forest)")
+    prepare, forest = steps[0][1], steps[1][1]
+    columns = _transformed_columns(prepare, list(features))
+    estimators = getattr(forest, "estimators_", None)
+    if not estimators or [int(c) for c in getattr(forest, "classes_", [])] != [0, 1]:
+        raise ExplainerUnsupported("the model's last step is not a fitted binary forest")
+    if int(forest.n_features_in_) != len(columns):
+        raise ExplainerUnsupported("the forest reads other columns than the transformer writes")
+    raw_of_column = np.array([raw for raw, _ in columns], dtype=np.int32)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in _ARRAYS}
+    base_value, offset, trees = 0.0, 0, len(estimators)
+    for estimator in estimators:
+        tree = estimator.tree_
+        left = tree.children_left.astype(np.int32)
+        right = tree.children_right.astype(np.int32)
+        internal = left >= 0
+        cover = tree.weighted_n_node_samples.astype(np.float64)
+        counts = tree.value[:, 0, :].astype(np.float64)
+        value = np.where(internal, 0.0, counts[:, 1] / counts.sum(axis=1) / trees)
+        base_value += float(np.sum(value * cover) / cover[0])  # value is 0 at internal nodes
+        column = np.where(internal, tree.feature, 0).astype(np.int32)
+        parts["roots"].append(np.array([offset], dtype=np.int32))
+        parts["left"].append(np.where(internal, left + offset, -1).astype(np.int32))
+        parts["right"].append(np.where(internal, right + offset, -1).astype(np.int32))
+        parts["col"].append(column)
+        parts["raw"].append(np.where(internal, raw_of_column[column], 0).astype(np.int32))
+        parts["thr"].append(np.where(internal, tree.threshold, 0.0))
+        safe = np.where(internal, np.maximum(left, 0), 0), np.where(internal, np.maximum(right, 0), 0)
+        parts["frac_left"].append(np.where(internal, cover[safe[0]] / cover, 0.0))
+        parts["frac_right"].append(np.where(internal, cover[safe[1]] / cover, 0.0))
+        parts["value"].append(value)
+        offset += len(left)
+    arrays = {
+        name: np.ascontiguousarray(
+            np.concatenate(chunks), dtype=np.int32 if name in _INT_ARRAYS else np.float64
+        )
+        for name, chunks in parts.items()
+    }
+    return ForestArrays(tuple(features), tuple(columns), base_value, arrays)
+
+
+def _transformed_columns(prepare: Any, features: list[str]) -> list[tuple[int, str | None]]:
+    """Per output column of the ColumnTransformer: (raw feature index, category or None)."""
+    columns: list[tuple[int, str | None]] = []
+    for name, transformer, selected in getattr(prepare, "transformers_", None) or []:
+        if transformer == "drop" or (name == "remainder" and not len(selected)):
+            continue
+        if any(column not in features for column in selected):
+            raise ExplainerUnsupported(f"the {name!r} columns are not all model features")
+        if type(transformer).__name__ == "OneHotEncoder":
+            if getattr(transformer, "drop_idx_", None) is not None:
+                raise ExplainerUnsupported("a one-hot encoder that drops categories")
+            for column, categories in zip(selected, transformer.categories_, strict=True):
+                columns += [(features.index(column), str(category)) for category in categories]
+        elif transformer == "passthrough" or type(transformer).__name__ == "FunctionTransformer":
+            if transformer != "passthrough" and transformer.func is not None:
+                raise ExplainerUnsupported(f"the {name!r} columns go through a function")
+            columns += [(features.index(column), None) for column in selected]
+        else:
+            raise ExplainerUnsupported(f"the {name!r} columns go through {type(transformer).__name__}")
+    if not columns:
+        raise ExplainerUnsupported("the model's first step is not a fitted ColumnTransformer")
+    if len(columns) > 1 << 20 or len(features) > MAX_RAW_FEATURES:
+        raise ExplainerUnsupported(f"more than {MAX_RAW_FEATURES} features")
+    return columns
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The compiled kernel (`streamflow.server._treeshap`, a plain shared library), loaded once."""
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        library = here / f"_treeshap{suffix}"
+        if library.is_file():
+            kernel = ctypes.CDLL(str(library)).streamflow_treeshap
+            kernel.restype = ctypes.c_int
+            return kernel
+    raise FileNotFoundError(
+        f"the TreeSHAP kernel is not built in {here}; reinstall (`make install`, which needs a C compiler)"
+    )
+
+
+def kernel_available() -> bool:
+    """Whether this install has the compiled kernel."""
+    try:
+        _kernel()
+    except OSError:
+        return False
+    return True
+
+
+@functools.cache
+def _gauss_legendre() -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's 8 Gauss-Legendre points and weights on [0, 1]: exact for the degree-15 polynomials of
+    paths through 16 raw features."""
+    points, weights = np.polynomial.legendre.leggauss(QUADRATURE_POINTS)
+    return np.ascontiguousarray((points + 1) / 2), np.ascontiguousarray(weights / 2)
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="treeshap")
+
+
+class Explainer:
+    """Exact TreeSHAP contributions of a forest's raw features, computed by the compiled kernel."""
+
+    def __init__(self, forest: ForestArrays, threads: int = 1) -> None:
+        self.forest = forest
+        self.features = forest.features
+        self.base_value = forest.base_value
+        self._threads = max(1, threads)
+
+    def transform(self, columns: Columns) -> np.ndarray:
+        """The rows as the forest reads them (n, transformed columns), in float64 of their float32 value."""
+        transformed = []
+        for raw, category in self.forest.columns:
+            values = np.asarray(columns[self.features[raw]])
+            if category is None:
+                transformed.append(values.astype(np.float32).astype(np.float64))
+            else:
+                transformed.append((values.astype(str) == category).astype(np.float64))
+        return np.ascontiguousarray(np.stack(transformed, axis=1))
+
+    def contributions(self, columns: Columns) -> np.ndarray:
+        """(n, features) contributions in probability units, in `features` order."""
+        x = self.transform(columns)
+        phi = np.zeros((len(x), len(self.features)))
+        chunks = row_chunks(len(x), self._threads) if self._threads > 1 else [(0, len(x))]
+        if len(chunks) < 2:
+            self._run(x, phi)
+        else:
+            list(_pool(self._threads).map(lambda c: self._run(x[c[0] : c[1]], phi[c[0] : c[1]]), chunks))
+        return phi
+
+    def _run(self, x: np.ndarray, phi: np.ndarray) -> None:
+        arrays = self.forest.arrays
+        points, weights = _gauss_legendre()
+
+        def pointer(array: np.ndarray) -> ctypes.c_void_p:
+            return ctypes.c_void_p(array.ctypes.data)
+
+        status = _kernel()(
+            ctypes.c_int(len(arrays["roots"])),
+            *(pointer(arrays[name]) for name in _ARRAYS),
+            pointer(points),
+            pointer(weights),
+            ctypes.c_int(len(self.features)),
+            ctypes.c_int(len(x)),
+            ctypes.c_int(x.shape[1]),
+            pointer(x),
+            pointer(phi),
+        )
+        if status != 0:
+            raise ValueError("the forest has more features than the TreeSHAP kernel takes")
+
+
+def ranked(features: Sequence[str], contributions: np.ndarray) -> tuple[tuple[str, float], ...]:
+    """One row's (feature, contribution) pairs, largest |contribution| first (ties in feature order)."""
+    order = np.argsort(-np.abs(contributions), kind="stable")
+    return tuple((features[i], float(contributions[i])) for i in order)
