@@ -16,12 +16,13 @@ code, then cached): it runs on every call.
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
@@ -34,6 +35,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Metric,
     multiprocess,
     start_http_server,
     values,
@@ -80,6 +82,22 @@ MODEL_INFO = Gauge(
 )
 MODEL_RELOADS = Counter(
     "streamflow_model_reloads_total", "Model loads by outcome (loaded, refused).", ("outcome",)
+)
+PREDICTION_LOG_DROPPED = Counter(
+    "streamflow_prediction_log_dropped_total",
+    "Prediction log records dropped: the queue of `where` (worker, supervisor, server) was full, or records "
+    "were not delivered at shutdown.",
+    ("where",),
+)
+PREDICTION_LOG_WRITTEN = Counter(
+    "streamflow_prediction_log_written_total", "Prediction log records written, by sink.", ("sink",)
+)
+FEATURE_PSI = Gauge(
+    "streamflow_feature_psi",
+    "Latest population stability index of each served feature against the serving version's training set "
+    "(`streamflow drift`).",
+    ("model_version", "feature"),
+    multiprocess_mode="mostrecent",
 )
 PREDICTIONS = Counter("streamflow_predictions_total", "Users scored, by predicted label.", ("label",))
 CHURN_PROBABILITY = Histogram(
@@ -410,6 +428,19 @@ def process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid, path)
 
 
+class _InitializedFilesCollector(multiprocess.MultiProcessCollector):
+    """Skips the files a process has created but not yet sized: prometheus_client's reader fails on an empty
+    one (`struct.error`), which turned a scrape that met a worker starting into an HTTP 500."""
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for name in glob.glob(os.path.join(self._path, "*.db")):
+            with contextlib.suppress(FileNotFoundError):  # a dead worker's live gauges are removed meanwhile
+                if os.path.getsize(name) > 0:
+                    files.append(name)
+        return self.merge(files, accumulate=True)
+
+
 class MetricsEndpoint:
     """`http://host:port/metrics` for every process of the run, on a thread `check` restarts when it dies.
 
@@ -419,7 +450,7 @@ class MetricsEndpoint:
         self.host = host
         self.port = port
         self._registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(self._registry, path)  # the files of `multiprocess_dir`
+        _InitializedFilesCollector(self._registry, path)  # the files of `multiprocess_dir`
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._down = False

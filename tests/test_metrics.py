@@ -5,6 +5,7 @@ with prometheus_client's own text parser, and every count is compared with the c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,6 +23,7 @@ import psutil
 import pytest
 import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+from prometheus_client.mmap_dict import MmapedDict
 
 from streamflow.feature_repo.definitions import VIEW_SPECS
 from streamflow.server.errors import FeatureStoreUnavailable
@@ -296,6 +298,20 @@ def test_the_endpoint_is_started_again_when_its_thread_dies_or_its_port_frees(
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
             assert reply.status == 200
         assert scrape(port).families == set()  # an empty folder: nothing written yet
+    finally:
+        endpoint.close()
+
+
+def test_a_scrape_that_meets_a_worker_creating_its_file_still_answers(tmp_path: Path) -> None:
+    # A worker's file exists empty for a moment before prometheus_client sizes it; the scrape answered 500.
+    written = MmapedDict(str(tmp_path / "counter_101.db"))
+    written.write_value(json.dumps(["streamflow_demo", "streamflow_demo_total", {}, "demo"]), 3.0, 0.0)
+    written.close()
+    (tmp_path / "counter_102.db").touch()
+    endpoint = MetricsEndpoint("127.0.0.1", free_port(), str(tmp_path))
+    endpoint.check()
+    try:
+        assert scrape(endpoint.port).value("streamflow_demo_total") == 3.0
     finally:
         endpoint.close()
 
