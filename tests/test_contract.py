@@ -75,7 +75,12 @@ def test_buf_check_passes_on_the_committed_files_alone(workspace: Path, check: s
 @pytest.mark.parametrize(
     ("check", "old", "new", "rule"),
     [
-        ("lint", "string user_id = 1;\n}", "string userId = 1;\n}", "FIELD_LOWER_SNAKE_CASE"),
+        (
+            "lint",
+            "string user_id = 1;\n  // Whether the prediction carries",
+            "string userId = 1;\n  // Whether the prediction carries",
+            "FIELD_LOWER_SNAKE_CASE",
+        ),
         ("breaking", "  double churn_probability = 3;\n", "", "FIELD_NO_DELETE"),
         (
             "breaking",
@@ -96,7 +101,11 @@ def test_buf_check_fails_on_a_broken_contract(
 
 
 def test_buf_format_fails_on_a_misformatted_contract(workspace: Path) -> None:
-    _edit(workspace, "string user_id = 1;\n}", "string   user_id=1;\n}")
+    _edit(
+        workspace,
+        "string user_id = 1;\n  // Whether the prediction carries",
+        "string   user_id=1;\n  // Whether the prediction carries",
+    )
     result = _buf(*BUF_CHECKS["format"], cwd=workspace)
     assert result.returncode != 0
     assert "-  string   user_id=1;" in result.stdout

@@ -43,10 +43,12 @@ RUNTIME_SKLEARN: Runtime
 RUNTIME_ONNX: Runtime
 
 class PredictRequest(_message.Message):
-    __slots__ = ("user_id",)
+    __slots__ = ("user_id", "explain")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     user_id: str
-    def __init__(self, user_id: _Optional[str] = ...) -> None: ...
+    explain: bool
+    def __init__(self, user_id: _Optional[str] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("prediction",)
@@ -55,10 +57,12 @@ class PredictResponse(_message.Message):
     def __init__(self, prediction: _Optional[_Union[Prediction, _Mapping]] = ...) -> None: ...
 
 class BatchPredictRequest(_message.Message):
-    __slots__ = ("user_ids",)
+    __slots__ = ("user_ids", "explain")
     USER_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     user_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    explain: bool
+    def __init__(self, user_ids: _Optional[_Iterable[str]] = ..., explain: _Optional[bool] = ...) -> None: ...
 
 class BatchPredictResponse(_message.Message):
     __slots__ = ("results",)
@@ -81,7 +85,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "stage", "aliases", "run_id", "model_uri", "training_as_of", "feature_service", "features", "metrics", "loaded_at", "runtime", "last_reload_failure", "shadow")
+    __slots__ = ("model", "stage", "aliases", "run_id", "model_uri", "training_as_of", "feature_service", "features", "metrics", "loaded_at", "runtime", "last_reload_failure", "shadow", "base_value")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +106,7 @@ class ModelInfoResponse(_message.Message):
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     LAST_RELOAD_FAILURE_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
+    BASE_VALUE_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     stage: str
     aliases: _containers.RepeatedScalarFieldContainer[str]
@@ -115,7 +120,8 @@ class ModelInfoResponse(_message.Message):
     runtime: Runtime
     last_reload_failure: ReloadFailure
     shadow: ShadowReport
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., stage: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., run_id: _Optional[str] = ..., model_uri: _Optional[str] = ..., training_as_of: _Optional[str] = ..., feature_service: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureSchema, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., runtime: _Optional[_Union[Runtime, str]] = ..., last_reload_failure: _Optional[_Union[ReloadFailure, _Mapping]] = ..., shadow: _Optional[_Union[ShadowReport, _Mapping]] = ...) -> None: ...
+    base_value: float
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., stage: _Optional[str] = ..., aliases: _Optional[_Iterable[str]] = ..., run_id: _Optional[str] = ..., model_uri: _Optional[str] = ..., training_as_of: _Optional[str] = ..., feature_service: _Optional[str] = ..., features: _Optional[_Iterable[_Union[FeatureSchema, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., runtime: _Optional[_Union[Runtime, str]] = ..., last_reload_failure: _Optional[_Union[ReloadFailure, _Mapping]] = ..., shadow: _Optional[_Union[ShadowReport, _Mapping]] = ..., base_value: _Optional[float] = ...) -> None: ...
 
 class ShadowReport(_message.Message):
     __slots__ = ("model_uri", "model", "sample", "comparisons", "users_dropped", "last_reload_failure")
@@ -158,18 +164,28 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
-    __slots__ = ("user_id", "label", "churn_probability", "model", "features")
+    __slots__ = ("user_id", "label", "churn_probability", "model", "features", "contributions")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     CHURN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     label: ChurnLabel
     churn_probability: float
     model: ModelRef
     features: _containers.RepeatedCompositeFieldContainer[FeatureValue]
-    def __init__(self, user_id: _Optional[str] = ..., label: _Optional[_Union[ChurnLabel, str]] = ..., churn_probability: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., features: _Optional[_Iterable[_Union[FeatureValue, _Mapping]]] = ...) -> None: ...
+    contributions: _containers.RepeatedCompositeFieldContainer[FeatureContribution]
+    def __init__(self, user_id: _Optional[str] = ..., label: _Optional[_Union[ChurnLabel, str]] = ..., churn_probability: _Optional[float] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., features: _Optional[_Iterable[_Union[FeatureValue, _Mapping]]] = ..., contributions: _Optional[_Iterable[_Union[FeatureContribution, _Mapping]]] = ...) -> None: ...
+
+class FeatureContribution(_message.Message):
+    __slots__ = ("name", "contribution")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    contribution: float
+    def __init__(self, name: _Optional[str] = ..., contribution: _Optional[float] = ...) -> None: ...
 
 class FeatureValue(_message.Message):
     __slots__ = ("name", "int64_value", "double_value", "bool_value", "string_value", "event_time")

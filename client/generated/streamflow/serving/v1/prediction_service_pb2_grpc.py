@@ -75,6 +75,9 @@ class PredictionServiceServicer:
         - NOT_FOUND (ENTITY_NOT_FOUND) when the online store knows nothing of the user.
         - FAILED_PRECONDITION (FEATURES_MISSING, FEATURES_STALE or FEATURES_INVALID) when some features are
         null, older than their view's time-to-live, or out of their valid range.
+        - FAILED_PRECONDITION (EXPLANATIONS_UNAVAILABLE) when `explain` is set and the model answering cannot be
+        explained (not a forest over one-hot and numeric columns, or a server installed without its TreeSHAP
+        kernel); the same call without `explain` succeeds.
         - UNAVAILABLE (MODEL_NOT_LOADED or FEATURE_STORE_UNAVAILABLE) when no model is loaded yet or the
         online store cannot be reached; safe to retry.
         - INVALID_ARGUMENT (MALFORMED_REQUEST) when the request bytes do not decode as a PredictRequest.
@@ -105,8 +108,8 @@ class PredictionServiceServicer:
         (1,000 by default; `STREAMFLOW_MAX_BATCH_SIZE`) or holds a malformed id; a `BadRequest` names each
         offending `user_ids[i]`.
         At most 20 violations are listed; `ErrorInfo.metadata["violations"]` counts them all.
-        - INVALID_ARGUMENT (MALFORMED_REQUEST), UNAVAILABLE, UNAUTHENTICATED, RESOURCE_EXHAUSTED and INTERNAL as
-        for Predict, for the whole batch. Against a quota, a batch costs one per requested id.
+        - INVALID_ARGUMENT (MALFORMED_REQUEST), FAILED_PRECONDITION (EXPLANATIONS_UNAVAILABLE), UNAVAILABLE,
+        UNAUTHENTICATED, RESOURCE_EXHAUSTED and INTERNAL as for Predict, for the whole batch. Against a quota, a batch costs one per requested id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
