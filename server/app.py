@@ -37,6 +37,7 @@ from streamflow.server.health import SERVING, HealthService
 from streamflow.server.heap import limit_malloc_arenas
 from streamflow.server.loaded_model import LoadedModel
 from streamflow.server.observers import call_observers
+from streamflow.server.prediction_log import PredictionLog
 from streamflow.server.predictor import Predictor
 from streamflow.server.quotas import RateLimiter, SharedBuckets
 from streamflow.server.reflection import register_reflection
@@ -120,6 +121,8 @@ class PredictionServer:
     """The plaintext health-only server on `settings.health_port`, if any."""
     http: HttpGateway | None = None
     """The PredictionService over HTTP (Connect, gRPC-Web) on `settings.http_port`, if any."""
+    prediction_log: PredictionLog | None = None
+    """Where served predictions go (server/prediction_log.py); closed, so flushed, after the last call."""
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -138,9 +141,13 @@ class PredictionServer:
         self.event_loop.run(self._stop(grace))
         # The watcher may still announce a model on the loop until it stops; health ignores it by now.
         self.predictor.watcher.stop()
+        if self.predictor.shadow is not None:  # every call has answered: it scores what was queued, no more
+            self.predictor.shadow.stop()
         self.event_loop.close()
         for pool in self.pools:
             pool.shutdown(wait=True)
+        if self.prediction_log is not None:  # every call has answered: nothing more can be logged
+            self.prediction_log.close()
 
     async def _stop(self, grace: float | None) -> None:
         self.health.start_drain()
@@ -157,12 +164,14 @@ def create_server(
     predictor: Predictor | None = None,
     reuse_port: bool = False,
     buckets: SharedBuckets | None = None,
+    prediction_log: PredictionLog | None = None,
 ) -> PredictionServer:
     """Start a server on `settings.listen_host:settings.port` and its registry watcher.
 
     Health reports NOT_SERVING until the watcher has loaded a model. `reuse_port` lets several workers
     share the port; off, a port in use is an error. `buckets` holds the callers' quotas, shared with the
-    other workers (a server of its own otherwise). Raises StreamflowError when the port cannot be bound or
+    other workers (a server of its own otherwise). Each prediction served goes to `prediction_log`, if any,
+    which the server closes when it stops. Raises StreamflowError when the port cannot be bound or
     the tokens file cannot be read.
     """
     authenticator = Authenticator.from_settings(
@@ -175,12 +184,15 @@ def create_server(
         # A server of its own follows the registry itself. Imported here: a scoring worker, which gets its
         # predictor from the control plane, never imports MLflow and Feast.
         from streamflow.server.model_watcher import ModelWatcher
+        from streamflow.server.shadow_evidence import single_process_shadow
 
-        predictor = Predictor(settings, ModelWatcher(settings))
+        predictor = Predictor(settings, ModelWatcher(settings), single_process_shadow(settings))
     event_loop = EventLoopThread()
     batch_pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="batch")
     predict_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
-    servicer = PredictionServicer(predictor, predict_pool, batch_pool, settings.max_batch_size)
+    servicer = PredictionServicer(
+        predictor, predict_pool, batch_pool, settings.max_batch_size, prediction_log
+    )
     guard = CallGuard(settings.max_concurrent_rpcs, call_observers(settings), authenticator, limiter)
     try:
         server, port, health_service, health_server, http = event_loop.run(
@@ -197,6 +209,8 @@ def create_server(
 
     predictor.watcher.subscribe(serving)
     predictor.watcher.start()
+    if predictor.shadow is not None:
+        predictor.shadow.start()
     log.info("listening on %s:%d for %s", settings.listen_host, port, settings.model_uri)
     return PredictionServer(
         settings,
@@ -209,6 +223,7 @@ def create_server(
         (predict_pool, batch_pool),
         health_server,
         http,
+        prediction_log,
     )
 
 
@@ -317,17 +332,33 @@ def serve(settings: Settings) -> int:
                 ControlPlane,
             )  # the supervisor's alone, like its imports
             from streamflow.server.model_watcher import ModelWatcher
+            from streamflow.server.shadow_evidence import shadow_watcher
 
             Authenticator.from_settings(
                 settings.auth_tokens_file, False
             )  # a bad tokens file: one clear error
             tls.check(settings)  # likewise unusable TLS files
             control = ControlPlane(
-                settings, ModelWatcher(settings, serving=False)
-            )  # and a malformed model URI
+                settings, ModelWatcher(settings, serving=False), shadow_watcher(settings)
+            )  # and a malformed model URI (either)
             inherited = () if buckets is None else (buckets.fileno(),)
+            if settings.prediction_log:
+                # The supervisor writes the log; workers send it their records (server/prediction_sink.py).
+                from streamflow.server.prediction_sink import Collector
+
+                collector = Collector(settings)
+                collector.start()
+                stack.callback(collector.close)  # after the workers exited: reads what they sent
+                inherited = (*inherited, collector.worker_fd)
             return run_workers(settings, workers, control, endpoint, inherited)
-        return serve_process(settings, reuse_port=False, endpoint=endpoint, buckets=buckets)
+        prediction_log = None
+        if settings.prediction_log:
+            from streamflow.server.prediction_sink import in_process_log
+
+            prediction_log = in_process_log(settings)
+        return serve_process(
+            settings, reuse_port=False, endpoint=endpoint, buckets=buckets, prediction_log=prediction_log
+        )
 
 
 def serve_process(
@@ -336,6 +367,7 @@ def serve_process(
     predictor: Predictor | None = None,
     endpoint: metrics.MetricsEndpoint | None = None,
     buckets: SharedBuckets | None = None,
+    prediction_log: PredictionLog | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; `endpoint` (one worker only) is kept serving meanwhile."""
     stopping = threading.Event()
@@ -346,7 +378,9 @@ def serve_process(
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-    running = create_server(settings, predictor, reuse_port=reuse_port, buckets=buckets)
+    running = create_server(
+        settings, predictor, reuse_port=reuse_port, buckets=buckets, prediction_log=prediction_log
+    )
     if reuse_port:
         log.info("worker %d listening on %s:%d", os.getpid(), settings.listen_host, running.port)
         announce_bound()

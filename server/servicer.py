@@ -21,6 +21,7 @@ from streamflow.server import converters, tracing
 from streamflow.server.batcher import PredictBatcher
 from streamflow.server.domain import Prediction
 from streamflow.server.errors import FeatureError
+from streamflow.server.prediction_log import PredictionLog
 from streamflow.server.predictor import Predictor
 from streamflow.server.rpc import CURRENT_CALL
 from streamflow.serving.v1 import prediction_service_pb2 as pb
@@ -30,9 +31,15 @@ class PredictionServicer:
     """Serves `streamflow.serving.v1.PredictionService` over an injected Predictor."""
 
     def __init__(
-        self, predictor: Predictor, predict_pool: Executor, batch_pool: Executor, max_batch_size: int
+        self,
+        predictor: Predictor,
+        predict_pool: Executor,
+        batch_pool: Executor,
+        max_batch_size: int,
+        prediction_log: PredictionLog | None = None,
     ) -> None:
         self._predictor = predictor
+        self._log = prediction_log  # each prediction served goes there (server/prediction_log.py)
         self._batcher = PredictBatcher(self._predict_responses, predict_pool, max_batch_size)
         self._batch_pool = batch_pool
 
@@ -51,6 +58,8 @@ class PredictionServicer:
         call.users = 1
         response = await self._batcher.predict(request.user_id)
         call.model_version = response.prediction.model.version
+        if self._log is not None:
+            self._log.served(call.request_id, (response.prediction.SerializeToString(),))
         return response
 
     async def BatchPredict(
@@ -60,7 +69,13 @@ class PredictionServicer:
             user_ids = list(request.user_ids)
             results = self._predictor.batch_predict(user_ids)
             with tracing.span("streamflow.build_response", _version_of(results), len(results)):
-                return converters.batch_response(user_ids, results)
+                response = converters.batch_response(user_ids, results)
+            if self._log is not None:  # on the pool's thread, off the event loop
+                served = [
+                    r.prediction.SerializeToString() for r in response.results if r.HasField("prediction")
+                ]
+                self._log.served(call.request_id, served)
+            return response
 
         call = CURRENT_CALL.get()
         call.users = len(request.user_ids)

@@ -18,8 +18,10 @@ from streamflow.server.app import serve_process
 from streamflow.server.heap import limit_malloc_arenas
 from streamflow.server.logs import configure_logging
 from streamflow.server.model_follower import ModelFollower
+from streamflow.server.prediction_log import forwarding_log
 from streamflow.server.predictor import Predictor
 from streamflow.server.quotas import SharedBuckets
+from streamflow.server.shadow import ShadowScorer
 from streamflow.server.workers import SETTINGS_VARIABLE, worker_process
 from streamflow.settings import Settings
 
@@ -29,7 +31,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--supervisor", type=int, required=True, help="the supervisor's pid")
     parser.add_argument("--control-fd", type=int, required=True, help="this worker's control channel")
     parser.add_argument("--bound-fd", type=int, required=True, help="the pipe that says the ports are bound")
-    parser.add_argument("--inherited-fd", type=int, action="append", default=[], help="the quota file")
+    parser.add_argument(
+        "--inherited-fd",
+        type=int,
+        action="append",
+        default=[],
+        help="the quota file (with quotas on), then the prediction log socket (with the log on)",
+    )
     parser.add_argument("--replacement", action="store_true", help="binds only once a model serves")
     args = parser.parse_args(argv)
     limit_malloc_arenas()  # before any thread starts
@@ -43,9 +51,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Bound at once, it would be handed new connections it could only answer MODEL_NOT_LOADED while
             # the other workers can serve them. SIGTERM ends the process meanwhile.
             follower.wait_until_serving()
-        buckets = SharedBuckets(args.inherited_fd[0]) if settings.rate_limit_rps else None
+        shadow = None
+        if settings.shadow_model_uri:  # the control plane sends the shadow model and names its folder
+            shadow = ShadowScorer(settings.shadow_model_uri, settings.shadow_sample, follower.shadow)
+        inherited = iter(args.inherited_fd)
+        buckets = SharedBuckets(next(inherited)) if settings.rate_limit_rps else None
+        prediction_log = None
+        if settings.prediction_log:
+            prediction_log = forwarding_log(next(inherited), settings.prediction_log_queue_size)
         return serve_process(
-            settings, reuse_port=True, predictor=Predictor(settings, follower), buckets=buckets
+            settings,
+            reuse_port=True,
+            predictor=Predictor(settings, follower, shadow),
+            buckets=buckets,
+            prediction_log=prediction_log,
         )
 
     return worker_process(args.supervisor, args.bound_fd, serve)

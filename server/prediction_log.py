@@ -1,0 +1,273 @@
+"""The prediction log's serving side: every served prediction goes to a bounded queue, off the response path.
+
+A record is what a caller got, as the server sent it: `(served_at, request_id, prediction, shadow)`, with
+`prediction` the `Prediction` message's bytes (user, label, probability, model version, the 14 feature
+values with their event times) and `shadow` the bytes of a shadow model's `Prediction`, or None. Serializing
+the message the response already holds costs a few microseconds; decoding it into columns happens where the
+records are written (server/prediction_sink.py), never in a scoring worker, which imports none of pyarrow,
+pandas or psycopg.
+
+`RecordQueue` is the one mechanism both sides use: a bounded queue drained by a thread of its own into a
+`deliver` function. In a worker of a multi-worker server, `deliver` sends a batch to the supervisor over a
+Unix datagram socket every worker inherits (`SocketDelivery`); the supervisor's own queue delivers into the
+sink; with one worker the sink runs in the server's process and its queue delivers straight into it.
+
+- Never blocking a call: `offer` appends or, when the queue is full (a sink slow or down), drops and counts
+  (`streamflow_prediction_log_dropped_total`), with one log line when an episode of drops starts and one with
+  its count when it ends.
+- A delivery that fails (the sink down) is logged once per outage, retried after `RETRY_S`, and logged once
+  again when it recovers; records arriving meanwhile fill the queue, then are dropped and counted.
+- A thread that died (a bug) is noticed at the next `offer`, logged once, and replaced.
+- `close` delivers what is queued before returning: the server closes its queue after its last call was
+  answered, so a clean shutdown loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import marshal
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from streamflow.server import metrics
+from streamflow.server.logs import event
+
+log = logging.getLogger(__name__)
+
+Record = tuple[float, str, bytes, bytes | None]
+"""`(served_at, request_id, prediction, shadow)`: Unix seconds, the call's request id, the `Prediction`
+message's bytes, and a shadow model's `Prediction` bytes or None."""
+
+_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+DELIVERY_BATCH = 256
+"""Most records one delivery carries (a datagram of about 200 bytes each stays under 64 KiB)."""
+IDLE_S = 1.0
+"""Seconds without a record after which the thread calls `idle` (a Parquet sink completes a due file)."""
+RETRY_S = 1.0
+"""Seconds before a failed delivery is tried again."""
+DATAGRAM_LIMIT = 60_000
+"""Bytes of one datagram to the supervisor at most: a larger batch is split (the kernel's default send
+buffer of a Unix socket bounds a datagram at about 200 KiB)."""
+
+
+class RecordQueue:
+    """A bounded queue of records, delivered in batches by a thread of its own (see the module's docstring).
+
+    `where` names the queue in metrics and log lines (`worker`, `supervisor`, `server`)."""
+
+    def __init__(
+        self,
+        deliver: Callable[[list[Record]], None],
+        capacity: int,
+        where: str,
+        idle: Callable[[], None] | None = None,
+    ) -> None:
+        self._deliver = deliver
+        self._idle = idle
+        self._capacity = capacity
+        self._where = where
+        self._queue: deque[Record] = deque()
+        self._ready = threading.Condition(threading.Lock())
+        self._closing = False
+        self._batch: list[Record] = []  # taken by the thread, not delivered yet (a replacement resumes it)
+        self._dropping = 0  # records dropped in the current episode
+        self._down_since: float | None = None
+        self._dropped = metrics.PREDICTION_LOG_DROPPED.labels(where)
+        self._thread = self._start_thread()
+
+    def offer(self, records: Sequence[Record]) -> None:
+        """Queue `records`, or drop (and count) those that do not fit; never blocks on the sink."""
+        if not self._thread.is_alive() and not self._closing:
+            self._replace_thread()
+        with self._ready:
+            room = self._capacity - len(self._queue)
+            if room >= len(records):
+                self._queue.extend(records)
+                if self._dropping:
+                    self._end_drop_episode()
+            else:
+                self._queue.extend(records[: max(room, 0)])
+                self._drop(len(records) - max(room, 0))
+            self._ready.notify()
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Deliver what is queued, then stop the thread; False if it could not within `timeout_s`."""
+        with self._ready:
+            self._closing = True
+            self._ready.notify()
+        if not self._thread.is_alive():
+            self._replace_thread()
+        self._thread.join(timeout_s)
+        with self._ready:
+            if self._dropping:
+                self._end_drop_episode()
+            left = len(self._queue) + len(self._batch)
+        if left:
+            self._dropped.inc(left)
+            log.error(
+                "prediction log (%s): %d records not delivered at shutdown",
+                self._where,
+                left,
+                extra=event("prediction_log_lost", where=self._where, records=left),
+            )
+        return not left
+
+    @property
+    def queued(self) -> int:
+        """Records waiting for delivery now."""
+        return len(self._queue)
+
+    def _drop(self, count: int) -> None:
+        if not self._dropping:
+            log.warning(
+                "prediction log (%s): queue full (%d records), dropping records until the sink catches up",
+                self._where,
+                self._capacity,
+                extra=event("prediction_log_dropping", where=self._where, capacity=self._capacity),
+            )
+        self._dropping += count
+        self._dropped.inc(count)
+
+    def _end_drop_episode(self) -> None:
+        log.warning(
+            "prediction log (%s): %d records dropped while the queue was full",
+            self._where,
+            self._dropping,
+            extra=event("prediction_log_dropped", where=self._where, records=self._dropping),
+        )
+        self._dropping = 0
+
+    def _start_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self._run, name=f"prediction-log-{self._where}", daemon=True)
+        thread.start()
+        return thread
+
+    def _replace_thread(self) -> None:
+        with self._ready:
+            if self._thread.is_alive():
+                return
+            log.error(
+                "prediction log (%s): the delivery thread died; starting another",
+                self._where,
+                extra=event("prediction_log_thread_replaced", where=self._where),
+            )
+            # The replacement delivers the batch the dead one held: a sink may then hold it twice, never
+            # lose it.
+            self._thread = self._start_thread()
+
+    def _run(self) -> None:
+        # The supervisor takes its signals with sigtimedwait (server/workers.py): none may land here.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        while True:
+            with self._ready:
+                if not self._batch:
+                    if not self._queue and not self._closing:
+                        self._ready.wait(IDLE_S)
+                    if self._queue:
+                        count = min(len(self._queue), DELIVERY_BATCH)
+                        self._batch = [self._queue.popleft() for _ in range(count)]
+                    elif self._closing:
+                        return  # all delivered
+            if not self._batch:  # a second without records (not under the lock: offers go on meanwhile)
+                if self._idle is not None:
+                    self._idle()
+                continue
+            try:
+                self._deliver(self._batch)
+            except Exception:
+                self._delivery_failed()
+                if self._closing and self._gave_up():
+                    return
+                time.sleep(RETRY_S)
+                continue
+            with self._ready:
+                self._batch = []
+            if self._down_since is not None:
+                log.warning(
+                    "prediction log (%s): the sink is back after %.1f s",
+                    self._where,
+                    time.monotonic() - self._down_since,
+                    extra=event("prediction_log_sink_recovered", where=self._where),
+                )
+                self._down_since = None
+
+    def _gave_up(self) -> bool:
+        """At shutdown, a sink down for `SHUTDOWN_RETRY_S` is given up on (`close` counts what is lost)."""
+        return self._down_since is not None and time.monotonic() - self._down_since > SHUTDOWN_RETRY_S
+
+    def _delivery_failed(self) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.error(
+                "prediction log (%s): delivery failed; retrying every %.0f s, dropping what does not fit "
+                "the queue meanwhile",
+                self._where,
+                RETRY_S,
+                exc_info=True,
+                extra=event("prediction_log_sink_down", where=self._where),
+            )
+
+
+SHUTDOWN_RETRY_S = 5.0
+"""At shutdown, how long a sink that is down is still retried before its records are counted as lost."""
+
+
+class SocketDelivery:
+    """Delivers a worker's batches to the supervisor: one datagram per batch (marshal of the records) on the
+    Unix datagram socket all workers inherit. A full socket blocks this thread, not a call."""
+
+    def __init__(self, fd: int) -> None:
+        self._socket = socket.socket(fileno=fd)
+
+    def __call__(self, records: list[Record]) -> None:
+        payload = marshal.dumps(records)
+        if len(payload) > DATAGRAM_LIMIT and len(records) > 1:
+            half = len(records) // 2
+            self(records[:half])
+            self(records[half:])
+            return
+        self._socket.send(payload)
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def decode_datagram(payload: bytes) -> list[Record]:
+    """The records of one datagram a worker sent (`SocketDelivery`)."""
+    records: list[Record] = marshal.loads(payload)
+    return records
+
+
+class PredictionLog:
+    """What the server holds: `served(request_id, predictions)` on the event loop, `close()` at shutdown."""
+
+    def __init__(self, queue: RecordQueue, on_close: Callable[[], None] | None = None) -> None:
+        self._queue = queue
+        self._on_close = on_close
+
+    def served(
+        self, request_id: str, predictions: Sequence[bytes], shadows: Sequence[bytes | None] = ()
+    ) -> None:
+        """Log the serialized `Prediction` messages one call answered (and its shadow results, if any)."""
+        now = time.time()
+        if shadows:
+            self._queue.offer([(now, request_id, p, s) for p, s in zip(predictions, shadows, strict=True)])
+        else:
+            self._queue.offer([(now, request_id, p, None) for p in predictions])
+
+    def close(self) -> bool:
+        """Deliver what is queued (then close whatever is behind it); False when records were lost."""
+        delivered = self._queue.close()
+        if self._on_close is not None:
+            self._on_close()
+        return delivered
+
+
+def forwarding_log(fd: int, capacity: int) -> PredictionLog:
+    """A worker's log: its queue sends batches to the supervisor on the inherited socket `fd`."""
+    delivery = SocketDelivery(fd)
+    return PredictionLog(RecordQueue(delivery, capacity, "worker"), delivery.close)

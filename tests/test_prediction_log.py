@@ -1,0 +1,310 @@
+"""The prediction log: a real `streamflow serve` with two workers logs every prediction it served, and a clean
+SIGTERM loses none (Parquet in the embedded profile, a partitioned table in production); a sink that goes
+down drops and counts instead of blocking, says so once, and is written again when it is back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pandas as pd
+import psycopg
+import pyarrow.parquet as pq
+import pytest
+from prometheus_client import REGISTRY
+
+from streamflow import postgres
+from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
+from streamflow.server.prediction_log import PredictionLog, Record, RecordQueue
+from streamflow.server.prediction_sink import (
+    COLUMNS,
+    IN_PROGRESS,
+    TABLE,
+    ParquetSink,
+    PostgresSink,
+    create_table,
+    log_folder,
+)
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
+from streamflow.settings import Profile, Settings
+from streamflow.training.demo_data import table_path
+from tests.fixtures.processes import START_TIMEOUT_S, read_line
+from tests.fixtures.production import ProductionStack, fresh_database
+
+STREAMFLOW = Path(sys.executable).parent / "streamflow"
+CALLS = 24
+"""Predict calls, each on a new connection so the kernel spreads them over both workers."""
+BATCH = 10
+"""Users of the one BatchPredict."""
+
+
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMFLOW_", "MLFLOW_"))}
+    return {
+        **env,
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "STREAMFLOW_PROFILE": settings.profile.value,
+        "STREAMFLOW_HOME": str(settings.home),
+        "STREAMFLOW_HOST": "127.0.0.1",
+        "STREAMFLOW_PORT": "0",
+        "STREAMFLOW_WORKERS": "2",
+        "STREAMFLOW_METRICS_PORT": "0",
+        "STREAMFLOW_HTTP_PORT": "0",
+        "STREAMFLOW_PREDICTION_LOG": "true",
+        **extra,
+    }
+
+
+def _current_users(settings: Settings, count: int) -> list[str]:
+    """Users of the last snapshot (every feature present and fresh)."""
+    if settings.profile is Profile.PRODUCTION:
+        with postgres.connect(settings.postgres_dsn) as connection:
+            found = connection.execute(
+                f"SELECT {JOIN_KEY} FROM {VIEW_SPECS[0].table} WHERE {TIMESTAMP_FIELD}::date = %s "
+                f"ORDER BY {JOIN_KEY} LIMIT %s",
+                (SNAPSHOT_DATES[-1], count),
+            ).fetchall()
+        return [row[0] for row in found]
+    table = pd.read_parquet(table_path(settings, VIEW_SPECS[0].table), columns=[JOIN_KEY, TIMESTAMP_FIELD])
+    last = table[TIMESTAMP_FIELD].dt.date == SNAPSHOT_DATES[-1]
+    return list(table.loc[last, JOIN_KEY].head(count))
+
+
+def _serve_and_call(settings: Settings, env: dict[str, str], log_path: Path) -> dict[str, pb.Prediction]:
+    """Start `streamflow serve`, make CALLS Predicts and one BatchPredict, SIGTERM it; what each request got,
+    by user id. The server must exit 0."""
+    with log_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [str(STREAMFLOW), "serve"], env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
+    try:
+        assert process.stdout is not None
+        line = read_line(process.stdout, START_TIMEOUT_S)
+        assert "with 2 workers" in line, log_path.read_text()[-3000:]
+        address = line.strip().rsplit(" ", 3)[0].rsplit(" ", 1)[1]
+        served: dict[str, pb.Prediction] = {}
+        users = _current_users(settings, CALLS + BATCH)
+        for user in users[:CALLS]:
+            served[user] = _predict(address, user)
+        with grpc.insecure_channel(address) as channel:
+            batch = pb_grpc.PredictionServiceStub(channel).BatchPredict(
+                pb.BatchPredictRequest(user_ids=users[CALLS:]), timeout=30
+            )
+        served.update({r.user_id: r.prediction for r in batch.results if r.HasField("prediction")})
+        assert len(served) == CALLS + BATCH
+        process.send_signal(signal.SIGTERM)  # at once: the records are still queued somewhere
+        assert process.wait(60) == 0, log_path.read_text()[-3000:]
+        return served
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _predict(address: str, user: str) -> pb.Prediction:
+    """One Predict on a new connection (so the kernel spreads calls over the workers); a worker that has no
+    model yet answers UNAVAILABLE, as it tells clients to, retry (a failed call logs nothing)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            try:
+                reply = pb_grpc.PredictionServiceStub(channel).Predict(
+                    pb.PredictRequest(user_id=user), timeout=30
+                )
+                return reply.prediction
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+        time.sleep(0.1)
+
+
+def _check_rows(rows: pd.DataFrame, served: dict[str, pb.Prediction]) -> None:
+    assert len(rows) == len(served)
+    assert set(rows.user_id) == set(served)
+    assert rows.request_id.nunique() == CALLS + 1  # one per Predict, one for the BatchPredict
+    for row in rows.itertuples():
+        prediction = served[row.user_id]
+        assert row.model_version == prediction.model.version
+        assert row.churn_probability == prediction.churn_probability
+        assert row.churn == (prediction.label == pb.CHURN_LABEL_CHURN)
+        features = row.features if isinstance(row.features, dict) else json.loads(row.features)
+        times = row.feature_event_times
+        times = times if isinstance(times, dict) else json.loads(times)
+        assert len(features) == len(prediction.features) == 14
+        for feature in prediction.features:
+            assert features[feature.name] == getattr(feature, feature.WhichOneof("value"))
+            assert times[feature.name] == feature.event_time.ToJsonString()
+        assert row.shadow is None or pd.isna(row.shadow)
+
+
+def test_two_workers_log_every_prediction_and_sigterm_loses_none_in_parquet(
+    fresh_embedded_settings: Settings, tmp_path: Path
+) -> None:
+    served = _serve_and_call(fresh_embedded_settings, _env(fresh_embedded_settings), tmp_path / "serve.log")
+
+    folder = log_folder(fresh_embedded_settings)
+    assert not list(folder.glob(f"*{IN_PROGRESS}"))  # every file completed at shutdown
+    rows = pd.concat([pq.read_table(path).to_pandas() for path in sorted(folder.glob("*.parquet"))])
+    assert list(rows.columns) == list(COLUMNS)
+    _check_rows(rows, served)
+
+
+def test_two_workers_log_every_prediction_and_sigterm_loses_none_in_postgres(
+    production_stack: ProductionStack, postgres_server: str, tmp_path: Path
+) -> None:
+    settings = production_stack.settings
+    with fresh_database(postgres_server) as log_dsn:
+        env = _env(
+            settings,
+            STREAMFLOW_POSTGRES_DSN=settings.postgres_dsn,
+            STREAMFLOW_REDIS_URL=settings.redis_url,
+            STREAMFLOW_REDIS_KEY_PREFIX=settings.redis_key_prefix,
+            STREAMFLOW_PREDICTION_LOG_DSN=log_dsn,
+        )
+        served = _serve_and_call(settings, env, tmp_path / "serve.log")
+        with postgres.connect(log_dsn) as connection:
+            rows = pd.DataFrame(
+                connection.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE}").fetchall(), columns=COLUMNS
+            )
+            partitions = connection.execute(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = %s::regclass", (TABLE,)
+            ).fetchone()
+    _check_rows(rows, served)
+    assert partitions == (1,)  # this month's
+
+
+def _records(count: int, start: int = 0) -> list[Record]:
+    prediction = pb.Prediction(user_id="u", churn_probability=0.25, model=pb.ModelRef(name="m", version="1"))
+    return [(1_700_000_000.0 + i, f"r{i}", prediction.SerializeToString(), None) for i in range(start, count)]
+
+
+@pytest.fixture
+def log_database(postgres_server: str) -> Iterator[str]:
+    with fresh_database(postgres_server) as dsn:
+        yield dsn
+
+
+def _allow_connections(dsn: str, allowed: bool) -> None:
+    name = postgres.database_name(dsn)
+    with postgres.connect(postgres.with_database(dsn, "postgres"), autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+        if not allowed:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,)
+            )
+
+
+def _count(dsn: str) -> int:
+    """Rows of the log table (0 before the sink made it)."""
+    with postgres.connect(dsn) as connection:
+        try:
+            row = connection.execute(f"SELECT count(*) FROM {TABLE}").fetchone()
+        except psycopg.errors.UndefinedTable:
+            return 0
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_sink_down_drops_and_counts_without_blocking_and_is_written_again_when_back(
+    log_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "streamflow.server.prediction_log")
+    dropped_before = _dropped()
+    sink = PostgresSink(log_database)
+    queue = RecordQueue(sink.write, capacity=50, where="test")
+    log = PredictionLog(queue, sink.close)
+    queue.offer(_records(10))
+    _wait_until(lambda: _count(log_database) == 10)
+
+    _allow_connections(log_database, False)
+    try:
+        for start in range(10, 210, 10):  # 200 records while the database refuses connections
+            queue.offer(_records(start + 10, start))
+        _wait_until(lambda: "delivery failed" in caplog.text)
+    finally:
+        _allow_connections(log_database, True)
+    _wait_until(lambda: "the sink is back" in caplog.text)
+    queue.offer(_records(220, 210))  # ends the episode of drops: its count is logged
+    assert log.close()
+
+    written = _count(log_database)
+    lost = _dropped() - dropped_before
+    assert written + lost == 220
+    # Kept through the outage: at most a queue's worth, and the batch being retried (itself at most that).
+    assert 200 - 50 - 50 <= lost <= 200
+    assert caplog.text.count("delivery failed") == 1  # once per outage, not per retry
+    assert caplog.text.count("queue full") == 1
+    assert f"{int(lost)} records dropped while the queue was full" in caplog.text
+
+
+def _dropped() -> float:
+    return REGISTRY.get_sample_value("streamflow_prediction_log_dropped_total", {"where": "test"}) or 0.0
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+class _Crash(BaseException):
+    """What kills a thread outright (BaseException is not a delivery failure)."""
+
+
+def test_a_dead_delivery_thread_is_noticed_once_and_replaced_and_its_batch_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, "streamflow.server.prediction_log")
+    sink = ParquetSink(tmp_path / "predictions", rotate_s=3600)
+    crashed = threading.Event()
+
+    def deliver(records: list[Record]) -> None:
+        if not crashed.is_set():
+            crashed.set()
+            raise _Crash
+        sink.write(records)
+
+    queue = RecordQueue(deliver, capacity=100, where="test")
+    previous = threading.excepthook
+    threading.excepthook = lambda args: None  # the crash is the point, not a test failure
+    try:
+        queue.offer(_records(5))
+        crashed.wait(10)
+        _wait_until(
+            lambda: not any(t.name == "prediction-log-test" and t.is_alive() for t in threading.enumerate())
+        )
+    finally:
+        threading.excepthook = previous
+    queue.offer(_records(8, 5))
+    assert PredictionLog(queue, sink.close).close()
+
+    files = list((tmp_path / "predictions").glob("*.parquet"))
+    rows = pd.concat([pq.read_table(path).to_pandas() for path in files])
+    assert sorted(rows.request_id) == sorted(f"r{i}" for i in range(8))
+    assert caplog.text.count("the delivery thread died") == 1
+
+
+def test_the_partitioned_table_takes_rows_of_two_months(log_database: str) -> None:
+    sink = PostgresSink(log_database)
+    december = _records(3)
+    january = [(1_704_067_300.0 + i, f"j{i}", payload, None) for i, (_, _, payload, _) in enumerate(december)]
+    sink.write([*december[:1], *january])
+    sink.close()
+    with psycopg.connect(log_database) as connection:
+        create_table(connection)  # idempotent
+        partitions = connection.execute(
+            "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = %s::regclass ORDER BY 1",
+            (TABLE,),
+        ).fetchall()
+    assert partitions == [(f"{TABLE}_2023_11",), (f"{TABLE}_2024_01",)]
