@@ -90,9 +90,14 @@ def test_counts_from_every_worker_add_up_and_survive_a_worker_restart(
 ) -> None:
     with metrics_server(fresh_embedded_settings, tmp_path / "serve.log") as served:
         before = served.scrape()
-        # ModelInfo answers tell the workers apart: the calls below did reach both.
-        workers_seen = {loaded_at(served.address) for _ in range(20)}
-        assert len(workers_seen) == 2
+        # ModelInfo answers tell the workers apart: the calls below did reach both. The kernel spreads new
+        # connections by a hash, so a few more calls are made when the first 20 happened to miss one.
+        workers_seen: set[str] = set()
+        model_infos = 0
+        while model_infos < 20 or (len(workers_seen) < 2 and model_infos < 60):
+            workers_seen.add(loaded_at(served.address))
+            model_infos += 1
+        assert len(workers_seen) == 2, served.log.read_text()[-4000:]
         predict = [
             call(served.address, "Predict", pb.PredictRequest(user_id=FIRST_USER_ID)) for _ in range(30)
         ]
@@ -112,7 +117,7 @@ def test_counts_from_every_worker_add_up_and_survive_a_worker_restart(
         )
 
         after = served.scrape()
-        assert handled(after, "ModelInfo", "OK") - handled(before, "ModelInfo", "OK") == 20
+        assert handled(after, "ModelInfo", "OK") - handled(before, "ModelInfo", "OK") == model_infos
         assert handled(after, "Predict", "OK") - handled(before, "Predict", "OK") == 30
         assert handled(after, "Predict", "NOT_FOUND") - handled(before, "Predict", "NOT_FOUND") == 10
         assert (
@@ -120,7 +125,7 @@ def test_counts_from_every_worker_add_up_and_survive_a_worker_restart(
             == 5
         )
         assert handled(after, "BatchPredict", "OK") - handled(before, "BatchPredict", "OK") == 6
-        for method, calls in (("Predict", 45), ("BatchPredict", 6), ("ModelInfo", 20)):
+        for method, calls in (("Predict", 45), ("BatchPredict", 6), ("ModelInfo", model_infos)):
             assert started(after, method) - started(before, method) == calls
             assert handling_count(after, method) - handling_count(before, method) == calls
         assert after.value("streamflow_calls_in_flight", grpc_service=SERVICE) == 0
