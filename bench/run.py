@@ -37,7 +37,7 @@ import grpc
 import pandas as pd
 from grpc_health.v1 import health_pb2
 
-from bench import h2load, http_json, observability, scale, security, skew
+from bench import h2load, http_json, observability, prediction_log, scale, security, skew
 from bench.floor import feast_sdk_call, feature_frame, floor_call, load_served_model, time_calls
 from bench.services import BIN, Service, free_port, grpc_serving, http_ok, start
 from streamflow.feature_repo.definitions import SNAPSHOT_DATES, VIEW_SPECS
@@ -409,6 +409,12 @@ def http_table(env: dict[str, str], user_id: str, duration: float, rounds: int) 
     return http_json.render(figures)
 
 
+def log_table(env: dict[str, str], user_id: str, duration: float, rounds: int) -> str:
+    print("Predict with the prediction log on beside off ...", flush=True)
+    cost = prediction_log.measure_cost(env, HOME, user_id, duration, rounds, RESULTS / "prediction_log.log")
+    return prediction_log.render(cost)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark StreamFlow against the alternatives.")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per measured run")
@@ -420,6 +426,9 @@ def main() -> None:
         "--security-only", action="store_true", help="only Predict over TLS with a token beside plaintext"
     )
     parser.add_argument("--http-only", action="store_true", help="only Predict over HTTP/JSON beside gRPC")
+    parser.add_argument(
+        "--log-only", action="store_true", help="only Predict with the prediction log on beside off"
+    )
     parser.add_argument(
         "--predict-only",
         action="store_true",
@@ -454,6 +463,9 @@ def main() -> None:
     if args.http_only:
         print(http_table(env, users[0], args.duration, args.rounds))
         return
+    if args.log_only:
+        print(log_table(env, users[0], args.duration, args.rounds))
+        return
     if args.skew_only:
         print(skew.measure_skew(env, settings, RESULTS / "skew.log"))
         return
@@ -486,6 +498,7 @@ def main() -> None:
     )
     secured = security_table(env, users[0], args.duration, args.rounds)
     over_http = http_table(env, users[0], args.duration, args.rounds)
+    logged = log_table(env, users[0], args.duration, args.rounds)
     switched = skew.measure_skew(env, settings, RESULTS / "skew.log")
     scaled = scale.run_scale(HOME, RESULTS, args.duration, args.rounds)
     table = (
@@ -494,6 +507,7 @@ def main() -> None:
         + watching
         + secured
         + over_http
+        + logged
         + switched
         + scaled
     )
