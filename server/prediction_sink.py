@@ -257,6 +257,83 @@ def create_table(connection: Any) -> None:
     )
 
 
+DRIFT_FILE = "drift.json"
+"""Embedded profile: the latest PSI per feature, written by `streamflow drift` beside the log's files."""
+DRIFT_TABLE = "feature_drift"
+"""Production profile: the latest PSI per (model version, feature), in the log's database."""
+DRIFT_REFRESH_S = 60.0
+"""Seconds between two reads of the latest drift by the server (exported as `streamflow_feature_psi`)."""
+
+
+def create_drift_table(connection: Any) -> None:
+    connection.execute(
+        f"""CREATE TABLE IF NOT EXISTS {DRIFT_TABLE} (
+            model_version text NOT NULL,
+            feature text NOT NULL,
+            psi double precision NOT NULL,
+            measured_at timestamptz NOT NULL,
+            PRIMARY KEY (model_version, feature)
+        )"""
+    )
+
+
+def latest_drift(settings: Settings) -> dict[tuple[str, str], float]:
+    """The latest PSI per (model version, feature) `streamflow drift` recorded; empty when none yet."""
+    if settings.profile is Profile.PRODUCTION:
+        from streamflow.postgres import connect
+
+        with connect(log_dsn(settings), application_name="streamflow-drift-gauge") as connection:
+            create_drift_table(connection)
+            rows = connection.execute(f"SELECT model_version, feature, psi FROM {DRIFT_TABLE}").fetchall()
+        return {(str(version), str(feature)): float(value) for version, feature, value in rows}
+    path = log_folder(settings) / DRIFT_FILE
+    if not path.is_file():
+        return {}
+    recorded = json.loads(path.read_text())
+    return {(str(recorded["model_version"]), f): float(v) for f, v in recorded["psi"].items()}
+
+
+class DriftGauge:
+    """Exports the latest PSI per feature that `streamflow drift` recorded, re-read every `DRIFT_REFRESH_S`
+    on a thread of its own (the supervisor's, or the one server process's): the gauge outlives the command."""
+
+    def __init__(self, settings: Settings, interval_s: float = DRIFT_REFRESH_S) -> None:
+        self._settings = settings
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._failing = False
+        self._thread = threading.Thread(target=self._run, name="drift-gauge", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def refresh(self) -> None:
+        """Read the latest drift once and set the gauge (a failure is logged once until a read succeeds)."""
+        try:
+            latest = latest_drift(self._settings)
+        except Exception:
+            if not self._failing:
+                log.warning("the latest feature drift could not be read; retrying", exc_info=True)
+            self._failing = True
+            return
+        if self._failing:
+            log.info("the latest feature drift is read again")
+        self._failing = False
+        for (version, feature), value in latest.items():
+            metrics.FEATURE_PSI.labels(version, feature).set(value)
+
+    def _run(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
+        while True:
+            self.refresh()
+            if self._stop.wait(self._interval_s):
+                return
+
+
 def open_sink(settings: Settings) -> Sink:
     """The sink of the settings' profile."""
     if settings.profile is Profile.PRODUCTION:
@@ -290,6 +367,7 @@ class Collector:
         self._socket, self._theirs = ours, theirs
         self._stop_read, self._stop_write = os.pipe()
         self._thread = threading.Thread(target=self._receive, name="prediction-log-collector", daemon=True)
+        self._drift = DriftGauge(settings)
 
     @property
     def worker_fd(self) -> int:
@@ -297,6 +375,7 @@ class Collector:
 
     def start(self) -> None:
         self._thread.start()
+        self._drift.start()
 
     def _receive(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT})
@@ -331,6 +410,7 @@ class Collector:
 
     def close(self) -> None:
         """After the workers exited: read what they sent, write it, close the sink."""
+        self._drift.stop()
         os.write(self._stop_write, b"x")
         self._thread.join()
         self._read_available()

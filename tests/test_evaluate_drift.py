@@ -8,8 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -20,9 +18,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
+from prometheus_client import REGISTRY
 from scipy.stats import chi2
 from sklearn.metrics import roc_auc_score
 
+from streamflow import cli
 from streamflow.errors import StreamflowError
 from streamflow.feature_repo import store
 from streamflow.feature_repo.definitions import (
@@ -32,8 +32,9 @@ from streamflow.feature_repo.definitions import (
     TIMESTAMP_FIELD,
     VIEW_SPECS,
 )
+from streamflow.server import metrics
 from streamflow.server.app import create_server
-from streamflow.server.prediction_sink import in_process_log
+from streamflow.server.prediction_sink import DriftGauge, in_process_log
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
 from streamflow.training.demo_data import table_path
@@ -138,32 +139,30 @@ def test_realized_auc_precision_recall_and_calibration_match_independent_computa
     assert run.data.tags["streamflow.training_run"] == version.run_id
 
 
-def test_evaluate_prints_a_table_and_json(served: Served) -> None:
+def test_the_commands_print_a_table_json_and_one_error_line(
+    served: Served, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings = served.settings
-    load_outcomes(settings)
-    env = {
-        "PATH": str(Path(sys.executable).parent),
-        "STREAMFLOW_HOME": str(settings.home),
-        "MLFLOW_TRACKING_URI": settings.tracking_uri,
-    }
-    streamflow = str(Path(sys.executable).parent / "streamflow")
-    out = subprocess.run(
-        [streamflow, "evaluate", "--since", TODAY.isoformat(), "--json", "--no-mlflow"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    [reported] = json.loads(out)
+    monkeypatch.setenv("STREAMFLOW_HOME", str(settings.home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    assert cli.main(["load-outcomes"]) == 0
+    assert "loaded the outcomes of" in capsys.readouterr().out
+
+    assert cli.main(["evaluate", "--since", TODAY.isoformat(), "--json", "--no-mlflow"]) == 0
+    [reported] = json.loads(capsys.readouterr().out)
     assert reported["users_scored"] == len(served.predictions)
-    failed = subprocess.run(
-        [streamflow, "evaluate", "--since", "2099-01-01", "--no-mlflow"],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert failed.returncode == 1
-    assert failed.stderr.startswith("error: No prediction was logged from 2099-01-01"), failed.stderr
+
+    assert cli.main(["evaluate", "--since", TODAY.isoformat(), "--no-mlflow"]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert header.split()[:3] == ["version", "scored", "outcomes"] and row.split()[0] == "1"
+
+    assert cli.main(["drift", "--since", TODAY.isoformat(), "--no-mlflow"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 15 and lines[0].startswith("drift of streamflow_churn version 1")
+    assert all(line.split()[1] == "PSI" for line in lines[1:])
+
+    assert cli.main(["evaluate", "--since", "2099-01-01", "--no-mlflow"]) == 1
+    assert capsys.readouterr().err.startswith("error: No prediction was logged from 2099-01-01")
 
 
 def test_evaluate_error_paths_say_what_is_missing(served: Served) -> None:
@@ -245,6 +244,15 @@ def test_drift_of_the_served_features_matches_the_snapshot_tables(served: Served
     statistic = ((table - expected_counts) ** 2 / expected_counts).sum()
     assert net.kind == "categorical"
     assert net.chi2_p_value == pytest.approx(chi2.sf(statistic, table.shape[1] - 1), rel=1e-6)
+
+    # The latest PSI is recorded for the server, whose gauge re-reads it.
+    gauge = metrics.FEATURE_PSI.labels("1", "watch_hours_30d")
+    gauge.set(-1.0)
+    DriftGauge(settings).refresh()
+    exported = REGISTRY.get_sample_value(
+        "streamflow_feature_psi", {"model_version": "1", "feature": "watch_hours_30d"}
+    )
+    assert exported == by_feature["watch_hours_30d"].psi
 
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     assert report.mlflow_run_id is not None

@@ -13,8 +13,9 @@ Per feature:
 - a verdict: PSI below 0.1 stable, below 0.25 a moderate shift, else a major shift (the usual thresholds).
 
 A chart per feature (training vs served shares per bin) and one summary picture (PSI per feature) are logged
-to MLflow in a drift run tagged with the version; the latest PSI per feature is set on the gauge
-`streamflow_feature_psi`.
+to MLflow in a drift run tagged with the version. The latest PSI per feature is recorded for the server,
+which exports it as the gauge `streamflow_feature_psi` (re-read every minute): `drift.json` beside the log's
+Parquet files (embedded) or the `feature_drift` table in the log's database (production).
 """
 
 from __future__ import annotations
@@ -195,9 +196,44 @@ def drift(
 
 
 def export(settings: Settings, report: DriftReport) -> None:
-    """The latest PSI per feature on the gauge."""
-    from streamflow.server import metrics
+    """Record the latest PSI per feature where the server reads it (and set this process's gauge)."""
+    import json
+    from datetime import UTC, datetime
 
+    from streamflow.server import metrics
+    from streamflow.server.prediction_sink import (
+        DRIFT_FILE,
+        DRIFT_TABLE,
+        create_drift_table,
+        log_dsn,
+        log_folder,
+    )
+    from streamflow.settings import Profile
+
+    measured = datetime.now(UTC)
+    if settings.profile is Profile.PRODUCTION:
+        from streamflow import postgres
+
+        with postgres.connect(log_dsn(settings)) as connection, connection.transaction():
+            create_drift_table(connection)
+            for item in report.features:
+                connection.execute(
+                    f"INSERT INTO {DRIFT_TABLE} (model_version, feature, psi, measured_at) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (model_version, feature) "
+                    "DO UPDATE SET psi = EXCLUDED.psi, measured_at = EXCLUDED.measured_at",
+                    (report.model_version, item.feature, item.psi, measured),
+                )
+    else:
+        folder = log_folder(settings)
+        folder.mkdir(parents=True, exist_ok=True)
+        latest = {
+            "model_version": report.model_version,
+            "measured_at": measured.isoformat(),
+            "psi": {item.feature: item.psi for item in report.features},
+        }
+        temporary = folder / f".{DRIFT_FILE}.tmp"
+        temporary.write_text(json.dumps(latest, indent=2))
+        temporary.replace(folder / DRIFT_FILE)  # a reader sees the old file or the new one, whole
     for item in report.features:
         metrics.FEATURE_PSI.labels(report.model_version, item.feature).set(item.psi)
 
