@@ -141,6 +141,8 @@ class PredictionServer:
         self.event_loop.run(self._stop(grace))
         # The watcher may still announce a model on the loop until it stops; health ignores it by now.
         self.predictor.watcher.stop()
+        if self.predictor.shadow is not None:  # every call has answered: it scores what was queued, no more
+            self.predictor.shadow.stop()
         self.event_loop.close()
         for pool in self.pools:
             pool.shutdown(wait=True)
@@ -182,8 +184,9 @@ def create_server(
         # A server of its own follows the registry itself. Imported here: a scoring worker, which gets its
         # predictor from the control plane, never imports MLflow and Feast.
         from streamflow.server.model_watcher import ModelWatcher
+        from streamflow.server.shadow_evidence import single_process_shadow
 
-        predictor = Predictor(settings, ModelWatcher(settings))
+        predictor = Predictor(settings, ModelWatcher(settings), single_process_shadow(settings))
     event_loop = EventLoopThread()
     batch_pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="batch")
     predict_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
@@ -206,6 +209,8 @@ def create_server(
 
     predictor.watcher.subscribe(serving)
     predictor.watcher.start()
+    if predictor.shadow is not None:
+        predictor.shadow.start()
     log.info("listening on %s:%d for %s", settings.listen_host, port, settings.model_uri)
     return PredictionServer(
         settings,
@@ -327,14 +332,15 @@ def serve(settings: Settings) -> int:
                 ControlPlane,
             )  # the supervisor's alone, like its imports
             from streamflow.server.model_watcher import ModelWatcher
+            from streamflow.server.shadow_evidence import shadow_watcher
 
             Authenticator.from_settings(
                 settings.auth_tokens_file, False
             )  # a bad tokens file: one clear error
             tls.check(settings)  # likewise unusable TLS files
             control = ControlPlane(
-                settings, ModelWatcher(settings, serving=False)
-            )  # and a malformed model URI
+                settings, ModelWatcher(settings, serving=False), shadow_watcher(settings)
+            )  # and a malformed model URI (either)
             inherited = () if buckets is None else (buckets.fileno(),)
             if settings.prediction_log:
                 # The supervisor writes the log; workers send it their records (server/prediction_sink.py).

@@ -10,6 +10,12 @@ updates what the workers report.
 A worker that starts (or replaces a dead one) is sent the serving artifact at once, and one that was attached
 while a switch was under way is brought to the new version right after it.
 
+With `STREAMFLOW_SHADOW_MODEL_URI` set, a second watcher follows the shadow model the same way; each version
+it validates is written once and sent to every worker in a `shadow` message (no two phases: the shadow never
+answers), with the folder the workers write their shadow tallies into. The control plane sums those tallies,
+logs them and records them in the registry (server/shadow_evidence.py). A shadow that fails to load is
+logged once by its watcher and reported by the workers; it never changes health or the served model.
+
 With `STREAMFLOW_HEALTH_PORT` set, the supervisor answers `grpc.health.v1` on that port itself, off the
 workers' event loops, so a probe answers in time however hard the workers are flooded: SERVING while a model
 is published and at least one worker runs, NOT_SERVING from the moment the server starts to stop.
@@ -37,6 +43,8 @@ from streamflow.server.logs import event
 from streamflow.server.model_follower import failure_message, receive, send
 from streamflow.server.model_watcher import ModelWatcher
 from streamflow.server.scoring_artifact import ScoringArtifact
+from streamflow.server.shadow import read_totals
+from streamflow.server.shadow_evidence import EvidenceRecorder
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -57,7 +65,7 @@ class _Worker:
 class ControlPlane:
     """Follows the registry and keeps every attached worker on the model it serves."""
 
-    def __init__(self, settings: Settings, watcher: ModelWatcher) -> None:
+    def __init__(self, settings: Settings, watcher: ModelWatcher, shadow: ModelWatcher | None = None) -> None:
         self.settings = settings
         self.watcher = watcher
         self._directory = Path(tempfile.mkdtemp(prefix="streamflow-artifacts-"))
@@ -67,12 +75,25 @@ class ControlPlane:
         self._seq = 0
         self._health: _HealthEndpoint | None = None
         watcher.subscribe_changes(self._changed)
+        self.shadow = shadow
+        self._evidence = self._directory / "shadow"
+        self._shadow_message: dict[str, Any] | None = None
+        self._shadow_published: tuple[ScoringArtifact, Path] | None = None
+        self._shadow_seq = 0
+        self._recorder: EvidenceRecorder | None = None
+        if shadow is not None:
+            self._evidence.mkdir(mode=0o700)
+            self._recorder = EvidenceRecorder(settings, lambda: read_totals(self._evidence))
+            shadow.subscribe_changes(self._shadow_changed)
 
     def start(self) -> None:
         """Follow the registry and, with a health port, answer probes on it."""
         if self.settings.health_port:
             self._health = _HealthEndpoint(self.settings)
         self.watcher.start()
+        if self.shadow is not None and self._recorder is not None:
+            self.shadow.start()
+            self._recorder.start()
 
     def draining(self) -> None:
         """The server has started to stop: probes get NOT_SERVING from now on."""
@@ -83,6 +104,9 @@ class ControlPlane:
         if self._health is not None:
             self._health.close()
         self.watcher.stop()
+        if self.shadow is not None and self._recorder is not None:
+            self.shadow.stop()
+            self._recorder.stop()  # the workers have exited: their last tallies are in
         with self._lock:
             for worker in self._workers.values():
                 worker.channel.close()
@@ -105,6 +129,9 @@ class ControlPlane:
             worker = self._workers[slot] = _Worker(ours)
             if self._published is not None:
                 self._bring_up_to_date(worker)
+            if self._shadow_message is not None:
+                with contextlib.suppress(OSError):
+                    send(worker.channel, self._shadow_message)
             self._report_health()
         return theirs
 
@@ -155,6 +182,40 @@ class ControlPlane:
             for worker in self._workers.values():
                 with contextlib.suppress(OSError):  # a dead worker: the supervisor replaces it
                     send(worker.channel, message)
+
+    def _shadow_changed(self) -> None:  # on the shadow watcher's thread, after a poll that changed something
+        assert self.shadow is not None
+        artifact = self.shadow.artifact
+        published = self._shadow_published
+        stale = None
+        if artifact is not None and (published is None or published[0] is not artifact):
+            self._shadow_seq += 1
+            path = artifact.write(self._directory / f"shadow-{self._shadow_seq}")
+            self._shadow_published = (artifact, path)
+            stale = published
+        current = self._shadow_published
+        message = {
+            "op": "shadow",
+            "seq": self._shadow_seq,
+            "artifact": None if current is None else str(current[1]),
+            "evidence": str(self._evidence),
+            "failure": failure_message(self.shadow.last_failure),
+        }
+        with self._lock:
+            self._shadow_message = message
+            for worker in self._workers.values():
+                with contextlib.suppress(OSError):  # a dead worker: the supervisor replaces it
+                    send(worker.channel, message)
+        if artifact is not None and stale is not artifact:
+            log.info(
+                "shadow %s version %s sent to the workers",
+                artifact.ref.name,
+                artifact.ref.version,
+                extra=event("shadow_published", shadow_version=artifact.ref.version),
+            )
+        if stale is not None:
+            # Each worker reads an artifact as its message arrives; the one before is long read.
+            shutil.rmtree(stale[1], ignore_errors=True)
 
     def _switch(self, artifact: ScoringArtifact) -> None:
         """Write the artifact, have every worker prepare it, then have them all swap at once."""

@@ -18,6 +18,7 @@ from streamflow.server.domain import (
     Runtime,
 )
 from streamflow.server.errors import FeatureError, status_of
+from streamflow.server.shadow import ShadowReport
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 
 _FEATURE_TYPES = {
@@ -125,4 +126,37 @@ def model_info(info: ModelInfo) -> pb.ModelInfoResponse:
                 failed_at=timestamp(failure.failed_at),
             )
         )
+    if info.shadow is not None:
+        response.shadow.CopyFrom(shadow_report(info.shadow))
     return response
+
+
+def shadow_report(report: ShadowReport) -> pb.ShadowReport:
+    message = pb.ShadowReport(
+        model_uri=report.model_uri,
+        sample=report.sample,
+        users_dropped=report.totals.dropped,
+        comparisons=[
+            pb.ShadowComparison(
+                shadow_version=shadow_version,
+                production_version=production_version,
+                users_compared=tally.users,
+                label_agreement=tally.label_agreement,
+                mean_abs_delta=tally.mean_abs_delta,
+                p99_abs_delta=tally.p99_abs_delta,
+            )
+            for (shadow_version, production_version), tally in sorted(report.totals.tallies.items())
+        ],
+    )
+    if report.model is not None:
+        message.model.CopyFrom(model_ref(report.model))
+    failure = report.last_reload_failure
+    if failure is not None:
+        message.last_reload_failure.CopyFrom(
+            pb.ReloadFailure(
+                model_version=failure.model_version,
+                reason=failure.reason,
+                failed_at=timestamp(failure.failed_at),
+            )
+        )
+    return message

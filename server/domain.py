@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from streamflow.server.shadow import ShadowReport
 
 FeatureScalar = int | float | bool | str
 
@@ -91,3 +94,5 @@ class ModelInfo:
     loaded_at: datetime
     runtime: Runtime
     last_reload_failure: ReloadFailure | None
+    shadow: ShadowReport | None = None
+    """What the shadow model learnt beside this one; None when the server runs no shadow."""

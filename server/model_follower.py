@@ -9,6 +9,10 @@ socket pair of its own, in JSON messages:
   reports of it; reply `serving` with the instant of the swap (CLOCK_MONOTONIC, one clock for every
   process).
 
+- `shadow` (seq, artifact, evidence, failure): the shadow model (`STREAMFLOW_SHADOW_MODEL_URI`), loaded at
+  once (it never answers, so no two phases), the folder to write its tallies into, and its last refused
+  version; no reply. A shadow that cannot be built here is logged and leaves the previous one scoring.
+
 A switch is two-phase: every worker prepares first, then all of them swap on `serve`, which is a reference
 assignment, so workers change versions within a few milliseconds of each other. `serve` with the seq already
 serving only changes the reported state.
@@ -34,6 +38,7 @@ from streamflow.server.heap import settle_after_load
 from streamflow.server.loaded_model import LoadedModel, ModelSource
 from streamflow.server.logs import event
 from streamflow.server.scoring_artifact import ScoringArtifact
+from streamflow.server.shadow import ShadowModel
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,9 @@ class ModelFollower(ModelSource):
         self._prepared: tuple[int, LoadedModel] | None = None
         self._ready = threading.Event()
         self._stopping = threading.Event()
+        self.shadow = ShadowModel()
+        """The shadow model the control plane sends, if it follows one."""
+        self._shadow_seq: int | None = None
 
     def start(self) -> None:
         if not self.alive:
@@ -123,6 +131,24 @@ class ModelFollower(ModelSource):
             self._prepare(seq, Path(message["artifact"]))
         elif message["op"] == "serve":
             self._serve(seq, message)
+        elif message["op"] == "shadow":
+            self._shadow(seq, message)
+
+    def _shadow(self, seq: int, message: dict[str, Any]) -> None:
+        model = None
+        if message["artifact"] is not None and seq != self._shadow_seq:
+            try:
+                model = LoadedModel.from_artifact(
+                    ScoringArtifact.read(Path(message["artifact"])), self.settings
+                )
+            except Exception:
+                log.exception(
+                    "cannot load the shadow's scoring artifact %s; the answers are not affected",
+                    message["artifact"],
+                )
+            else:
+                self._shadow_seq = seq
+        self.shadow.set(model, _failure(message["failure"]), Path(message["evidence"]))
 
     def _prepare(self, seq: int, directory: Path) -> None:
         try:

@@ -6,9 +6,11 @@ cannot mix two models in one answer.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,6 +21,9 @@ from streamflow.server.errors import FeatureError, FieldViolation, InvalidBatch,
 from streamflow.server.features import FeatureRow
 from streamflow.server.loaded_model import LoadedModel, ModelSource
 from streamflow.settings import Settings
+
+if TYPE_CHECKING:
+    from streamflow.server.shadow import ShadowScorer
 
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_USER_ID_LENGTH = 64
@@ -45,9 +50,11 @@ def user_id_problem(user_id: str) -> str | None:
 class Predictor:
     """Scores users with the watcher's current model."""
 
-    def __init__(self, settings: Settings, watcher: ModelSource) -> None:
+    def __init__(self, settings: Settings, watcher: ModelSource, shadow: ShadowScorer | None = None) -> None:
+        """`shadow`, when given, also scores a sample of the users after their answers are built."""
         self.settings = settings
         self.watcher = watcher
+        self.shadow = shadow
 
     def batch_predict(self, user_ids: Sequence[str]) -> list[Prediction | FeatureError]:
         """Score many users with one feature read and one inference call; results keep request order."""
@@ -68,7 +75,10 @@ class Predictor:
 
     def model_info(self) -> ModelInfo:
         """The model answering now and the last version refused since it was loaded."""
-        return self._model().info(self.watcher.last_failure)
+        info = self._model().info(self.watcher.last_failure)
+        if self.shadow is None:
+            return info
+        return dataclasses.replace(info, shadow=self.shadow.report())
 
     def _model(self) -> LoadedModel:
         model = self.watcher.current
@@ -108,4 +118,6 @@ class Predictor:
                     features=row.values,
                 )
             )
+        if self.shadow is not None:  # after the answers are built; it only queues them, and never raises
+            self.shadow.offer(model, rows, probabilities)
         return results

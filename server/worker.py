@@ -21,6 +21,7 @@ from streamflow.server.model_follower import ModelFollower
 from streamflow.server.prediction_log import forwarding_log
 from streamflow.server.predictor import Predictor
 from streamflow.server.quotas import SharedBuckets
+from streamflow.server.shadow import ShadowScorer
 from streamflow.server.workers import SETTINGS_VARIABLE, worker_process
 from streamflow.settings import Settings
 
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Bound at once, it would be handed new connections it could only answer MODEL_NOT_LOADED while
             # the other workers can serve them. SIGTERM ends the process meanwhile.
             follower.wait_until_serving()
+        shadow = None
+        if settings.shadow_model_uri:  # the control plane sends the shadow model and names its folder
+            shadow = ShadowScorer(settings.shadow_model_uri, settings.shadow_sample, follower.shadow)
         inherited = iter(args.inherited_fd)
         buckets = SharedBuckets(next(inherited)) if settings.rate_limit_rps else None
         prediction_log = None
@@ -58,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve_process(
             settings,
             reuse_port=True,
-            predictor=Predictor(settings, follower),
+            predictor=Predictor(settings, follower, shadow),
             buckets=buckets,
             prediction_log=prediction_log,
         )

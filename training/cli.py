@@ -86,10 +86,11 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
-    from streamflow.training.registry import promote
+    from streamflow.training.registry import EvidenceRequired, promote
 
     _quiet()
-    done = promote(settings, args.version, args.stage, force=args.force)
+    required = EvidenceRequired(args.min_shadow_users, args.min_agreement)
+    done = promote(settings, args.version, args.stage, force=args.force, evidence=required)
     line = f"{settings.model_name} version {done.version} is now in {done.stage}"
     if done.previous_production is not None:
         line += f"; version {done.previous_production} was archived"
@@ -128,6 +129,20 @@ def _bootstrap(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the training subcommands to the `streamflow` parser."""
     parser = subparsers.add_parser(
@@ -164,6 +179,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--force",
         action="store_true",
         help="promote to Production despite the gate, or move the Production version out of it",
+    )
+    parser.add_argument(
+        "--min-shadow-users",
+        type=_non_negative_int,
+        help="to Production: require shadow evidence against the current Production on at least N users",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=_share,
+        help="to Production: require shadow evidence of at least this label agreement (0 to 1)",
     )
     parser.set_defaults(handler=_promote)
 

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from sklearn.base import ClassifierMixin
 
 from streamflow.errors import StreamflowError
+from streamflow.model_contract import SHADOW_TAG_PREFIX, ShadowEvidence
 from streamflow.settings import Settings
 from streamflow.training.train import TAG_AS_OF, mlflow_client, score, validation_frame
 
@@ -139,8 +140,73 @@ def _move(client: MlflowClient, name: str, version: ModelVersion, stage: str) ->
             client.delete_registered_model_alias(name, alias)
 
 
-def promote(settings: Settings, version: int | str, stage: str, force: bool = False) -> Promotion:
-    """Move `version` to `stage` (None, Staging, Production, Archived); a refusal changes nothing."""
+@dataclass(frozen=True)
+class EvidenceRequired:
+    """What `promote` asks of a candidate's shadow evidence (server/shadow_evidence.py records it)."""
+
+    min_users: int | None = None
+    min_agreement: float | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.min_users is not None or self.min_agreement is not None
+
+
+def check_shadow_evidence(
+    candidate: ModelVersion, production: ModelVersion | None, required: EvidenceRequired
+) -> ShadowEvidence:
+    """The candidate's evidence as a shadow of the current Production; raises `PromotionRefused` with one
+    sentence when it is missing, against another Production version, or short of `required`."""
+    number = candidate.version
+    tags = dict(candidate.tags or {})
+    recorded = sorted(k.removeprefix(SHADOW_TAG_PREFIX) for k in tags if k.startswith(SHADOW_TAG_PREFIX))
+    if production is None:
+        raise PromotionRefused(
+            f"Version {number} has no shadow evidence: there is no Production version to compare it with."
+        )
+    if not recorded:
+        raise PromotionRefused(
+            f"Version {number} has no shadow evidence; serve it as the shadow (STREAMFLOW_SHADOW_MODEL_URI) "
+            f"beside Production version {production.version} first."
+        )
+    text = tags.get(SHADOW_TAG_PREFIX + str(production.version))
+    if text is None:
+        raise PromotionRefused(
+            f"Version {number}'s shadow evidence is against Production version(s) {', '.join(recorded)}, not "
+            f"the current Production version {production.version}; let it shadow version "
+            f"{production.version} first."
+        )
+    try:
+        evidence = ShadowEvidence.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PromotionRefused(
+            f"Version {number}'s shadow evidence tag {SHADOW_TAG_PREFIX}{production.version} is unreadable."
+        ) from exc
+    if required.min_users is not None and evidence.users < required.min_users:
+        raise PromotionRefused(
+            f"Version {number} was compared with Production version {production.version} on "
+            f"{evidence.users} users as a shadow, fewer than the {required.min_users} required."
+        )
+    if required.min_agreement is not None and evidence.label_agreement < required.min_agreement:
+        raise PromotionRefused(
+            f"Version {number} agreed with Production version {production.version} on "
+            f"{evidence.label_agreement:.2%} of {evidence.users} users, below the "
+            f"{required.min_agreement:.2%} required."
+        )
+    return evidence
+
+
+def promote(
+    settings: Settings,
+    version: int | str,
+    stage: str,
+    force: bool = False,
+    evidence: EvidenceRequired | None = None,
+) -> Promotion:
+    """Move `version` to `stage` (None, Staging, Production, Archived); a refusal changes nothing.
+
+    `evidence` (to Production only) requires the version's shadow evidence against the current Production
+    version; `force` skips the AUC gate, never the evidence a caller asked for."""
     target = _stage(stage)
     client = mlflow_client(settings)
     name = settings.model_name
@@ -160,6 +226,14 @@ def promote(settings: Settings, version: int | str, stage: str, force: bool = Fa
     if production is not None and int(production.version) == number:
         _move(client, name, candidate, target)  # already there; re-asserting repairs a drifted alias
         return Promotion(number, target, None, None)
+    if evidence is not None and evidence.any:
+        shown = check_shadow_evidence(candidate, production, evidence)
+        log.info(
+            "shadow evidence against Production version %s: %d users, label agreement %.2f%%",
+            shown.production_version,
+            shown.users,
+            100 * shown.label_agreement,
+        )
     checked = None
     if production is not None and not force:
         checked = gate(settings, candidate, production)
