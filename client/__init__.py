@@ -23,6 +23,7 @@ from streamflow.client.errors import (
 from streamflow.client.results import (
     BatchResult,
     ChurnLabel,
+    FeatureContribution,
     FeatureSchema,
     FeatureType,
     FeatureValue,
@@ -40,6 +41,7 @@ __all__ = [
     "ChurnServiceError",
     "DeadlineExceededError",
     "EntityNotFoundError",
+    "FeatureContribution",
     "FeatureSchema",
     "FeatureType",
     "FeatureValue",

@@ -1,6 +1,7 @@
 """`streamflow-client`: call the PredictionService from a shell and print JSON.
 
-Results go to stdout. A failed call prints its typed error (code, reason, metadata, violations) as JSON on
+Results go to stdout, as JSON; `predict --explain` prints a small table of the features that moved the
+score most instead. A failed call prints its typed error (code, reason, metadata, violations) as JSON on
 stderr and exits 1. In `batch`, a user that cannot be scored is a result with an `error`, not a failure.
 TLS files that cannot be used are one line on stderr and exit 2. The token is best passed in the
 STREAMFLOW_TOKEN environment variable: a command-line argument shows in `ps`.
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     predict = commands.add_parser("predict", help="score one user")
     predict.add_argument("user_id", metavar="USER_ID")
+    predict.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the features that moved the score most (exact TreeSHAP) as a table, not JSON",
+    )
+    predict.add_argument(
+        "--top", type=int, default=5, metavar="N", help="with --explain: how many features (default 5)"
+    )
     batch = commands.add_parser("batch", help="score many users, in order")
     batch.add_argument(
         "user_ids", metavar="USER_ID", nargs="*", help="ids to score; none (or -) reads them from stdin"
@@ -100,8 +109,30 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, default=_json_default, indent=2)
 
 
+def explanation_table(prediction: Prediction, base_value: float | None, top: int) -> str:
+    """The prediction and its `top` largest contributions, with the value each feature had."""
+    values = {f.name: f.value for f in prediction.features}
+    shown = prediction.contributions[: max(top, 0)]
+    width = max([len("feature"), *(len(c.name) for c in shown)])
+    base = "unknown" if base_value is None else f"{base_value:.4f}"
+    lines = [
+        f"user {prediction.user_id}: churn probability {prediction.churn_probability:.4f} "
+        f"({prediction.label.value}), model {prediction.model.name} version {prediction.model.version}",
+        f"base value {base}; top {len(shown)} of {len(prediction.contributions)} contributions:",
+        f"  {'feature':<{width}}  {'value':>12}  {'contribution':>12}",
+    ]
+    lines += [f"  {c.name:<{width}}  {values.get(c.name)!s:>12}  {c.contribution:>+12.4f}" for c in shown]
+    rest = sum(c.contribution for c in prediction.contributions[len(shown) :])
+    if len(prediction.contributions) > len(shown):
+        lines.append(f"  {'(the others)':<{width}}  {'':>12}  {rest:>+12.4f}")
+    return "\n".join(lines)
+
+
 def _run(client: ChurnClient, args: argparse.Namespace) -> Any:
-    """The JSON-ready result of the chosen command."""
+    """The JSON-ready result of the chosen command (a string is printed as it is)."""
+    if args.command == "predict" and args.explain:
+        prediction = client.predict(args.user_id, explain=True)
+        return explanation_table(prediction, client.model_info().base_value, args.top)
     if args.command == "predict":
         return asdict(client.predict(args.user_id))
     if args.command == "batch":
@@ -140,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ChurnServiceError as error:
             print(_dumps(asdict(error)), file=sys.stderr)
             return 1
-    print(_dumps(output))
+    print(output if isinstance(output, str) else _dumps(output))
     return 0
 
 

@@ -66,6 +66,15 @@ class FeatureValue:
 
 
 @dataclass(frozen=True)
+class FeatureContribution:
+    """How much one feature's value moved a prediction from the model's base value (exact TreeSHAP, in
+    probability units: positive raises the churn probability)."""
+
+    name: str
+    contribution: float
+
+
+@dataclass(frozen=True)
 class Prediction:
     """One user's churn score and everything that produced it."""
 
@@ -74,6 +83,9 @@ class Prediction:
     churn_probability: float
     model: ModelRef
     features: tuple[FeatureValue, ...]
+    contributions: tuple[FeatureContribution, ...] = ()
+    """When asked to `explain`: one per feature, largest magnitude first; `ModelInfo.base_value` plus their
+    sum is `churn_probability`."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +130,9 @@ class ModelInfo:
     loaded_at: datetime | None
     runtime: Runtime
     last_reload_failure: ReloadFailure | None
+    base_value: float | None = None
+    """What explanations add up from: the expected churn probability; None when the model cannot be
+    explained."""
 
 
 _E = TypeVar("_E", ChurnLabel, FeatureType, Runtime)
@@ -160,6 +175,7 @@ def prediction_from_proto(message: pb.Prediction) -> Prediction:
         churn_probability=message.churn_probability,
         model=_model_ref(message.model),
         features=tuple(_feature_value(f) for f in message.features),
+        contributions=tuple(FeatureContribution(c.name, c.contribution) for c in message.contributions),
     )
 
 
@@ -206,4 +222,5 @@ def model_info_from_proto(message: pb.ModelInfoResponse) -> ModelInfo:
         )
         if message.HasField("last_reload_failure")
         else None,
+        base_value=message.base_value if message.HasField("base_value") else None,
     )

@@ -74,6 +74,10 @@ def _fill_prediction(message: pb.Prediction, result: Prediction) -> None:
     message.user_id = result.user_id
     message.label = pb.CHURN_LABEL_CHURN if result.churn else pb.CHURN_LABEL_STAY
     message.churn_probability = result.churn_probability
+    if result.contributions:  # only asked for with `explain`
+        add = message.contributions.add
+        for name, contribution in result.contributions:
+            add(name=name, contribution=contribution)
 
 
 def predict_response(result: Prediction) -> pb.PredictResponse:
@@ -117,6 +121,8 @@ def model_info(info: ModelInfo) -> pb.ModelInfoResponse:
         loaded_at=timestamp(info.loaded_at),
         runtime=_RUNTIMES[info.runtime],
     )
+    if info.base_value is not None:
+        response.base_value = info.base_value
     failure = info.last_reload_failure
     if failure is not None:
         response.last_reload_failure.CopyFrom(

@@ -66,6 +66,8 @@ class Prediction:
     churn_probability: float
     model: ModelRef
     features: tuple[FeatureValue, ...]
+    contributions: tuple[tuple[str, float], ...] = ()
+    """(feature, TreeSHAP contribution) pairs, largest magnitude first, when the call asked to `explain`."""
 
 
 @dataclass(frozen=True)
@@ -94,5 +96,7 @@ class ModelInfo:
     loaded_at: datetime
     runtime: Runtime
     last_reload_failure: ReloadFailure | None
+    base_value: float | None = None
+    """What explanations add up from (TreeSHAP's expected value); None when the model cannot be explained."""
     shadow: ShadowReport | None = None
     """What the shadow model learnt beside this one; None when the server runs no shadow."""

@@ -269,6 +269,23 @@ class FeatureStoreUnavailable(ServingError):
         super().__init__(f"the {store} online store cannot be reached; retry later", {"onlineStore": store})
 
 
+class ExplanationsUnavailable(ServingError):
+    """A call asked to `explain` and the model answering cannot be explained: its structure is not a forest
+    the explainer takes, or this install lacks the compiled TreeSHAP kernel."""
+
+    CAUSES: ClassVar[dict[str, str]] = {
+        "model": "is not a forest over one-hot and numeric columns",
+        "kernel": "is served by an install without the compiled TreeSHAP kernel (reinstall with gcc)",
+    }
+
+    def __init__(self, version: str, cause: str) -> None:
+        super().__init__(
+            f"model version {version} cannot be explained: it {self.CAUSES[cause]}; "
+            "send the call without `explain`",
+            {"modelVersion": version, "cause": cause},
+        )
+
+
 ERROR_TABLE: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
     InvalidUserId: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_USER_ID"),
     InvalidBatch: (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_BATCH"),
@@ -281,6 +298,7 @@ ERROR_TABLE: dict[type[ServingError], tuple[grpc.StatusCode, str]] = {
     FeaturesMissing: (grpc.StatusCode.FAILED_PRECONDITION, "FEATURES_MISSING"),
     FeaturesStale: (grpc.StatusCode.FAILED_PRECONDITION, "FEATURES_STALE"),
     FeaturesInvalid: (grpc.StatusCode.FAILED_PRECONDITION, "FEATURES_INVALID"),
+    ExplanationsUnavailable: (grpc.StatusCode.FAILED_PRECONDITION, "EXPLANATIONS_UNAVAILABLE"),
     ModelNotLoaded: (grpc.StatusCode.UNAVAILABLE, "MODEL_NOT_LOADED"),
     FeatureStoreUnavailable: (grpc.StatusCode.UNAVAILABLE, "FEATURE_STORE_UNAVAILABLE"),
 }

@@ -21,7 +21,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.machinery
+import itertools
 import json
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from streamflow.server.onnx_runtime import Columns, row_chunks
+from streamflow.server.onnx_runtime import Columns
 
 _ARRAYS = ("roots", "left", "right", "col", "raw", "thr", "frac_left", "frac_right", "value")
 _INT_ARRAYS = {"roots", "left", "right", "col", "raw"}
@@ -45,7 +47,7 @@ class ExplainerUnsupported(ValueError):
     """A model whose structure the explainer cannot take (not one-hot/passthrough columns into a forest)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ForestArrays:
     """A forest flattened for TreeSHAP, and how its transformed columns come from the raw features."""
 
@@ -58,6 +60,18 @@ class ForestArrays:
     arrays: dict[str, np.ndarray]
     """`roots` (one per tree) and, per node: `left`/`right` (-1 at a leaf), `col`, `raw`, `thr`,
     `frac_left`/`frac_right` (cover of the child over the node's) and `value` (leaf probability / trees)."""
+
+    def __eq__(self, other: object) -> bool:
+        """The same forest: equal arrays (a loaded copy maps its arrays; they are still equal)."""
+        if not isinstance(other, ForestArrays):
+            return NotImplemented
+        return (self.features, self.columns, self.base_value) == (
+            other.features,
+            other.columns,
+            other.base_value,
+        ) and all(np.array_equal(self.arrays[name], other.arrays[name]) for name in _ARRAYS)
+
+    __hash__ = None  # type: ignore[assignment]
 
     def save(self, directory: Path) -> None:
         directory.mkdir(mode=0o700)
@@ -195,11 +209,12 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 class Explainer:
     """Exact TreeSHAP contributions of a forest's raw features, computed by the compiled kernel."""
 
-    def __init__(self, forest: ForestArrays, threads: int = 1) -> None:
+    def __init__(self, forest: ForestArrays, threads: int | None = None) -> None:
+        """`threads`: most threads one call's rows are split across (default: this process's cores)."""
         self.forest = forest
         self.features = forest.features
         self.base_value = forest.base_value
-        self._threads = max(1, threads)
+        self._threads = max(1, threads if threads is not None else len(os.sched_getaffinity(0)))
 
     def transform(self, columns: Columns) -> np.ndarray:
         """The rows as the forest reads them (n, transformed columns), in float64 of their float32 value."""
@@ -216,7 +231,10 @@ class Explainer:
         """(n, features) contributions in probability units, in `features` order."""
         x = self.transform(columns)
         phi = np.zeros((len(x), len(self.features)))
-        chunks = row_chunks(len(x), self._threads) if self._threads > 1 else [(0, len(x))]
+        # A row takes milliseconds: worth a thread of its own, unlike a row of inference.
+        count = min(self._threads, len(x))
+        bounds = [len(x) * i // count for i in range(count + 1)] if count else [0, 0]
+        chunks = list(itertools.pairwise(bounds))
         if len(chunks) < 2:
             self._run(x, phi)
         else:

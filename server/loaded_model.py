@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from streamflow.server.domain import ModelInfo, ModelRef, ReloadFailure, Runtime
+from streamflow.server.explanations import Explainer
 from streamflow.server.features import FeatureReader
 from streamflow.server.onnx_runtime import Columns, OnnxModel, ProbabilityModel
 from streamflow.server.scoring_artifact import ScoringArtifact
@@ -63,6 +64,8 @@ class LoadedModel:
     runtime: Runtime
     model: ProbabilityModel
     reader: FeatureReader
+    explainer: Explainer | None = None
+    """Exact TreeSHAP of the model's forest; None when the model cannot be explained."""
 
     @classmethod
     def from_artifact(cls, artifact: ScoringArtifact, settings: Settings) -> LoadedModel:
@@ -79,6 +82,7 @@ class LoadedModel:
             runtime=artifact.runtime,
             model=runtime_model(artifact),
             reader=FeatureReader(artifact.layout, settings),
+            explainer=None if artifact.explainer is None else Explainer(artifact.explainer),
         )
 
     def info(self, last_reload_failure: ReloadFailure | None) -> ModelInfo:
@@ -96,6 +100,7 @@ class LoadedModel:
             loaded_at=self.loaded_at,
             runtime=self.runtime,
             last_reload_failure=last_reload_failure,
+            base_value=None if self.explainer is None else self.explainer.base_value,
         )
 
     def with_registry_state(self, stage: str, aliases: tuple[str, ...]) -> LoadedModel:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import mlflow.artifacts
 import mlflow.sklearn
@@ -48,6 +49,7 @@ from streamflow.model_contract import (
     compare,
 )
 from streamflow.server.domain import FeatureScalar, FeatureType, FeatureValue, ModelRef, Runtime
+from streamflow.server.explanations import ExplainerUnsupported, ForestArrays, forest_arrays
 from streamflow.server.feature_layout import FeatureServiceError, feature_layout
 from streamflow.server.features import FeatureRow
 from streamflow.server.loaded_model import LoadedModel
@@ -159,7 +161,9 @@ def build_artifact(
     run_id = version.run_id or ""
     metrics = dict(client.get_run(run_id).data.metrics) if run_id else {}
     _check_provenance(version, run_id, metrics)
-    runtime, model = choose_runtime(settings, run_id, lambda: _load_pipeline(settings, client, version))
+    # The pipeline is loaded whichever runtime serves: explanations are computed from its forest.
+    pipeline = _load_pipeline(settings, client, version)
+    runtime, model = choose_runtime(settings, run_id, lambda: pickle.dumps(pipeline))
     artifact = ScoringArtifact(
         ref=ModelRef(version.name, str(version.version)),
         stage=version.current_stage or "None",
@@ -171,8 +175,19 @@ def build_artifact(
         layout=layout,
         runtime=runtime,
         model=model,
+        explainer=_explainer(version, pipeline, layout),
     )
     return artifact
+
+
+def _explainer(version: ModelVersion, pipeline: object, layout: FeatureLayout) -> ForestArrays | None:
+    """The forest flattened for explanations, or None (logged) when the model is not one the explainer takes:
+    it still serves, and calls that ask to `explain` get EXPLANATIONS_UNAVAILABLE."""
+    try:
+        return forest_arrays(pipeline, [feature.name for feature in layout.schema])
+    except ExplainerUnsupported as exc:
+        log.warning("version %s serves without explanations: %s", version.version, exc)
+        return None
 
 
 def load_model(
@@ -256,8 +271,8 @@ def _check_provenance(version: ModelVersion, run_id: str, metrics: dict[str, flo
         raise ModelLoadError(f"version {version.version}: {refusal}", refusal)
 
 
-def _load_pipeline(settings: Settings, client: MlflowClient, version: ModelVersion) -> bytes:
-    """The version's scikit-learn pipeline, set to score on the calling thread only, pickled."""
+def _load_pipeline(settings: Settings, client: MlflowClient, version: ModelVersion) -> Any:
+    """The version's scikit-learn pipeline, set to score on the calling thread only."""
     # The explicit client resolves the artifact location: a `models:/` URI would be resolved against MLflow's
     # process-wide registry URI, and one process may serve several registries (tests do).
     location = client.get_model_version_download_uri(version.name, str(version.version))
@@ -276,7 +291,7 @@ def _load_pipeline(settings: Settings, client: MlflowClient, version: ModelVersi
             f"version {version.version} predicts classes {classes}, not [0, 1] (1 = churn)",
             "it does not predict the classes 0 and 1 (1 = churn)",
         )
-    return pickle.dumps(pipeline)
+    return pipeline
 
 
 _SMOKE_FAILED = "it failed a test prediction; see the server log"

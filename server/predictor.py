@@ -7,6 +7,7 @@ cannot mix two models in one answer.
 from __future__ import annotations
 
 import dataclasses
+import dataclasses
 import re
 import time
 from collections.abc import Sequence
@@ -17,9 +18,18 @@ import numpy as np
 from streamflow.model_contract import CHURN_CLASS, is_churn
 from streamflow.server import metrics, tracing
 from streamflow.server.domain import ModelInfo, Prediction
-from streamflow.server.errors import FeatureError, FieldViolation, InvalidBatch, InvalidUserId, ModelNotLoaded
+from streamflow.server.errors import (
+    ExplanationsUnavailable,
+    FeatureError,
+    FieldViolation,
+    InvalidBatch,
+    InvalidUserId,
+    ModelNotLoaded,
+)
+from streamflow.server.explanations import Explainer, kernel_available, ranked
 from streamflow.server.features import FeatureRow
 from streamflow.server.loaded_model import LoadedModel, ModelSource
+from streamflow.server.onnx_runtime import Columns
 from streamflow.settings import Settings
 
 if TYPE_CHECKING:
@@ -47,6 +57,29 @@ def user_id_problem(user_id: str) -> str | None:
     return None
 
 
+def _explainer(model: LoadedModel) -> Explainer:
+    """The model's explainer, or `ExplanationsUnavailable` when it has none or this install no kernel."""
+    if model.explainer is None:
+        raise ExplanationsUnavailable(model.ref.version, "model")
+    if not kernel_available():
+        raise ExplanationsUnavailable(model.ref.version, "kernel")
+    return model.explainer
+
+
+def _explained(
+    results: list[Prediction | FeatureError], explainer: Explainer, columns: Columns, version: str
+) -> list[Prediction | FeatureError]:
+    """The predictions with their contributions (`columns` holds the scored rows, in the results' order)."""
+    with tracing.span("streamflow.explanation", version, len(columns[explainer.features[0]])):
+        contributions = iter(explainer.contributions(columns))
+    return [
+        result
+        if isinstance(result, FeatureError)
+        else dataclasses.replace(result, contributions=ranked(explainer.features, next(contributions)))
+        for result in results
+    ]
+
+
 class Predictor:
     """Scores users with the watcher's current model."""
 
@@ -56,7 +89,9 @@ class Predictor:
         self.watcher = watcher
         self.shadow = shadow
 
-    def batch_predict(self, user_ids: Sequence[str]) -> list[Prediction | FeatureError]:
+    def batch_predict(
+        self, user_ids: Sequence[str], explain: bool = False
+    ) -> list[Prediction | FeatureError]:
         """Score many users with one feature read and one inference call; results keep request order."""
         limit = self.settings.max_batch_size
         violations = [
@@ -71,7 +106,7 @@ class Predictor:
         if violations:
             raise InvalidBatch(violations, len(user_ids), limit)
         metrics.batch_size("batch_predict", len(user_ids))
-        return self.score(user_ids)
+        return self.score(user_ids, explain)
 
     def model_info(self) -> ModelInfo:
         """The model answering now and the last version refused since it was loaded."""
@@ -86,11 +121,14 @@ class Predictor:
             raise ModelNotLoaded(self.settings.model_uri)
         return model
 
-    def score(self, user_ids: Sequence[str]) -> list[Prediction | FeatureError]:
+    def score(self, user_ids: Sequence[str], explain: bool = False) -> list[Prediction | FeatureError]:
         """Score well-formed ids with one feature read and one inference call; results keep their order.
+        With `explain`, each prediction carries its features' contributions.
 
-        Raises `ModelNotLoaded` or `FeatureStoreUnavailable`, which concern every id alike."""
+        Raises `ModelNotLoaded`, `FeatureStoreUnavailable` or `ExplanationsUnavailable`, which concern every
+        id alike."""
         model = self._model()
+        explainer = _explainer(model) if explain else None  # before any read: the call fails as a whole
         version = model.ref.version
         read_started = time.perf_counter()
         with tracing.span("streamflow.feature_read", version, len(user_ids)):
@@ -98,8 +136,9 @@ class Predictor:
         read_s, inference_started = time.perf_counter() - read_started, time.perf_counter()
         rows = [r for r in read if isinstance(r, FeatureRow)]
         with tracing.span("streamflow.inference", version, len(rows)):
+            columns = model.reader.columns(rows) if rows else None
             probabilities = (
-                model.model.predict_proba(model.reader.columns(rows))[:, CHURN_CLASS] if rows else np.empty(0)
+                model.model.predict_proba(columns)[:, CHURN_CLASS] if columns is not None else np.empty(0)
             )
         metrics.scoring(model, read, probabilities, read_s, time.perf_counter() - inference_started)
         scored = iter(zip(rows, probabilities, strict=True))
@@ -118,6 +157,8 @@ class Predictor:
                     features=row.values,
                 )
             )
+        if explainer is not None and columns is not None:
+            results = _explained(results, explainer, columns, version)
         if self.shadow is not None:  # after the answers are built; it only queues them, and never raises
             self.shadow.offer(model, rows, probabilities)
         return results

@@ -10,9 +10,11 @@ this artifact alone, so it imports neither MLflow, Feast, pandas nor (serving ON
 - the validity rules: each feature's valid range or categories;
 - the online store's layout: where each view's rows live (SQLite tables, Redis hash fields), how an entity key
   is encoded, how to connect, and the descriptor of Feast's `Value` message the cells are stored as;
-- what ModelInfo reports: the version, its run, metrics and provenance.
+- what ModelInfo reports: the version, its run, metrics and provenance;
+- the forest flattened for explanations (server/explanations.py), when the model is one.
 
-On disk it is a directory: `artifact.json` and the model file beside it, written once and never changed.
+On disk it is a directory: `artifact.json`, the model file and the explainer's arrays (`explainer/`, mapped
+read-only by workers) beside it, written once and never changed.
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from streamflow.server.domain import FeatureSchema, FeatureType, ModelRef, Runtime
+from streamflow.server.explanations import ForestArrays
 
 SPEC_FILE = "artifact.json"
 MODEL_FILES = {Runtime.ONNX: "model.onnx", Runtime.SKLEARN: "model.pkl"}
+EXPLAINER_DIR = "explainer"
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ class ScoringArtifact:
     model: bytes | Path
     """The model's bytes, or the file that holds them (an artifact read from disk): onnxruntime reads a file
     itself, without the 18 MB copy of the demo model's bytes it keeps when handed them."""
+    explainer: ForestArrays | None = None
+    """The forest as TreeSHAP reads it; None when the model cannot be explained."""
 
     def model_bytes(self) -> bytes:
         return self.model if isinstance(self.model, bytes) else self.model.read_bytes()
@@ -117,7 +123,9 @@ class ScoringArtifact:
         """Write the artifact into `directory` (created, private to this user); returns it."""
         directory.mkdir(mode=0o700, parents=True)
         (directory / MODEL_FILES[self.runtime]).write_bytes(self.model_bytes())
-        spec = _encode({k: v for k, v in vars(self).items() if k != "model"})
+        if self.explainer is not None:
+            self.explainer.save(directory / EXPLAINER_DIR)
+        spec = _encode({k: v for k, v in vars(self).items() if k not in {"model", "explainer"}})
         temporary = directory / f".{SPEC_FILE}"
         temporary.write_text(json.dumps(spec))
         os.replace(temporary, directory / SPEC_FILE)  # a reader sees the whole spec or none
@@ -140,6 +148,9 @@ class ScoringArtifact:
             layout=_layout(spec["layout"]),
             runtime=runtime,
             model=_existing(directory / MODEL_FILES[runtime]),
+            explainer=ForestArrays.load(directory / EXPLAINER_DIR)
+            if (directory / EXPLAINER_DIR).is_dir()
+            else None,
         )
 
 

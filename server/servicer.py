@@ -22,7 +22,7 @@ from streamflow.server.batcher import PredictBatcher
 from streamflow.server.domain import Prediction
 from streamflow.server.errors import FeatureError
 from streamflow.server.prediction_log import PredictionLog
-from streamflow.server.predictor import Predictor
+from streamflow.server.predictor import Predictor, check_user_id
 from streamflow.server.rpc import CURRENT_CALL
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 
@@ -56,18 +56,36 @@ class PredictionServicer:
     ) -> pb.PredictResponse:
         call = CURRENT_CALL.get()
         call.users = 1
-        response = await self._batcher.predict(request.user_id)
+        if request.explain:
+            response = await self._explained_predict(request.user_id)
+        else:
+            response = await self._batcher.predict(request.user_id)
         call.model_version = response.prediction.model.version
         if self._log is not None:
             self._log.served(call.request_id, (response.prediction.SerializeToString(),))
         return response
+
+    async def _explained_predict(self, user_id: str) -> pb.PredictResponse:
+        """One user scored and explained on the batch pool: an explanation takes milliseconds, too long for
+        the event loop, and coalescing it would make the Predicts batched with it wait for it."""
+
+        def work() -> pb.PredictResponse:
+            (result,) = self._predictor.score([user_id], explain=True)
+            if isinstance(result, FeatureError):
+                raise result
+            return converters.predict_response(result)
+
+        check_user_id(user_id)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._batch_pool, contextvars.copy_context().run, work
+        )
 
     async def BatchPredict(
         self, request: pb.BatchPredictRequest, context: grpc.aio.ServicerContext
     ) -> pb.BatchPredictResponse:
         def work() -> pb.BatchPredictResponse:
             user_ids = list(request.user_ids)
-            results = self._predictor.batch_predict(user_ids)
+            results = self._predictor.batch_predict(user_ids, request.explain)
             with tracing.span("streamflow.build_response", _version_of(results), len(results)):
                 response = converters.batch_response(user_ids, results)
             if self._log is not None:  # on the pool's thread, off the event loop

@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 
 from streamflow.client.churn_client import ChurnClient
 from streamflow.client.errors import ServiceUnavailableError
+from streamflow.client.results import Prediction
 from streamflow.feature_repo.store import open_store
 from streamflow.server.model_follower import ModelFollower, receive, send
 from streamflow.server.model_loader import load_model
@@ -67,25 +68,31 @@ def _health(port: int) -> str:
 
 
 def test_a_scoring_worker_maps_none_of_the_control_planes_libraries(
-    two_workers: tuple[psutil.Process, str],
+    two_workers: tuple[psutil.Process, str], served_embedded: str
 ) -> None:
     supervisor, address = two_workers
-    # Served first, on fresh connections until both workers answered, so each has built its model and read
-    # features: whatever scoring imports is in.
-    answered: set[str] = set()
+    # Served first, on fresh connections until both workers answered, so each has built its model, read
+    # features and explained a prediction (from the explainer arrays it maps from the artifact): whatever
+    # scoring imports is in.
+    with ChurnClient(served_embedded) as single_process:
+        explained = single_process.predict(FIRST_USER_ID, explain=True)
+    answered: dict[str, Prediction] = {}
     deadline = time.monotonic() + 120
     while len(answered) < 2:
         assert time.monotonic() < deadline, f"only {len(answered)} worker(s) answered"
         fresh = ChurnClient(address, options=[("grpc.use_local_subchannel_pool", 1)])
         with fresh as client, contextlib.suppress(ServiceUnavailableError):
-            client.predict(FIRST_USER_ID)
-            answered.add(str(client.model_info().loaded_at))
+            prediction = client.predict(FIRST_USER_ID, explain=True)
+            answered[str(client.model_info().loaded_at)] = prediction
     workers = supervisor.children()
     assert len(workers) == 2
 
     for worker in workers:
         assert _mapped_libraries(worker.pid) & set(CONTROL_PLANE_LIBRARIES) == set(), worker.pid
         assert {"onnxruntime", "numpy", "grpc"} <= _mapped_libraries(worker.pid)
+        assert "_treeshap" in Path(f"/proc/{worker.pid}/maps").read_text()
+    # Workers explain exactly as the single-process server, which explains from the arrays in memory.
+    assert all(prediction == explained for prediction in answered.values())
     # The check can fail: the supervisor, which follows the registry, maps them.
     assert {"pyarrow", "pandas"} <= _mapped_libraries(supervisor.pid)
 

@@ -237,10 +237,10 @@ class BrokenPredictor(Predictor):
     """A stand-in for a bug: since a wrongly typed stored value became FEATURES_INVALID, no real input makes
     scoring fail unexpectedly, so this Predictor fails for `BROKEN` users with internals in the exception."""
 
-    def score(self, user_ids: Sequence[str]) -> list[Prediction | FeatureError]:
+    def score(self, user_ids: Sequence[str], explain: bool = False) -> list[Prediction | FeatureError]:
         if BROKEN in user_ids:
             raise RuntimeError("secret internals: /srv/models/v7 string_val")
-        return super().score(user_ids)
+        return super().score(user_ids, explain)
 
 
 @pytest.fixture(scope="module")
