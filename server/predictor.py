@@ -7,7 +7,6 @@ cannot mix two models in one answer.
 from __future__ import annotations
 
 import dataclasses
-import dataclasses
 import re
 import time
 from collections.abc import Sequence
