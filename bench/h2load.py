@@ -60,11 +60,41 @@ def require_h2load() -> str:
     return path
 
 
+_LONGEST_S = 160.0
+"""How long a measured period may grow to for a service too slow for the one asked (see `run`)."""
+
+
 def run(
     endpoint: Endpoint, concurrency: int, duration_s: float, warm_up_s: float = 1.0, streams: int = 1
 ) -> LoadResult:
     """POST `endpoint` from `concurrency` connections, `streams` requests in flight on each, for
-    `duration_s`."""
+    `duration_s`.
+
+    h2load counts only the requests started in the measured period: when the calls in flight at its start take
+    longer than the whole period (a slow service at high concurrency on a busy machine), it measures none. The
+    warm-up and the period are then made four times longer, as often as needed up to `_LONGEST_S`, and a line
+    says so."""
+    while True:
+        result = _run_once(endpoint, concurrency, duration_s, warm_up_s, streams)
+        if result is not None:
+            return result
+        if duration_s * 4 > _LONGEST_S:
+            raise RuntimeError(
+                f"no request of {endpoint.url} at concurrency {concurrency} started and ended within"
+                f" {duration_s:g} s: the service is too slow to measure"
+            )
+        duration_s, warm_up_s = duration_s * 4, warm_up_s * 4
+        print(
+            f"    no request ended within the measured period at concurrency {concurrency};"
+            f" measuring over {duration_s:g} s after {warm_up_s:g} s of warm-up",
+            flush=True,
+        )
+
+
+def _run_once(
+    endpoint: Endpoint, concurrency: int, duration_s: float, warm_up_s: float, streams: int
+) -> LoadResult | None:
+    """One h2load run; None when no request started in the measured period."""
     with tempfile.TemporaryDirectory() as tmp:
         body = Path(tmp) / "body"
         body.write_bytes(endpoint.body)
@@ -92,6 +122,8 @@ def run(
     counts = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", out)
     if throughput is None or counts is None:
         raise RuntimeError(f"unexpected h2load output:\n{out}")
+    if int(counts.group(1)) == 0:
+        return None
     answered = ("200", "0") if endpoint.status_unreadable else ("200",)
     ok = [int(duration) / 1000 for _, status, duration in rows if status in answered]
     if not ok:
