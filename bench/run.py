@@ -37,7 +37,7 @@ import grpc
 import pandas as pd
 from grpc_health.v1 import health_pb2
 
-from bench import h2load, http_json, observability, prediction_log, scale, security, skew
+from bench import h2load, http_json, observability, prediction_log, scale, security, shadow, skew
 from bench.floor import feast_sdk_call, feature_frame, floor_call, load_served_model, time_calls
 from bench.services import BIN, Service, free_port, grpc_serving, http_ok, start
 from streamflow.feature_repo.definitions import SNAPSHOT_DATES, VIEW_SPECS
@@ -415,6 +415,12 @@ def log_table(env: dict[str, str], user_id: str, duration: float, rounds: int) -
     return prediction_log.render(cost)
 
 
+def shadow_table(env: dict[str, str], user_id: str, duration: float, rounds: int) -> str:
+    print("Predict with a shadow model beside none ...", flush=True)
+    cost = shadow.measure_cost(env, user_id, duration, rounds, RESULTS / "shadow.log")
+    return shadow.render(cost)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark StreamFlow against the alternatives.")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per measured run")
@@ -438,6 +444,11 @@ def main() -> None:
         "--scale-only",
         action="store_true",
         help="only Predict against 1,000,000 users in Redis beside 7,043 (minutes; more to fill Redis once)",
+    )
+    parser.add_argument(
+        "--shadow-only",
+        action="store_true",
+        help="only Predict with a shadow model at sample 1.0 beside none",
     )
     parser.add_argument(
         "--skew-only", action="store_true", help="only the version skew of promotions under a running server"
@@ -465,6 +476,9 @@ def main() -> None:
         return
     if args.log_only:
         print(log_table(env, users[0], args.duration, args.rounds))
+        return
+    if args.shadow_only:
+        print(shadow_table(env, users[0], args.duration, args.rounds))
         return
     if args.skew_only:
         print(skew.measure_skew(env, settings, RESULTS / "skew.log"))
@@ -499,6 +513,7 @@ def main() -> None:
     secured = security_table(env, users[0], args.duration, args.rounds)
     over_http = http_table(env, users[0], args.duration, args.rounds)
     logged = log_table(env, users[0], args.duration, args.rounds)
+    shadowed = shadow_table(env, users[0], args.duration, args.rounds)
     switched = skew.measure_skew(env, settings, RESULTS / "skew.log")
     scaled = scale.run_scale(HOME, RESULTS, args.duration, args.rounds)
     table = (
@@ -508,6 +523,7 @@ def main() -> None:
         + secured
         + over_http
         + logged
+        + shadowed
         + switched
         + scaled
     )

@@ -1,0 +1,145 @@
+"""What shadow scoring costs a Predict; part of `make bench` (alone: `python -m bench.run --shadow-only`).
+
+The same `streamflow serve` (its default workers) without a shadow and with `STREAMFLOW_SHADOW_MODEL_URI` at
+`STREAMFLOW_SHADOW_SAMPLE=1.0` (every user scored again by a second forest of the same size: the Production
+version itself, followed as the shadow), started in turn round after round so the machine's drift falls on
+both alike; the prediction log is off in both, so the table shows the shadow alone. h2load drives Predict:
+p50 at concurrency 1 and calls/s at concurrency 32 (issue 14's budget: the shadow costs at most 15% of it).
+After each shadowed run ModelInfo is read: the users the shadow compared and dropped (the queue was full)
+are shown against the calls answered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import median
+
+import grpc
+
+from bench import h2load
+from bench.services import BIN, free_port, grpc_serving, start
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
+
+SERVICE = "streamflow.serving.v1.PredictionService"
+SHADOW_URI = "models:/streamflow_churn/Production"
+
+
+@dataclass(frozen=True)
+class Cost:
+    off_p50_ms: float
+    on_p50_ms: float
+    off_rps32: float
+    on_rps32: float
+    answered: int
+    compared: int
+    dropped: int
+
+
+def _shadow_counts(port: int) -> tuple[int, int]:
+    """(users compared, users dropped) as ModelInfo reports them, summed over the workers."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        info = pb_grpc.PredictionServiceStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=30)
+    return sum(c.users_compared for c in info.shadow.comparisons), info.shadow.users_dropped
+
+
+def _measure(
+    env: dict[str, str], user_id: str, duration: float, shadowed: bool, log: Path
+) -> tuple[float, float, int, int, int]:
+    """(p50 at concurrency 1 in ms, calls/s at concurrency 32, calls answered, users compared, users
+    dropped) of one fresh server."""
+    port, health_port = free_port(), free_port()
+    extra = {
+        "STREAMFLOW_HOST": "127.0.0.1",
+        "STREAMFLOW_PORT": str(port),
+        "STREAMFLOW_HEALTH_PORT": str(health_port),
+        "STREAMFLOW_PREDICTION_LOG": "false",
+        "STREAMFLOW_SHADOW_MODEL_URI": SHADOW_URI if shadowed else "",
+        "STREAMFLOW_SHADOW_SAMPLE": "1.0",
+    }
+    service = start(
+        "StreamFlow gRPC",
+        [str(BIN / "streamflow"), "serve"],
+        {**env, **extra},
+        grpc_serving,
+        health_port,
+        log,
+    )
+    try:
+        if shadowed and not _wait(lambda: _shadow_loaded(port), 120):
+            raise RuntimeError(f"the shadow {SHADOW_URI} did not load; see {log}")
+        request = h2load.grpc_frame(pb.PredictRequest(user_id=user_id).SerializeToString())
+        endpoint = h2load.Endpoint(f"http://127.0.0.1:{port}/{SERVICE}/Predict", request, h2load.GRPC_HEADERS)
+        one = h2load.run(endpoint, 1, duration, warm_up_s=0)
+        many = h2load.run(endpoint, 32, duration, warm_up_s=0)
+        answered = one.requests - one.failed + many.requests - many.failed
+        compared, dropped = 0, 0
+        if shadowed:
+            # The workers report every half second, and the queue empties after the load: wait until
+            # every answered user is accounted for, or give up after a while and show what is.
+            _wait(lambda: sum(_shadow_counts(port)) >= answered, 30)
+            compared, dropped = _shadow_counts(port)
+    finally:
+        service.stop()
+    return one.percentile(50), many.throughput, answered, compared, dropped
+
+
+def _wait(condition: Callable[[], bool], seconds: float) -> bool:
+    """Whether `condition` held within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _shadow_loaded(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            info = pb_grpc.PredictionServiceStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+    return info.shadow.HasField("model")
+
+
+def measure_cost(env: dict[str, str], user_id: str, duration: float, rounds: int, log: Path) -> Cost:
+    figures: dict[bool, list[tuple[float, float, int, int, int]]] = {False: [], True: []}
+    for round_ in range(rounds):
+        for shadowed in (False, True):
+            print(f"  shadow {'on' if shadowed else 'off'}, round {round_ + 1} of {rounds}", flush=True)
+            figures[shadowed].append(_measure(env, user_id, duration, shadowed, log))
+    off, on = figures[False], figures[True]
+    return Cost(
+        median(f[0] for f in off),
+        median(f[0] for f in on),
+        median(f[1] for f in off),
+        median(f[1] for f in on),
+        sum(f[2] for f in on),
+        sum(f[3] for f in on),
+        sum(f[4] for f in on),
+    )
+
+
+def render(cost: Cost) -> str:
+    p50_delta = cost.on_p50_ms - cost.off_p50_ms
+    rps_delta = (cost.on_rps32 - cost.off_rps32) / cost.off_rps32 * 100
+    return "\n".join(
+        [
+            "",
+            "Predict with a shadow model at sample 1.0 beside none (same build, started in turn; medians):",
+            "",
+            "| measure | no shadow | shadow | cost |",
+            "|---|---:|---:|---:|",
+            f"| Predict p50, concurrency 1 (ms) | {cost.off_p50_ms:.3f} | {cost.on_p50_ms:.3f} | "
+            f"{p50_delta:+.3f} ms |",
+            f"| Predict calls/s, concurrency 32 | {cost.off_rps32:,.0f} | {cost.on_rps32:,.0f} | "
+            f"{rps_delta:+.1f}% (budget -15%) |",
+            f"| users compared / dropped / calls answered, shadow on | | "
+            f"{cost.compared:,} / {cost.dropped:,} / {cost.answered:,} | |",
+            "",
+        ]
+    )
