@@ -312,8 +312,8 @@ def bound_registry_calls(settings: Settings) -> None:
 def serve(settings: Settings) -> int:
     """Serve until SIGTERM or SIGINT, then drain calls in flight for up to `settings.grace_s`; returns 0.
 
-    With several workers (`settings.workers`, 0 = one per core) a supervisor forks them before any gRPC object
-    exists, and each worker serves the shared port and follows the registry on its own (server/workers.py).
+    With several workers (`settings.workers`, 0 = one per core) a supervisor starts them and is their control
+    plane: it alone follows the registry and hands each version to every worker (server/control_plane.py).
     """
     bound_registry_calls(settings)
     limit_malloc_arenas()  # before any thread exists; forked workers inherit it
