@@ -38,6 +38,8 @@ import pandas as pd
 from grpc_health.v1 import health_pb2
 
 from bench import h2load, http_json, observability, prediction_log, scale, security, shadow, skew
+from bench.explain import measure_cost as explain_cost
+from bench.explain import render as render_explain
 from bench.floor import feast_sdk_call, feature_frame, floor_call, load_served_model, time_calls
 from bench.services import BIN, Service, free_port, grpc_serving, http_ok, start
 from streamflow.feature_repo.definitions import SNAPSHOT_DATES, VIEW_SPECS
@@ -421,6 +423,11 @@ def shadow_table(env: dict[str, str], user_id: str, duration: float, rounds: int
     return shadow.render(cost)
 
 
+def explain_table(env: dict[str, str], users: list[str], duration: float, rounds: int) -> str:
+    print("Predict and BatchPredict with explain beside without ...", flush=True)
+    return render_explain(explain_cost(env, users, duration, rounds, RESULTS / "explain.log"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Benchmark StreamFlow against the alternatives.")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per measured run")
@@ -451,6 +458,11 @@ def main() -> None:
         help="only Predict with a shadow model at sample 1.0 beside none",
     )
     parser.add_argument(
+        "--explain-only",
+        action="store_true",
+        help="only Predict and BatchPredict of 100 with explanations beside without",
+    )
+    parser.add_argument(
         "--skew-only", action="store_true", help="only the version skew of promotions under a running server"
     )
     args = parser.parse_args()
@@ -479,6 +491,9 @@ def main() -> None:
         return
     if args.shadow_only:
         print(shadow_table(env, users[0], args.duration, args.rounds))
+        return
+    if args.explain_only:
+        print(explain_table(env, users, args.duration, args.rounds))
         return
     if args.skew_only:
         print(skew.measure_skew(env, settings, RESULTS / "skew.log"))
@@ -514,6 +529,7 @@ def main() -> None:
     over_http = http_table(env, users[0], args.duration, args.rounds)
     logged = log_table(env, users[0], args.duration, args.rounds)
     shadowed = shadow_table(env, users[0], args.duration, args.rounds)
+    explained = explain_table(env, users, args.duration, args.rounds)
     switched = skew.measure_skew(env, settings, RESULTS / "skew.log")
     scaled = scale.run_scale(HOME, RESULTS, args.duration, args.rounds)
     table = (
@@ -524,6 +540,7 @@ def main() -> None:
         + over_http
         + logged
         + shadowed
+        + explained
         + switched
         + scaled
     )
