@@ -56,10 +56,13 @@ MAX_BACKOFF_S = 60.0
 class ModelWatcher(ModelSource):
     """Owns the served model: polls the registry every `settings.poll_interval_s` on its own thread."""
 
-    def __init__(self, settings: Settings, serving: bool = True) -> None:
+    def __init__(self, settings: Settings, serving: bool = True, shadow: bool = False) -> None:
         """`serving`: this process scores with the model, so it reports it in `streamflow_model_info` (not
-        so a control plane, whose workers report theirs)."""
+        so a control plane, whose workers report theirs). `shadow`: it follows the shadow model
+        (server/shadow.py), and logs as `streamflow.server.model_watcher.shadow`, so that its loads are not
+        read as the served model's."""
         super().__init__()
+        self._log = logging.getLogger(f"{__name__}.shadow") if shadow else log
         self.settings = settings
         self._serving_here = serving
         self.target = ModelTarget.parse(settings.model_uri)
@@ -120,7 +123,7 @@ class ModelWatcher(ModelSource):
             # Only what no poll guard catches (a library's SystemExit, say) gets here; it ends this thread
             # either way, and the old model must not serve unwatched, so a new thread takes over.
             self._failures += 1
-            log.critical(
+            self._log.critical(
                 "the model watcher thread ended unexpectedly; starting a new one",
                 exc_info=True,
                 extra=event("watcher_restarted"),
@@ -138,7 +141,7 @@ class ModelWatcher(ModelSource):
         except Exception:
             self._failures += 1
             if self._failures == 1:
-                log.exception(
+                self._log.exception(
                     "the model watcher failed to poll %s; still serving %s, retrying with back-off",
                     self.target.uri,
                     self._serving(),
@@ -146,7 +149,7 @@ class ModelWatcher(ModelSource):
                 )
             return self._backoff()
         if self._failures:
-            log.info(
+            self._log.info(
                 "the model watcher polls %s again after %d failed polls",
                 self.target.uri,
                 self._failures,
@@ -168,7 +171,7 @@ class ModelWatcher(ModelSource):
             record = self._record_of(current, version)
         except Exception as exc:
             if not self._unreachable:
-                log.warning(
+                self._log.warning(
                     "registry unreachable at %s, keeping %s: %s",
                     self.settings.tracking_uri,
                     self._serving(),
@@ -178,7 +181,7 @@ class ModelWatcher(ModelSource):
             self._unreachable = True
             return
         if self._unreachable:
-            log.info(
+            self._log.info(
                 "registry reachable again at %s",
                 self.settings.tracking_uri,
                 extra=event("registry_reachable", registry=self.settings.tracking_uri),
@@ -201,7 +204,7 @@ class ModelWatcher(ModelSource):
             and time.monotonic() - self._refused[2] < REFUSED_RETRY_S
         ):
             return
-        log.info(
+        self._log.info(
             "loading %s version %s",
             version.name,
             version.version,
@@ -218,7 +221,7 @@ class ModelWatcher(ModelSource):
         self._last_failure = None
         self._refused = None
         metrics.model_reload("loaded")
-        log.info(
+        self._log.info(
             "serving %s version %s (%s)",
             loaded.ref.name,
             loaded.ref.version,
@@ -251,14 +254,14 @@ class ModelWatcher(ModelSource):
         if version is None and not self._unresolved:
             current = self._current
             if current is None:
-                log.warning(
+                self._log.warning(
                     "no version at %s yet; polling every %g s",
                     self.target.uri,
                     self.settings.poll_interval_s,
                     extra=event("model_unresolved", model_uri=self.target.uri, model_version=None),
                 )
             else:
-                log.warning(
+                self._log.warning(
                     "%s no longer points at any version; still serving version %s, now in stage %s",
                     self.target.uri,
                     current.ref.version,
@@ -268,7 +271,7 @@ class ModelWatcher(ModelSource):
                     ),
                 )
         elif version is not None and self._unresolved:
-            log.info(
+            self._log.info(
                 "%s points at version %s again",
                 self.target.uri,
                 version.version,
@@ -283,7 +286,7 @@ class ModelWatcher(ModelSource):
         self._refused = (str(version.version), stamp, time.monotonic())
         metrics.model_reload("refused")
         self._last_failure = ReloadFailure(str(version.version), reason, datetime.now(UTC))
-        log.error(
+        self._log.error(
             "refused %s version %s, still serving %s: %s",
             version.name,
             version.version,
@@ -313,7 +316,7 @@ class ModelWatcher(ModelSource):
             try:
                 listener()
             except Exception:
-                log.exception("a listener of model changes failed; the watcher goes on")
+                self._log.exception("a listener of model changes failed; the watcher goes on")
 
     def _serving(self) -> str:
         current = self._current

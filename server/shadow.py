@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 DELTA_BUCKETS = (0.0, 0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """Upper bounds of the |Δp| histogram (the first holds exact agreement); the contract names them."""
-QUEUE_SIZE = 1024
-"""Scoring calls waiting for the shadow at most; past it a call's users are dropped and counted."""
+QUEUE_USERS = 10_000
+"""Users waiting for the shadow at most (ten 1,000-user batches); past it a call's users are dropped and
+counted."""
 MAX_SCORED_USERS = 1024
 """Users the thread scores in one shadow run at most (calls waiting together are scored together)."""
 REPORT_S = 0.5
@@ -237,7 +238,7 @@ class ShadowScorer:
         sample: float,
         source: ModelSource,
         evidence_dir: Path | None = None,
-        queue_size: int = QUEUE_SIZE,
+        queue_users: int = QUEUE_USERS,
     ) -> None:
         """`source` follows the shadow (a watcher of its own, or a worker's `ShadowModel`, whose control
         plane names the evidence folder); `evidence_dir` is where this process writes its tallies (None: a
@@ -246,9 +247,10 @@ class ShadowScorer:
         self.sample = sample
         self.source = source
         self._evidence_dir = evidence_dir
-        self._queue: queue.Queue[tuple[LoadedModel, Sequence[FeatureRow], np.ndarray]] = queue.Queue(
-            queue_size
-        )
+        self._queue: queue.SimpleQueue[Offered] = queue.SimpleQueue()
+        self._queue_users = queue_users
+        self._queued = 0  # users in the queue: added by the calls' threads, taken by the scoring thread
+        self._queued_lock = threading.Lock()
         self._lock = threading.Lock()  # the tallies: counted by the thread, read by ModelInfo
         self._totals = Totals()
         self._written: str | None = None
@@ -271,9 +273,14 @@ class ShadowScorer:
                     return
                 rows = [rows[i] for i in kept]
                 probabilities = probabilities[kept]
+            with self._queued_lock:
+                full = self._queued + len(rows) > self._queue_users
+                if not full:
+                    self._queued += len(rows)
+            if full:
+                self._dropped("queue_full", len(rows))
+                return
             self._queue.put_nowait((production, rows, probabilities))
-        except queue.Full:
-            self._dropped("queue_full", len(rows))
         except Exception:
             log.debug("offering users to the shadow failed", exc_info=True)
 
@@ -311,7 +318,10 @@ class ShadowScorer:
                 except queue.Empty:
                     first = None
                 if first is not None:
-                    self._score(self._together(first))
+                    items = self._together(first)
+                    with self._queued_lock:
+                        self._queued -= sum(len(rows) for _, rows, _ in items)
+                    self._score(items)
                 if time.monotonic() - written_at >= REPORT_S:
                     self._write()
                     written_at = time.monotonic()

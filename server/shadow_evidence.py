@@ -34,7 +34,8 @@ def shadow_watcher(settings: Settings) -> ModelWatcher | None:
     """A watcher following `settings.shadow_model_uri` as the served URI is followed; None without one."""
     if not settings.shadow_model_uri:
         return None
-    return ModelWatcher(settings.model_copy(update={"model_uri": settings.shadow_model_uri}), serving=False)
+    shadow = settings.model_copy(update={"model_uri": settings.shadow_model_uri})
+    return ModelWatcher(shadow, serving=False, shadow=True)
 
 
 def single_process_shadow(settings: Settings) -> ShadowScorer | None:

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import mlflow
@@ -30,11 +32,12 @@ from streamflow.client import ChurnClient
 from streamflow.feature_repo import store
 from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
 from streamflow.model_contract import SHADOW_TAG_PREFIX, ShadowEvidence
+from streamflow.server.features import FeatureRow
 from streamflow.server.loaded_model import LoadedModel
 from streamflow.server.model_watcher import ModelWatcher
 from streamflow.server.onnx_runtime import PROBABILITIES_OUTPUT, OnnxModel
 from streamflow.server.predictor import Predictor
-from streamflow.server.shadow import DELTA_BUCKETS, ShadowModel, ShadowScorer
+from streamflow.server.shadow import DELTA_BUCKETS, SHADOW_DROPPED, ShadowModel, ShadowScorer
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
 from streamflow.training.demo_data import table_path
@@ -124,8 +127,9 @@ def incompatible_onnx() -> OnnxModel:
 
 
 def test_a_shadow_that_throws_or_fails_to_load_never_changes_an_answer(
-    two_versions: Settings, served_embedded: str, tmp_path: Path
+    two_versions: Settings, served_embedded: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     users = current_users(two_versions)[:50]
     with prediction_stub(served_embedded) as plain:
         expected = probabilities(plain, users)
@@ -152,6 +156,11 @@ def test_a_shadow_that_throws_or_fails_to_load_never_changes_an_answer(
         assert {u: churn.predict(u).churn_probability for u in users} == expected
         info = stub.ModelInfo(pb.ModelInfoRequest())
     assert info.shadow.last_reload_failure.model_version == str(unvalidated)
+    refused = [
+        r for r in caplog.records if r.name.endswith("model_watcher.shadow") and r.levelno == logging.ERROR
+    ]
+    assert len(refused) == 1, refused  # logged once, as the shadow's
+    assert "no val_auc metric" in refused[0].getMessage()
     assert not info.shadow.HasField("model")
     assert list(info.shadow.comparisons) == []
 
@@ -352,3 +361,15 @@ def test_a_different_model_is_measured_as_such_and_its_evidence_gates_promotion(
         evidence=EvidenceRequired(len(both), compared.label_agreement),
     )
     assert (done.version, done.stage, done.previous_production) == (2, "Production", 1)
+
+
+def test_a_full_queue_drops_the_users_and_counts_them_without_blocking_the_call(tmp_path: Path) -> None:
+    scorer = ShadowScorer(VERSION_1, 1.0, ShadowModel(), tmp_path, queue_users=3)  # thread not started
+    rows = [FeatureRow("7590-VHVEG", ()), FeatureRow("5575-GNVDE", ())]
+    answered = cast(LoadedModel, object())  # the queue only holds it for the thread
+    before = SHADOW_DROPPED.labels("queue_full")._value.get()
+    scorer.offer(answered, rows, np.array([0.2, 0.7]))
+    scorer.offer(answered, rows, np.array([0.2, 0.7]))  # 4 users would exceed 3: this call's are dropped
+    scorer.offer(answered, rows[:1], np.array([0.2]))  # 3 fit
+    assert scorer.totals().dropped == 2
+    assert SHADOW_DROPPED.labels("queue_full")._value.get() - before == 2
