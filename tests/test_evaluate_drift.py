@@ -34,9 +34,9 @@ from streamflow.feature_repo.definitions import (
 )
 from streamflow.server import metrics
 from streamflow.server.app import create_server
-from streamflow.server.prediction_sink import DriftGauge, in_process_log
+from streamflow.server.prediction_sink import DriftGauge, ParquetSink, in_process_log, log_folder
 from streamflow.serving.v1 import prediction_service_pb2 as pb
-from streamflow.settings import Settings
+from streamflow.settings import Profile, Settings
 from streamflow.training.demo_data import table_path
 from streamflow.training.drift import drift, feature_drift, psi
 from streamflow.training.evaluation import TAG_LAST_EVALUATION, evaluate
@@ -290,3 +290,28 @@ def test_drift_error_paths_say_what_is_missing(served: Served) -> None:
         drift(settings, TODAY, version="9", log_to_mlflow=False)
     with pytest.raises(StreamflowError, match=r"No prediction was logged from 2099-01-01"):
         drift(settings, date(2099, 1, 1), log_to_mlflow=False)
+
+
+def test_a_version_the_registry_no_longer_has_cannot_be_compared_with_its_training_set(
+    served: Served, tmp_path: Path
+) -> None:
+    settings = served.settings.model_copy(update={"home": tmp_path / "home"})
+    mlflow_settings = settings.model_copy(update={"mlflow_tracking_uri": served.settings.tracking_uri})
+    gone = pb.Prediction()
+    gone.CopyFrom(next(iter(served.predictions.values())))
+    gone.model.version = "42"
+    sink = ParquetSink(log_folder(settings), rotate_s=3600)
+    sink.write([(datetime.now(UTC).timestamp(), "r1", gone.SerializeToString(), None)])
+    sink.close()
+    with pytest.raises(
+        StreamflowError, match=r"Model streamflow_churn version 42 or its training run is not in"
+    ):
+        drift(mlflow_settings, TODAY, log_to_mlflow=False)
+
+
+def test_an_unreachable_log_database_is_one_sentence() -> None:
+    settings = Settings(
+        profile=Profile.PRODUCTION, prediction_log_dsn="postgresql://postgres@127.0.0.1:1/log"
+    )
+    with pytest.raises(StreamflowError, match=r"PostgreSQL at 127.0.0.1:1/log is unreachable"):
+        read_log(settings, TODAY)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -32,12 +33,16 @@ from streamflow.server.prediction_sink import (
     ParquetSink,
     PostgresSink,
     create_table,
+    latest_drift,
     log_folder,
 )
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 from streamflow.settings import Profile, Settings
 from streamflow.training.demo_data import table_path
+from streamflow.training.drift import drift
+from streamflow.training.evaluation import evaluate
+from streamflow.training.served import OUTCOMES_TABLE, load_outcomes
 from tests.fixtures.processes import START_TIMEOUT_S, read_line
 from tests.fixtures.production import ProductionStack, fresh_database
 
@@ -179,8 +184,24 @@ def test_two_workers_log_every_prediction_and_sigterm_loses_none_in_postgres(
             partitions = connection.execute(
                 "SELECT count(*) FROM pg_inherits WHERE inhparent = %s::regclass", (TABLE,)
             ).fetchone()
-    _check_rows(rows, served)
-    assert partitions == (1,)  # this month's
+        _check_rows(rows, served)
+        assert partitions == (1,)  # this month's
+
+        # evaluate and drift read the table back (the outcomes table goes with the snapshot tables).
+        log_settings = settings.model_copy(update={"prediction_log_dsn": log_dsn})
+        today = datetime.now(UTC).date()
+        try:
+            load_outcomes(log_settings)
+            [result] = evaluate(log_settings, today, log_to_mlflow=False)
+            assert result.users_scored == result.users_with_outcome == len(served)
+            report = drift(log_settings, today, log_to_mlflow=False)
+            assert report.served_rows == len(served) and len(report.features) == 14
+            assert latest_drift(log_settings) == {
+                (report.model_version, f.feature): f.psi for f in report.features
+            }
+        finally:
+            with postgres.connect(settings.postgres_dsn) as connection:
+                connection.execute(f"DROP TABLE IF EXISTS {OUTCOMES_TABLE}")
 
 
 def _records(count: int, start: int = 0) -> list[Record]:
