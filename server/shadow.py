@@ -52,6 +52,9 @@ QUEUE_USERS = 10_000
 counted."""
 MAX_SCORED_USERS = 1024
 """Users the thread scores in one shadow run at most (calls waiting together are scored together)."""
+GATHER_S = 0.05
+"""How long the thread lets calls gather after the first one it takes, so that one shadow run (and its fixed
+cost: building columns, the runtime's call, counting) serves many users even when calls come one at a time."""
 REPORT_S = 0.5
 """How often a process writes its tallies for the others (when they changed)."""
 
@@ -95,8 +98,8 @@ class Tally:
         self.agreements += int(np.count_nonzero((production > CHURN_THRESHOLD) == (shadow > CHURN_THRESHOLD)))
         self.delta_sum += float(deltas.sum())
         indices = np.minimum(np.searchsorted(DELTA_BUCKETS, deltas, side="left"), len(DELTA_BUCKETS) - 1)
-        for index, count in zip(*np.unique(indices, return_counts=True), strict=True):
-            self.buckets[int(index)] += int(count)
+        counts = np.bincount(indices, minlength=len(DELTA_BUCKETS)).tolist()
+        self.buckets = [a + b for a, b in zip(self.buckets, counts, strict=True)]
         return deltas
 
     def merge(self, other: Tally) -> None:
@@ -318,13 +321,17 @@ class ShadowScorer:
                 except queue.Empty:
                     first = None
                 if first is not None:
-                    items = self._together(first)
-                    with self._queued_lock:
-                        self._queued -= sum(len(rows) for _, rows, _ in items)
-                    self._score(items)
+                    self._stopping.wait(GATHER_S)  # cut short by a stop, which scores what is queued
+                    self._take(first)
                 if time.monotonic() - written_at >= REPORT_S:
                     self._write()
                     written_at = time.monotonic()
+            while True:  # stopped after the last call answered: what it queued is scored too
+                try:
+                    first = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                self._take(first)
         except BaseException:
             if self._stopping.is_set():
                 return
@@ -334,6 +341,12 @@ class ShadowScorer:
                 extra=event("shadow_scorer_restarted"),
             )
             self._start_thread()
+
+    def _take(self, first: Offered) -> None:
+        items = self._together(first)
+        with self._queued_lock:
+            self._queued -= sum(len(rows) for _, rows, _ in items)
+        self._score(items)
 
     def _together(
         self, first: tuple[LoadedModel, Sequence[FeatureRow], np.ndarray]
