@@ -6,6 +6,7 @@ variables configure ingestion, Feast and the server. The feature definitions are
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from feast.repo_config import RepoConfig
@@ -82,8 +83,9 @@ def _redis_node(node: str) -> str:
     return f"{parts.hostname}:{port}"
 
 
-def production_repo_config(settings: Settings) -> RepoConfig:
-    """The Feast RepoConfig of the production profile, from the settings' DSN, Redis URL and project name."""
+def production_repo_config(settings: Settings, batch_engine: dict[str, Any] | str = "local") -> RepoConfig:
+    """The Feast RepoConfig of the production profile, from the settings' DSN, Redis URL and project name;
+    `batch_engine` is Feast's materialization engine (`feature_repo.compute`)."""
     project = settings.redis_key_prefix
     if not is_valid_name(project):
         raise StreamflowError(
@@ -117,6 +119,7 @@ def production_repo_config(settings: Settings) -> RepoConfig:
             # Feast's own default is `require`; keep libpq's (`prefer`) unless the DSN asks for more.
             "sslmode": pg.get("sslmode", "prefer"),
         },
+        batch_engine=batch_engine,
         online_store={
             "type": "redis",
             "redis_type": "redis_cluster" if settings.redis_cluster else "redis",

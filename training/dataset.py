@@ -14,6 +14,7 @@ import pandas as pd
 from feast.types import Bool, FeastType, Float64, Int64, String
 
 from streamflow.errors import StreamflowError
+from streamflow.feature_repo.compute import Compute, ray_session
 from streamflow.feature_repo.definitions import (
     FEATURE_NAMES,
     FEATURE_SERVICE_NAME,
@@ -109,12 +110,14 @@ def training_set(settings: Settings, as_of: date) -> pd.DataFrame:
         )
     entities["event_timestamp"] = snapshot_timestamp(as_of)
 
-    store = open_store(settings)
-    log.info("point-in-time join of %d users at %s through Feast", len(entities), as_of)
-    # The label rides along in the entity frame: Feast returns the entity frame's columns untouched.
-    frame = store.get_historical_features(
-        entity_df=entities, features=store.get_feature_service(FEATURE_SERVICE_NAME)
-    ).to_df()
+    compute = Compute(settings.compute)
+    log.info("point-in-time join of %d users at %s through Feast (%s)", len(entities), as_of, compute)
+    with ray_session(compute):
+        store = open_store(settings, compute)
+        # The label rides along in the entity frame: Feast returns the entity frame's columns untouched.
+        frame = store.get_historical_features(
+            entity_df=entities, features=store.get_feature_service(FEATURE_SERVICE_NAME)
+        ).to_df()
     complete = frame.dropna(subset=list(FEATURE_NAMES))
     if complete.empty:
         raise StreamflowError(f"Feast found no features for the {len(entities)} labelled users of {as_of}.")
