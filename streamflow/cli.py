@@ -15,13 +15,20 @@ from streamflow.settings import load_settings
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every package's subcommands."""
     # Imported here so `streamflow --help` does not pay for the imports of the packages it does not run.
+    from streamflow.batch import cli as batch_cli
     from streamflow.server import cli as server_cli
     from streamflow.training import cli as training_cli
     from streamflow.training import ingest, monitoring_cli
 
     parser = argparse.ArgumentParser(prog="streamflow", description="StreamFlow churn pipeline and server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for register in (training_cli.register, ingest.register, server_cli.register, monitoring_cli.register):
+    for register in (
+        training_cli.register,
+        ingest.register,
+        server_cli.register,
+        batch_cli.register,
+        monitoring_cli.register,
+    ):
         register(commands)
     return parser
 

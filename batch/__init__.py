@@ -1,0 +1,1 @@
+"""Batch jobs over every user of a snapshot: `streamflow score-all`."""

@@ -1,0 +1,133 @@
+"""`streamflow score-all` in this process (STREAMFLOW_COMPUTE=local): every user of a snapshot scored with
+the served version's model and rules, each score equal to the server's Predict; tests/test_ray.py runs it on
+Ray."""
+
+from __future__ import annotations
+
+import random
+from datetime import date
+from pathlib import Path
+
+import grpc
+import pandas as pd
+import pytest
+
+from streamflow.batch.score_all import CHURN, score_all, scores_path
+from streamflow.cli import main
+from streamflow.feature_repo import store
+from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD
+from streamflow.serving.v1 import prediction_service_pb2 as pb
+from streamflow.settings import Settings
+from streamflow.training.demo_data import snapshot_timestamp, table_path
+from tests.fixtures.serving import prediction_stub, start_server, wire_error
+
+LAST = SNAPSHOT_DATES[-1]
+
+
+def _set_feature(settings: Settings, table: str, user_id: str, column: str, value: object) -> None:
+    """Change one user's value in the last snapshot of an offline table (None writes a null)."""
+    path = table_path(settings, table)
+    frame = pd.read_parquet(path)
+    row = (frame[JOIN_KEY] == user_id) & (frame[TIMESTAMP_FIELD] == snapshot_timestamp(LAST))
+    assert row.sum() == 1
+    if value is None:
+        frame[column] = frame[column].astype(
+            "Int64" if frame[column].dtype.kind == "i" else frame[column].dtype
+        )
+    frame.loc[row, column] = value
+    frame.to_parquet(path, index=False)
+
+
+def test_score_all_equals_predict_for_every_sampled_user_and_a_rerun_writes_the_same_rows(
+    fresh_embedded_settings: Settings, tmp_path: Path
+) -> None:
+    settings = fresh_embedded_settings
+    users = sorted(
+        pd.read_parquet(table_path(settings, "subscriptions_profile_snapshots")).query(
+            f"{TIMESTAMP_FIELD} == @pd.Timestamp('{LAST}', tz='UTC')"
+        )[JOIN_KEY]
+    )
+    invalid, missing = users[3], users[7]
+    _set_feature(settings, "usage_agg_30d_snapshots", invalid, "watch_hours_30d", 10_000.0)  # > 720 h
+    _set_feature(settings, "payments_agg_90d_snapshots", missing, "failed_payments_90d", None)
+    store.materialize(settings)
+    output = tmp_path / "scores"
+
+    summary = score_all(settings, LAST, output_dir=output, batch_users=97)
+
+    scores = pd.read_parquet(scores_path(output, LAST, "1"))
+    assert list(scores.columns) == [
+        "user_id",
+        "as_of",
+        "model_version",
+        "churn_probability",
+        "label",
+        "refusal",
+    ]
+    assert scores["user_id"].tolist() == users  # every user of the snapshot, once, in id order
+    assert set(scores["as_of"]) == {LAST} and set(scores["model_version"]) == {"1"}
+    by_user = scores.set_index("user_id")
+    assert by_user.loc[invalid, "refusal"] == "FEATURES_INVALID"
+    assert by_user.loc[missing, "refusal"] == "FEATURES_MISSING"
+    assert pd.isna(by_user.loc[invalid, "churn_probability"]) and by_user.loc[invalid, "label"] is None
+    assert summary.users == len(users) and summary.scored == len(users) - 2
+    assert dict(summary.refused) == {"FEATURES_INVALID": 1, "FEATURES_MISSING": 1}
+    scored = scores["churn_probability"].dropna()
+    assert summary.top_decile_threshold == pytest.approx(scored.quantile(0.9))
+    assert (scored > summary.top_decile_threshold).mean() <= 0.1
+
+    sample = [*random.Random(16).sample(users, 25), invalid, missing]
+    with start_server(settings) as server, prediction_stub(server.local_address) as stub:
+        for user_id in sample:
+            row = by_user.loc[user_id]
+            if row["refusal"] is None:
+                prediction = stub.Predict(pb.PredictRequest(user_id=user_id), timeout=10).prediction
+                assert prediction.churn_probability == row["churn_probability"], user_id
+                assert (pb.ChurnLabel.Name(prediction.label) == "CHURN_LABEL_CHURN") == (
+                    row["label"] == CHURN
+                )
+                assert prediction.model.version == row["model_version"]
+            else:
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub.Predict(pb.PredictRequest(user_id=user_id), timeout=10)
+                assert wire_error(refused.value).info.reason == row["refusal"], user_id
+
+    again = score_all(settings, LAST, output_dir=output, batch_users=500)
+    pd.testing.assert_frame_equal(pd.read_parquet(scores_path(output, LAST, "1")), scores)  # the same rows
+    assert again.to_json() | {"seconds": 0} == summary.to_json() | {"seconds": 0}
+    assert [p.name for p in output.rglob("*") if p.is_file()] == ["model_version=1.parquet"]
+
+
+def test_a_date_without_a_snapshot_is_one_sentence_and_writes_nothing(
+    embedded_settings: Settings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STREAMFLOW_HOME", str(embedded_settings.home))
+    monkeypatch.setenv("STREAMFLOW_N_ESTIMATORS", str(embedded_settings.n_estimators))
+    monkeypatch.chdir(tmp_path)
+
+    assert main(["score-all", "--as-of", "2024-01-15"]) == 1
+
+    error = capsys.readouterr().err
+    assert error.startswith(
+        "error: There is no snapshot dated 2024-01-15; the snapshots are dated: 2024-01-31, 2024-02-29."
+    )
+    assert not (embedded_settings.home / "scores").exists()
+
+
+def test_a_registry_without_the_served_version_is_refused(
+    embedded_settings: Settings, tmp_path: Path
+) -> None:
+    settings = embedded_settings.model_copy(update={"model_uri": "models:/streamflow_churn@nobody"})
+
+    with pytest.raises(Exception, match="models:/streamflow_churn@nobody names no model version"):
+        score_all(settings, LAST, output_dir=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_batch_size_below_one_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["score-all", "--as-of", str(date(2024, 2, 29)), "--batch-size", "0"])
+    assert "must be at least 1, got 0" in capsys.readouterr().err
