@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import pickle
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -292,3 +294,33 @@ def test_cli_predict_explain_prints_the_top_contributions(
     top = prediction.contributions[0]
     assert any(top.name in line and f"{top.contribution:+.4f}" in line for line in lines), result.stdout
     assert any("base value" in line for line in lines), result.stdout
+
+
+def test_the_readme_explain_examples_work_as_printed(served_embedded: str) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Explanations: why this score\n", 1)[1].split("\n### ", 1)[0]
+    commands = section.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    grpcurl_line = next(line for line in commands if "grpcurl" in line)
+    cli_line = next(line for line in commands if "streamflow-client" in line)
+    root = Path(__file__).resolve().parent.parent
+
+    def run(line: str) -> subprocess.CompletedProcess[str]:
+        args = shlex.split(line.replace("localhost:50051", served_embedded))
+        if args[0].endswith("streamflow-client"):
+            args[1:1] = ["--target", served_embedded]
+        return subprocess.run(args, cwd=root, capture_output=True, text=True, check=False, timeout=120)
+
+    answered, printed = run(grpcurl_line), run(cli_line)
+    with prediction_stub(served_embedded) as stub:
+        base_value = stub.ModelInfo(pb.ModelInfoRequest()).base_value
+
+    assert answered.returncode == 0, answered.stderr
+    prediction = json.loads(answered.stdout)["prediction"]
+    contributions = prediction["contributions"]
+    magnitudes = [abs(c["contribution"]) for c in contributions]
+    assert magnitudes == sorted(magnitudes, reverse=True)
+    assert len(contributions) == len(VIEW_FEATURES)
+    total = base_value + sum(c["contribution"] for c in contributions)
+    assert abs(total - prediction["churnProbability"]) <= ADDITIVITY
+    assert printed.returncode == 0, printed.stderr
+    assert f"base value {base_value:.4f}; top 5 of 14 contributions:" in printed.stdout
