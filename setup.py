@@ -1,8 +1,8 @@
 """The one compiled part of StreamFlow: the TreeSHAP kernel of per-prediction explanations.
 
-Everything else is configured in pyproject.toml. The kernel is a plain C library (no Python API) that the
-server loads through ctypes (server/explanations.py). It is optional: where no C compiler is at hand the
-install goes on without it, and the server answers `explain` requests with FAILED_PRECONDITION
+Everything else is configured in pyproject.toml. The kernel is a C function (its Python module is empty)
+that the server calls through ctypes (server/explanations.py). It is optional: where no C compiler is at
+hand the install goes on without it, and the server answers `explain` requests with FAILED_PRECONDITION
 (EXPLANATIONS_UNAVAILABLE) instead.
 """
 

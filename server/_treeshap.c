@@ -1,7 +1,7 @@
 /* Exact path-dependent TreeSHAP of a forest, over the model's raw features (server/explanations.py).
  *
- * A plain C library called through ctypes (which releases the GIL for the call): no Python API, nothing
- * linked but libc. The forest comes as one array of 24-byte nodes in preorder (a node's left child is the
+ * A C library called through ctypes (which releases the GIL for the call); its Python module is empty and
+ * exists so that importing every module of the package (as tests do) finds a module. The forest comes as one array of 24-byte nodes in preorder (a node's left child is the
  * next node), each internal node testing one transformed column (`col`: a one-hot column or a number) that
  * belongs to one raw feature (`raw`): a raw feature is one player of the Shapley game, however many of its
  * columns its path tests.
@@ -16,6 +16,8 @@
  * each leaf's share of feature i at the deepest node of its path testing i (where the leaf's z_i is known):
  * O(8) per node, one pass per tree and row. Trees go outermost, so a tree stays in cache across a batch.
  */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
 #include <stdint.h>
 
 #define MAX_RAW 16
@@ -152,3 +154,10 @@ int streamflow_treeshap(int n_trees, const int32_t *roots, const node_t *nodes, 
     }
     return 0;
 }
+
+static struct PyModuleDef treeshap_module = {
+    PyModuleDef_HEAD_INIT, "_treeshap", "The TreeSHAP kernel, called through ctypes (server/explanations.py).", -1,
+    NULL,
+};
+
+PyMODINIT_FUNC PyInit__treeshap(void) { return PyModule_Create(&treeshap_module); }

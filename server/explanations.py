@@ -173,7 +173,7 @@ def _transformed_columns(prepare: Any, features: list[str]) -> list[tuple[int, s
 
 @functools.cache
 def _kernel() -> Any:
-    """The compiled kernel (`streamflow.server._treeshap`, a plain shared library), loaded once."""
+    """The compiled kernel (`streamflow.server._treeshap`, its C function through ctypes), loaded once."""
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         library = here / f"_treeshap{suffix}"

@@ -11,6 +11,7 @@ EXPLANATIONS_UNAVAILABLE.
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
 import itertools
 import json
 import math
@@ -32,6 +33,7 @@ from sklearn.ensemble import RandomForestClassifier
 from streamflow.client import ChurnClient
 from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
 from streamflow.feature_repo.store import open_store
+from streamflow.server import explanations
 from streamflow.server.app import PredictionServer
 from streamflow.server.domain import Runtime
 from streamflow.server.explanations import Explainer, forest_arrays
@@ -324,3 +326,25 @@ def test_the_readme_explain_examples_work_as_printed(served_embedded: str) -> No
     assert abs(total - prediction["churnProbability"]) <= ADDITIVITY
     assert printed.returncode == 0, printed.stderr
     assert f"base value {base_value:.4f}; top 5 of 14 contributions:" in printed.stdout
+
+
+def test_explain_on_an_install_without_the_kernel_is_failed_precondition(
+    embedded_settings: Settings, served_embedded: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As an install without a C compiler: no compiled kernel to be found beside the module.
+    monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".not-built.so"])
+    explanations._kernel.cache_clear()
+    user = _active_users(embedded_settings, 1)[0]
+    try:
+        with prediction_stub(served_embedded) as stub:
+            with pytest.raises(grpc.RpcError) as failure:
+                stub.Predict(pb.PredictRequest(user_id=user, explain=True))
+            answered = stub.Predict(pb.PredictRequest(user_id=user))
+    finally:
+        explanations._kernel.cache_clear()
+
+    error = wire_error(failure.value)
+    assert error.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert error.info.reason == "EXPLANATIONS_UNAVAILABLE"
+    assert dict(error.info.metadata) == {"modelVersion": "1", "cause": "kernel"}
+    assert answered.prediction.user_id == user
