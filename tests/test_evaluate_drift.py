@@ -223,10 +223,11 @@ def test_drift_of_the_served_features_matches_the_snapshot_tables(served: Served
 
     assert report.model_version == "1" and report.training_as_of == SNAPSHOT_DATES[0].isoformat()
     assert report.served_rows == len(served.predictions) + REPEATED
+    assert report.served_users == len(served.predictions)
     by_feature = {f.feature: f for f in report.features}
     assert len(by_feature) == 14
     # Numeric: the January snapshot table itself (every user has a label) against the February values
-    # the server answered with (each logged prediction, the repeated ones twice).
+    # the server answered each user with.
     january = _snapshot(settings, _table_of("watch_hours_30d"), SNAPSHOT_DATES[0])
     served_values = _served_values(served, "watch_hours_30d")
     reference = january["watch_hours_30d"].to_numpy()
@@ -268,14 +269,8 @@ def _table_of(feature: str) -> str:
 
 
 def _served_values(served: Served, feature: str) -> np.ndarray:
-    """The feature's value in each logged prediction: every user once, the first `REPEATED` twice."""
-    users = list(served.predictions)
-    values = [
-        f
-        for user in [*users, *users[:REPEATED]]
-        for f in served.predictions[user].features
-        if f.name == feature
-    ]
+    """The feature's value in each user's last prediction."""
+    values = [f for p in served.predictions.values() for f in p.features if f.name == feature]
     return np.array([getattr(v, str(v.WhichOneof("value"))) for v in values])
 
 

@@ -195,7 +195,7 @@ def test_two_workers_log_every_prediction_and_sigterm_loses_none_in_postgres(
             [result] = evaluate(log_settings, today, log_to_mlflow=False)
             assert result.users_scored == result.users_with_outcome == len(served)
             report = drift(log_settings, today, log_to_mlflow=False)
-            assert report.served_rows == len(served) and len(report.features) == 14
+            assert report.served_users == report.served_rows == len(served) and len(report.features) == 14
             assert latest_drift(log_settings) == {
                 (report.model_version, f.feature): f.psi for f in report.features
             }

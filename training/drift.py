@@ -1,6 +1,7 @@
 """`streamflow drift`: how far the served features moved from those the serving version was trained on.
 
-The served side is the prediction log (each feature value as the server read it); the reference is the
+The served side is the prediction log (each feature value as the server read it), each user once as last
+served in the range (a user scored a thousand times would otherwise outweigh the rest); the reference is the
 version's training set, rebuilt from its MLflow run (its `as_of` tag, through the same point-in-time join,
 checked against the run's training-set fingerprint).
 
@@ -30,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from streamflow.errors import StreamflowError
-from streamflow.feature_repo.definitions import FEATURE_NAMES
+from streamflow.feature_repo.definitions import FEATURE_NAMES, JOIN_KEY
 from streamflow.settings import Settings
 from streamflow.training.evaluation import TAG_EVALUATED_MODEL, TAG_EVALUATED_VERSION, TAG_SOURCE_RUN
 from streamflow.training.served import read_log
@@ -65,6 +66,10 @@ class DriftReport:
     training_as_of: str
     training_rows: int
     served_rows: int
+    """Predictions logged for the version in the range."""
+    served_users: int
+    """Distinct users among them: the served distribution counts each user once, as last served, so a user
+    scored again and again does not outweigh the others."""
     features: list[FeatureDrift] = field(default_factory=list)
     mlflow_run_id: str | None = None
 
@@ -184,9 +189,10 @@ def drift(
             as_of,
             version,
         )
-    served = served_features(rows)
+    last = rows.drop_duplicates(JOIN_KEY, keep="last")
+    served = served_features(last)
     features = [f for f in FEATURE_NAMES if f in served.columns]
-    report = DriftReport(name, version, as_of.isoformat(), len(training), len(rows))
+    report = DriftReport(name, version, as_of.isoformat(), len(training), len(rows), len(last))
     for feature in features:
         report.features.append(feature_drift(feature, training[feature], served[feature].dropna()))
     if log_to_mlflow:
@@ -301,8 +307,9 @@ def _log_drift(settings: Settings, report: DriftReport, source_run: str, since: 
 def lines(report: DriftReport) -> list[str]:
     """One verdict line per feature."""
     out = [
-        f"drift of {report.model_name} version {report.model_version}: {report.served_rows} served "
-        f"predictions vs its training set of {report.training_as_of} ({report.training_rows} rows)"
+        f"drift of {report.model_name} version {report.model_version}: {report.served_users} users served "
+        f"({report.served_rows} predictions) vs its training set of {report.training_as_of} "
+        f"({report.training_rows} rows)"
     ]
     width = max((len(f.feature) for f in report.features), default=0)
     for item in report.features:
