@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint protos mlflow-server constraints bench fuzz
+.PHONY: install run test lint protos mlflow-server constraints bench bench-scale fuzz
 
 # Reinstalls only when pyproject.toml or the compiled kernel changes, so a second `make run` starts in seconds.
 $(STAMP): pyproject.toml setup.py server/_treeshap.c
@@ -60,3 +60,9 @@ constraints: install
 bench: install
 	command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
 	$(BIN)/python -m bench.run
+
+# The offline steps (materialize, training set, score-all) in this process and on a local Ray instance of 2 CPUs,
+# at 100,000 and 1,000,000 users (bench/batch_scale.py; other sizes: make bench-scale SCALE_USERS=5000,20000).
+SCALE_USERS ?= 100000,1000000
+bench-scale: install
+	$(BIN)/python -m bench.batch_scale --users $(SCALE_USERS)
