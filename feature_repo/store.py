@@ -125,8 +125,9 @@ def _materialize(settings: Settings, data_fingerprint: str | None) -> None:
 
 def _materialize_on_ray(store: FeatureStore, name: str, start: datetime, end: datetime) -> None:
     """One view on Ray: Feast's Ray offline store picks the latest row of each user in the window
-    (`pull_latest_from_table_or_query`, a Ray Data pipeline), and the Ray workers write their shares to the
-    online store with Feast's own converter and online-store writer, as Feast's Ray engine does.
+    (`pull_latest_from_table_or_query`, a Ray Data pipeline; in the production profile PostgreSQL's query
+    does), and the Ray workers write their shares to the online store with Feast's own converter and
+    online-store writer, as Feast's Ray engine does.
 
     Two faults of Feast 0.67's Ray engine (with Ray 2.60) keep its own entry points out: `FeatureStore.
     materialize` drives a DAG whose filter drops every row older than the view's TTL counted back from *now*
@@ -161,7 +162,13 @@ def _materialize_on_ray(store: FeatureStore, name: str, start: datetime, end: da
         online_store.online_write_batch(config=config, table=view, data=rows, progress=None)
         return batch.slice(0, 0)
 
-    latest.to_ray_dataset().map_batches(write, batch_format="pyarrow", batch_size=10_000).materialize()
+    if hasattr(latest, "to_ray_dataset"):  # Feast's Ray offline store: the rows stay on the cluster
+        rows = latest.to_ray_dataset()
+    else:  # PostgreSQL: its query picks the latest rows; Ray writes them
+        import ray.data
+
+        rows = ray.data.from_arrow(latest.to_arrow())
+    rows.map_batches(write, batch_format="pyarrow", batch_size=10_000).materialize()
     store.registry.apply_materialization(view, store.project, start, end)
 
 
