@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 import threading
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -69,6 +70,8 @@ def served(embedded_settings: Settings, tmp_path_factory: pytest.TempPathFactory
     relocate_home(embedded_settings.home, home)
     settings = embedded_settings.model_copy(update={"home": home})
     store.apply(settings)
+    # What other tests' servers logged in the session's home today is not this server's.
+    shutil.rmtree(log_folder(settings), ignore_errors=True)
     users = list(_snapshot(settings, VIEW_SPECS[0].table, SNAPSHOT_DATES[-1])[JOIN_KEY])
     loaded = threading.Event()
     running = create_server(server_settings(settings), prediction_log=in_process_log(settings))

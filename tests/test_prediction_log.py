@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,9 +156,10 @@ def _check_rows(rows: pd.DataFrame, served: dict[str, pb.Prediction]) -> None:
 def test_two_workers_log_every_prediction_and_sigterm_loses_none_in_parquet(
     fresh_embedded_settings: Settings, tmp_path: Path
 ) -> None:
+    folder = log_folder(fresh_embedded_settings)
+    shutil.rmtree(folder, ignore_errors=True)  # what other tests' servers logged in the session's home
     served = _serve_and_call(fresh_embedded_settings, _env(fresh_embedded_settings), tmp_path / "serve.log")
 
-    folder = log_folder(fresh_embedded_settings)
     assert not list(folder.glob(f"*{IN_PROGRESS}"))  # every file completed at shutdown
     rows = pd.concat([pq.read_table(path).to_pandas() for path in sorted(folder.glob("*.parquet"))])
     assert list(rows.columns) == list(COLUMNS)
