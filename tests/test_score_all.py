@@ -12,6 +12,7 @@ import grpc
 import pandas as pd
 import pytest
 
+from streamflow import postgres
 from streamflow.batch.score_all import CHURN, score_all, scores_path
 from streamflow.cli import main
 from streamflow.feature_repo import store
@@ -19,6 +20,7 @@ from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMEST
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
 from streamflow.training.demo_data import snapshot_timestamp, table_path
+from tests.fixtures.production import ProductionStack
 from tests.fixtures.serving import prediction_stub, start_server, wire_error
 
 LAST = SNAPSHOT_DATES[-1]
@@ -131,3 +133,48 @@ def test_a_batch_size_below_one_is_refused(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         main(["score-all", "--as-of", str(date(2024, 2, 29)), "--batch-size", "0"])
     assert "must be at least 1, got 0" in capsys.readouterr().err
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_after_first_batch(done: int, total: int) -> None:
+    raise _Interrupted(f"stopped after {done} of {total} users")
+
+
+def test_a_run_that_fails_midway_leaves_the_previous_file_whole_and_no_partial_file(
+    embedded_settings: Settings, tmp_path: Path
+) -> None:
+    before = score_all(embedded_settings, LAST, output_dir=tmp_path, batch_users=100)
+    written = scores_path(tmp_path, LAST, "1").read_bytes()
+
+    with pytest.raises(_Interrupted):
+        score_all(
+            embedded_settings, LAST, output_dir=tmp_path, batch_users=7, progress=_interrupt_after_first_batch
+        )
+
+    assert scores_path(tmp_path, LAST, "1").read_bytes() == written
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["model_version=1.parquet"]
+    assert before.users > 7
+
+
+@pytest.mark.production
+def test_production_scores_go_to_postgresql_once_per_date_and_version_and_a_failed_run_changes_nothing(
+    production_stack: ProductionStack,
+) -> None:
+    settings = production_stack.settings
+    summary = score_all(settings, LAST, batch_users=100)
+    query = "SELECT * FROM churn_scores ORDER BY user_id"
+    with postgres.connect(settings.postgres_dsn) as conn:
+        first = conn.execute(query).fetchall()
+    assert len(first) == summary.users > 100 and summary.scored == summary.users
+    assert {(row[1], row[2]) for row in first} == {(LAST, summary.model_version)}
+    assert summary.output.startswith("PostgreSQL table churn_scores")
+
+    score_all(settings, LAST, batch_users=1000)
+    with pytest.raises(_Interrupted):
+        score_all(settings, LAST, batch_users=10, progress=_interrupt_after_first_batch)
+
+    with postgres.connect(settings.postgres_dsn) as conn:
+        assert conn.execute(query).fetchall() == first  # the re-run replaced its rows; the failed one, none
