@@ -76,7 +76,7 @@ SHADOW_DELTA = Histogram(
 )
 SHADOW_DROPPED = Counter(
     "streamflow_shadow_dropped_total",
-    "Sampled users the shadow did not compare, by reason (queue_full, error).",
+    "Sampled users the shadow did not compare, by reason (queue_full, error, unloaded).",
     ("reason",),
 )
 
@@ -366,8 +366,9 @@ class ShadowScorer:
     def _score(self, items: list[tuple[LoadedModel, Sequence[FeatureRow], np.ndarray]]) -> None:
         shadow = self.source.current
         users = sum(len(rows) for _, rows, _ in items)
-        if shadow is None:
-            return  # none loaded yet (or it never loads): nothing to compare with, nothing learnt
+        if shadow is None:  # none loaded yet (or it never loads): nothing to compare with
+            self._dropped("unloaded", users)
+            return
         try:
             # Consecutive calls answered by one model are scored in one run.
             groups: list[tuple[LoadedModel, list[FeatureRow], list[np.ndarray]]] = []
