@@ -263,7 +263,11 @@ class PredictionLog:
         """Deliver what is queued (then close whatever is behind it); False when records were lost."""
         delivered = self._queue.close()
         if self._on_close is not None:
-            self._on_close()
+            try:
+                self._on_close()
+            except Exception:  # a sink that cannot close must not fail the server's stop
+                log.exception("prediction log: closing the sink failed")
+                return False
         return delivered
 
 

@@ -40,6 +40,8 @@ FOLDER = "predictions"
 """The embedded profile's folder under the home."""
 IN_PROGRESS = ".inprogress"
 """Suffix of the Parquet file being written; renamed to `.parquet` when complete (readers skip it)."""
+FAILED = ".failed"
+"""Suffix of a file set aside after a failed write (its batch is written again to a new file)."""
 ROTATE_ROWS = 200_000
 """Rows of one Parquet file at most (it is also rotated every `prediction_log_rotate_s`)."""
 COLUMNS = (
@@ -153,29 +155,56 @@ class ParquetSink:
         rows = decode(records)
         table = pa.Table.from_pylist([dict(zip(COLUMNS, row, strict=True)) for row in rows], self._schema)
         with self._lock:
-            if self._writer is None:
-                self._folder.mkdir(parents=True, exist_ok=True)
-                stamp = rows[0][0].strftime("%Y%m%dT%H%M%S")
-                self._files += 1
-                self._path = self._folder / f"part-{stamp}-{os.getpid()}-{self._files}.parquet{IN_PROGRESS}"
-                self._writer = pq.ParquetWriter(self._path, self._schema)
-                self._opened, self._rows = time.monotonic(), 0
-            self._writer.write_table(table)
-            self._rows += len(rows)
-            if self._rows >= ROTATE_ROWS or time.monotonic() - self._opened >= self._rotate_s:
-                self._complete()
+            try:
+                if self._writer is None:
+                    self._folder.mkdir(parents=True, exist_ok=True)
+                    stamp = rows[0][0].strftime("%Y%m%dT%H%M%S")
+                    self._files += 1
+                    name = f"part-{stamp}-{os.getpid()}-{self._files}.parquet{IN_PROGRESS}"
+                    self._path = self._folder / name
+                    self._writer = pq.ParquetWriter(self._path, self._schema)
+                    self._opened, self._rows = time.monotonic(), 0
+                self._writer.write_table(table)
+                self._rows += len(rows)
+                if self._rows >= ROTATE_ROWS or time.monotonic() - self._opened >= self._rotate_s:
+                    self._complete()
+            except Exception:
+                self._abandon()
+                raise
         metrics.PREDICTION_LOG_WRITTEN.labels("parquet").inc(len(rows))
+
+    def _abandon(self) -> None:
+        """After a failed write: the file in progress is completed if its writer still can (it keeps the
+        batches written before), else set aside as `.failed` (readers skip it); either way the next batch,
+        the failed one again first, goes to a new file, so a broken writer is replaced, never reused."""
+        writer, path = self._writer, self._path
+        self._writer, self._path = None, None
+        if writer is None or path is None:
+            return
+        try:
+            writer.close()
+            path.rename(path.with_name(path.name.removesuffix(IN_PROGRESS)))
+        except Exception:
+            log.exception("prediction log: %s could not be completed; set aside as %s", path.name, FAILED)
+            with contextlib.suppress(OSError):
+                path.rename(path.with_name(path.name.removesuffix(IN_PROGRESS) + FAILED))
 
     def idle(self) -> None:
         """Complete the open file if it is older than `rotate_s` (called when no record comes)."""
         with self._lock:
             if self._writer is not None and time.monotonic() - self._opened >= self._rotate_s:
-                self._complete()
+                self._complete_or_abandon()
 
     def close(self) -> None:
         with self._lock:
             if self._writer is not None:
-                self._complete()
+                self._complete_or_abandon()
+
+    def _complete_or_abandon(self) -> None:
+        try:
+            self._complete()
+        except Exception:
+            self._abandon()
 
     def _complete(self) -> None:
         assert self._path is not None

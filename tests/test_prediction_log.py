@@ -331,3 +331,23 @@ def test_the_partitioned_table_takes_rows_of_two_months(log_database: str) -> No
             (TABLE,),
         ).fetchall()
     assert partitions == [(f"{TABLE}_2023_11",), (f"{TABLE}_2024_01",)]
+
+
+def test_a_parquet_folder_that_cannot_be_written_is_retried_and_written_once_usable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "streamflow.server.prediction_log")
+    folder = tmp_path / "predictions"
+    folder.write_text("a file where the folder should be")  # the sink cannot make its folder
+    sink = ParquetSink(folder, rotate_s=3600)
+    queue = RecordQueue(sink.write, capacity=100, where="test")
+    queue.offer(_records(6))
+    _wait_until(lambda: "delivery failed" in caplog.text)
+    folder.unlink()  # usable again: the batch kept through the outage is written
+    _wait_until(lambda: "the sink is back" in caplog.text)
+    queue.offer(_records(9, 6))
+    assert PredictionLog(queue, sink.close).close()
+
+    rows = pd.concat([pq.read_table(path).to_pandas() for path in folder.glob("*.parquet")])
+    assert sorted(rows.request_id) == sorted(f"r{i}" for i in range(9))
+    assert caplog.text.count("delivery failed") == 1
