@@ -43,6 +43,9 @@ Record = tuple[float, str, bytes, bytes | None]
 message's bytes, and a shadow model's `Prediction` bytes or None."""
 
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+WORKER_QUEUE_SIZE = 2_000
+"""Records a scoring worker holds at most (about 2 MB; a worker stays under 200 MB): the supervisor reads
+the socket at once and its own queue holds the backlog while the sink is slow."""
 DELIVERY_BATCH = 256
 """Most records one delivery carries (a datagram of about 200 bytes each stays under 64 KiB)."""
 IDLE_S = 1.0
@@ -272,6 +275,7 @@ class PredictionLog:
 
 
 def forwarding_log(fd: int, capacity: int) -> PredictionLog:
-    """A worker's log: its queue sends batches to the supervisor on the inherited socket `fd`."""
+    """A worker's log: its queue (at most `WORKER_QUEUE_SIZE` records of `capacity`) sends batches to the
+    supervisor on the inherited socket `fd`."""
     delivery = SocketDelivery(fd)
-    return PredictionLog(RecordQueue(delivery, capacity, "worker"), delivery.close)
+    return PredictionLog(RecordQueue(delivery, min(capacity, WORKER_QUEUE_SIZE), "worker"), delivery.close)

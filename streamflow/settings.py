@@ -201,8 +201,9 @@ class Settings(BaseSettings):
     is kept, and written off the response path it costs little (`make bench --log-only`)."""
 
     prediction_log_queue_size: int = Field(default=20_000, ge=1)
-    """Records each process holds for the prediction log's writer at most; past it (a sink slow or down)
-    records are dropped and counted (`streamflow_prediction_log_dropped_total`), never blocking a call."""
+    """Records the prediction log's writer (the supervisor, or the one server process) holds at most; past it
+    (a sink slow or down) records are dropped and counted (`streamflow_prediction_log_dropped_total`), never
+    blocking a call. A scoring worker holds at most 2,000 on their way to the supervisor."""
 
     prediction_log_rotate_s: float = Field(default=300.0, gt=0)
     """Embedded profile: seconds after which a prediction log Parquet file is completed and a new one begun
