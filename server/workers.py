@@ -77,11 +77,12 @@ RESTART_BACKOFF_MAX_S = 8.0
 _SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
 """What the supervisor waits for, blocked and taken synchronously with `sigtimedwait`: no handler races."""
 _IDLE_WAIT_S = 1.0
-"""Longest wait for a signal. Native threads a library started before the signals were blocked (OpenBLAS's,
-at numpy's import) do not block them, and the kernel may hand them a process-wide signal: a SIGCHLD taken
-there is lost (its default is to ignore it), so every wake-up also reaps, and a SIGTERM or SIGINT taken there
-runs `_received` (not the default, which would end the supervisor without draining its workers), noticed
-here. Either is thus noticed within this long; seen in CI as a supervisor that never reaped its workers."""
+"""Longest wait for a signal. A native thread that does not block the signals (the `streamflow` command
+blocks them while it imports, so OpenBLAS's thread does; one a library starts later might not) can be handed
+a process-wide signal: a SIGCHLD taken there is lost (its default is to ignore it), so every wake-up also
+reaps, and a SIGTERM or SIGINT taken there runs `_received` (not the default, which would end the supervisor
+without draining its workers), noticed here. Either is thus noticed within this long; seen in CI as a
+supervisor that never reaped its workers."""
 _PR_SET_PDEATHSIG = 1
 _ANNOUNCE_CHECK_S = 0.05
 """How often the supervisor looks for its workers' bound ports until it has announced the address."""

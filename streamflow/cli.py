@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -33,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PROCESS_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+"""Blocked while the packages are imported: native threads started then (OpenBLAS's, at numpy's import) keep
+that mask for good, so they never take a signal meant for the main thread. Taken there, a SIGTERM waited for
+the main thread's next pass (a supervisor reported SERVING up to a second into its drain) and a SIGCHLD was
+lost."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; expected failures exit 1 with one sentence on stderr and no traceback."""
     try:
@@ -43,11 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = f"STREAMFLOW_{where.upper()}: " if where else ""
             print(f"error: {name}{problem['msg'].removeprefix('Value error, ')}", file=sys.stderr)
         return 2
-    # Before the parser imports the packages: MLflow reads its logging variables when it is imported.
-    from streamflow.server.logs import configure_logging
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _PROCESS_SIGNALS)
+    try:
+        # Before the parser imports the packages: MLflow reads its logging variables when it is imported.
+        from streamflow.server.logs import configure_logging
 
-    configure_logging(settings)
-    args = build_parser().parse_args(argv)
+        configure_logging(settings)
+        parser = build_parser()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    args = parser.parse_args(argv)
     try:
         return int(args.handler(args, settings) or 0)
     except StreamflowError as exc:

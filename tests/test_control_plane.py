@@ -179,8 +179,11 @@ def test_the_supervisor_answers_the_health_port_off_the_workers(
         victim.wait(10)
         assert _health(health_port) == "SERVING"
 
+        # Within the 3 s of drain delay, while the workers still answer calls, probes read NOT_SERVING.
         process.send_signal(signal.SIGTERM)
-        draining = _health(health_port)
+        deadline = time.monotonic() + 2.5
+        while (draining := _health(health_port)) == "SERVING" and time.monotonic() < deadline:
+            time.sleep(0.05)
         process.wait(60)
 
     assert draining == "NOT_SERVING"
