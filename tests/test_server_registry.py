@@ -391,6 +391,10 @@ def test_a_watcher_thread_that_dies_is_replaced(
     assert loop.failures == []
 
 
+def _state(info: pb.ModelInfoResponse) -> tuple[str, list[str]]:
+    return info.stage, list(info.aliases)
+
+
 def test_model_info_follows_the_served_version_out_of_production_and_back(
     live: tuple[Settings, PredictionServer, PredictLoop], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -399,7 +403,11 @@ def test_model_info_follows_the_served_version_out_of_production_and_back(
     client = mlflow_client(settings)
     with prediction_stub(running.local_address) as stub:
         promote(settings, 1, "Staging", force=True)  # leaves no Production
-        wait_for(lambda: model_info(stub).stage == "Staging", "ModelInfo reports the new stage")
+        # promote moves the stage, then the aliases: a poll can fall between the two writes.
+        wait_for(
+            lambda: _state(model_info(stub)) == ("Staging", ["staging"]),
+            "ModelInfo reports the new stage and aliases",
+        )
         staged = model_info(stub)
         # Another registry change to the served version, seen only through polls made while unresolved.
         client.set_registered_model_alias(settings.model_name, "canary", "1")
@@ -410,7 +418,10 @@ def test_model_info_follows_the_served_version_out_of_production_and_back(
         )
 
         promote(settings, 1, "Production")
-        wait_for(lambda: model_info(stub).stage == "Production", "ModelInfo reports Production again")
+        wait_for(
+            lambda: _state(model_info(stub)) == ("Production", ["canary", "production"]),
+            "ModelInfo reports Production and its aliases again",
+        )
         restored = model_info(stub)
 
     assert (staged.model.version, list(staged.aliases)) == ("1", ["staging"])
