@@ -233,17 +233,21 @@ class Explainer:
         """(n, features) contributions in probability units, in `features` order."""
         x = self.transform(columns)
         phi = np.zeros((len(x), len(self.features)))
-        # A row takes milliseconds: worth a thread of its own, unlike a row of inference.
-        count = min(self._threads, len(x))
-        bounds = [len(x) * i // count for i in range(count + 1)] if count else [0, 0]
-        chunks = list(itertools.pairwise(bounds))
-        if len(chunks) < 2:
-            self._run(x, phi)
-        else:
-            list(_pool(self._threads).map(lambda c: self._run(x[c[0] : c[1]], phi[c[0] : c[1]]), chunks))
-        return phi
+        roots = self.forest.arrays["roots"]
+        # A row takes milliseconds: worth threads of its own, unlike a row of inference. Fewer rows than
+        # threads (a lone Predict) split the trees instead: contributions add up over the trees, and each
+        # part goes into its own buffer, summed in a fixed order, so the answer does not depend on timing.
+        pool = _pool(self._threads)
+        if len(x) >= self._threads:
+            rows = _chunks(len(x), self._threads)
+            list(pool.map(lambda r: self._run(x[r[0] : r[1]], phi[r[0] : r[1]], roots), rows))
+            return phi
+        trees = _chunks(len(roots), self._threads)
+        parts = np.zeros((len(trees), *phi.shape))
+        list(pool.map(lambda i: self._run(x, parts[i], roots[trees[i][0] : trees[i][1]]), range(len(trees))))
+        return parts.sum(axis=0)
 
-    def _run(self, x: np.ndarray, phi: np.ndarray) -> None:
+    def _run(self, x: np.ndarray, phi: np.ndarray, roots: np.ndarray) -> None:
         arrays = self.forest.arrays
         points, weights = _gauss_legendre()
 
@@ -251,8 +255,8 @@ class Explainer:
             return ctypes.c_void_p(array.ctypes.data)
 
         status = _kernel()(
-            ctypes.c_int(len(arrays["roots"])),
-            pointer(arrays["roots"]),
+            ctypes.c_int(len(roots)),
+            pointer(roots),
             pointer(arrays["nodes"]),
             pointer(points),
             pointer(weights),
@@ -264,6 +268,12 @@ class Explainer:
         )
         if status != 0:
             raise ValueError("the forest has more features than the TreeSHAP kernel takes")
+
+
+def _chunks(count: int, parts: int) -> list[tuple[int, int]]:
+    """`range(count)` in at most `parts` contiguous, nearly equal, non-empty pieces (start, stop)."""
+    parts = max(1, min(parts, count))
+    return list(itertools.pairwise(count * i // parts for i in range(parts + 1)))
 
 
 def ranked(features: Sequence[str], contributions: np.ndarray) -> tuple[tuple[str, float], ...]:
