@@ -15,13 +15,13 @@ from pathlib import Path
 from statistics import median
 
 import grpc
+from google.protobuf.message import Message
 
 from bench import h2load
-from bench.services import BIN, free_port, grpc_serving, start
+from bench.services import start_streamflow
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 
-SERVICE = "streamflow.serving.v1.PredictionService"
 BATCH = 100
 PREDICT_BUDGET_MS = 10.0
 BATCH_BUDGET_MS = 200.0
@@ -55,38 +55,19 @@ def _check(port: int, users: list[str]) -> None:
 
 
 def measure_cost(env: dict[str, str], users: list[str], duration: float, rounds: int, log: Path) -> Cost:
-    port, health_port = free_port(), free_port()
-    extra = {
-        "STREAMFLOW_HOST": "127.0.0.1",
-        "STREAMFLOW_PORT": str(port),
-        "STREAMFLOW_HEALTH_PORT": str(health_port),
-    }
-    service = start(
-        "StreamFlow gRPC",
-        [str(BIN / "streamflow"), "serve"],
-        {**env, **extra},
-        grpc_serving,
-        health_port,
-        log,
-    )
+    served = start_streamflow(env, {}, log)
     try:
-        _check(port, users)
+        _check(served.port, users)
 
-        def endpoint(method: str, request: bytes) -> h2load.Endpoint:
-            url = f"http://127.0.0.1:{port}/{SERVICE}/{method}"
-            return h2load.Endpoint(url, h2load.grpc_frame(request), h2load.GRPC_HEADERS)
+        def endpoint(method: str, request: Message) -> h2load.Endpoint:
+            return h2load.grpc_call(served.base, method, request)
 
         loads = {
-            "predict": endpoint("Predict", pb.PredictRequest(user_id=users[0]).SerializeToString()),
-            "explained_predict": endpoint(
-                "Predict", pb.PredictRequest(user_id=users[0], explain=True).SerializeToString()
-            ),
-            "batch": endpoint(
-                "BatchPredict", pb.BatchPredictRequest(user_ids=users[:BATCH]).SerializeToString()
-            ),
+            "predict": endpoint("Predict", pb.PredictRequest(user_id=users[0])),
+            "explained_predict": endpoint("Predict", pb.PredictRequest(user_id=users[0], explain=True)),
+            "batch": endpoint("BatchPredict", pb.BatchPredictRequest(user_ids=users[:BATCH])),
             "explained_batch": endpoint(
-                "BatchPredict",
-                pb.BatchPredictRequest(user_ids=users[:BATCH], explain=True).SerializeToString(),
+                "BatchPredict", pb.BatchPredictRequest(user_ids=users[:BATCH], explain=True)
             ),
         }
         figures: dict[str, list[float]] = {name: [] for name in loads}
@@ -95,7 +76,7 @@ def measure_cost(env: dict[str, str], users: list[str], duration: float, rounds:
             for name, load in loads.items():
                 figures[name].append(h2load.run(load, 1, duration).percentile(50))
     finally:
-        service.stop()
+        served.service.stop()
     return Cost(*(median(figures[name]) for name in loads))
 
 

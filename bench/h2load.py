@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from google.protobuf.message import Message
 
 GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
 JSON_HEADERS = ("content-type: application/json",)
+
+
+SERVICE = "streamflow.serving.v1.PredictionService"
 
 
 def grpc_frame(message: bytes) -> bytes:
@@ -50,6 +54,11 @@ class Endpoint:
     status_unreadable: bool = False
     """h2load's HTTP/1 parser records no status when the status line has no reason phrase (Hypercorn sends
     none): every answer then counts, and the caller checks the answers with a real client instead."""
+
+
+def grpc_call(base: str, method: str, request: Message, headers: tuple[str, ...] = GRPC_HEADERS) -> Endpoint:
+    """`request` to PredictionService's `method` at `base` (e.g. `http://127.0.0.1:PORT`)."""
+    return Endpoint(f"{base}/{SERVICE}/{method}", grpc_frame(request.SerializeToString()), headers)
 
 
 def require_h2load() -> str:

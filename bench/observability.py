@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -23,10 +22,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import h2load
-from bench.services import BIN, free_port, grpc_serving, start
+from bench.services import Served, alternating, free_port, start_streamflow
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 
-SERVICE = "streamflow.serving.v1.PredictionService"
 OBSERVABILITY_OFF = {"STREAMFLOW_METRICS_PORT": "0", "STREAMFLOW_ACCESS_LOG_RATE": "0"}
 """The settings that turn metrics and access logs off."""
 
@@ -58,55 +56,50 @@ class HealthUnderFlood:
     flood_http_failures: int
 
 
-def _predict(port: int, user_id: str) -> h2load.Endpoint:
-    request = pb.PredictRequest(user_id=user_id).SerializeToString()
-    return h2load.Endpoint(
-        f"http://127.0.0.1:{port}/{SERVICE}/Predict", h2load.grpc_frame(request), h2load.GRPC_HEADERS
-    )
+def _predict(served: Served, user_id: str) -> h2load.Endpoint:
+    return h2load.grpc_call(served.base, "Predict", pb.PredictRequest(user_id=user_id))
 
 
-def _serving(env: dict[str, str], extra: dict[str, str], log: Path) -> tuple[Callable[[], None], int]:
-    port = free_port()
-    service = start(
-        "StreamFlow gRPC",
-        [str(BIN / "streamflow"), "serve"],
-        {**env, **extra, "STREAMFLOW_HOST": "127.0.0.1", "STREAMFLOW_PORT": str(port)},
-        grpc_serving,
-        port,
-        log,
-    )
-    return service.stop, port
+def _measure(
+    env: dict[str, str], extra: dict[str, str], user_id: str, duration: float, log: Path
+) -> tuple[float, float]:
+    """(p50 at concurrency 1 in ms, calls/s at concurrency 32) of one fresh server."""
+    served = start_streamflow(env, extra, log)
+    try:
+        endpoint = _predict(served, user_id)
+        return h2load.run(endpoint, 1, duration).percentile(50), h2load.run(endpoint, 32, duration).throughput
+    finally:
+        served.service.stop()
 
 
 def measure_cost(env: dict[str, str], user_id: str, duration: float, rounds: int, log: Path) -> Cost:
-    figures: dict[str, dict[str, list[float]]] = {"on": {"p50": [], "rps": []}, "off": {"p50": [], "rps": []}}
-    for round_ in range(rounds):
-        for name, extra in (
-            ("on", {"STREAMFLOW_METRICS_PORT": str(free_port())}),
-            ("off", OBSERVABILITY_OFF),
-        ):
-            print(f"  observability {name}, round {round_ + 1} of {rounds}", flush=True)
-            stop, port = _serving(env, extra, log)
-            try:
-                endpoint = _predict(port, user_id)
-                figures[name]["p50"].append(h2load.run(endpoint, 1, duration).percentile(50))
-                figures[name]["rps"].append(h2load.run(endpoint, 32, duration).throughput)
-            finally:
-                stop()
+    def metrics_on() -> dict[str, str]:
+        return {"STREAMFLOW_METRICS_PORT": str(free_port())}
+
+    figures = alternating(
+        rounds,
+        {
+            "on": lambda: _measure(
+                env, {"STREAMFLOW_METRICS_PORT": str(free_port())}, user_id, duration, log
+            ),
+            "off": lambda: _measure(env, OBSERVABILITY_OFF, user_id, duration, log),
+        },
+        "observability",
+    )
+    on, off = figures["on"], figures["off"]
     return Cost(
-        median(figures["on"]["p50"]),
-        median(figures["off"]["p50"]),
-        median(figures["on"]["rps"]),
-        median(figures["off"]["rps"]),
+        median(p50 for p50, _ in on),
+        median(p50 for p50, _ in off),
+        median(rps for _, rps in on),
+        median(rps for _, rps in off),
     )
 
 
 def measure_health_under_flood(
     env: dict[str, str], user_id: str, duration: float, log: Path
 ) -> HealthUnderFlood:
-    health_port = free_port()
-    extra = {"STREAMFLOW_MAX_CONCURRENT_RPCS": "16", "STREAMFLOW_HEALTH_PORT": str(health_port)}
-    stop, port = _serving(env, extra, log)
+    served = start_streamflow(env, {"STREAMFLOW_MAX_CONCURRENT_RPCS": "16"}, log)
+    health_port, port = served.health_port, served.port
     flooding = threading.Event()
     latencies: dict[int, list[float]] = {health_port: [], port: []}
     failures = dict.fromkeys(latencies, 0)
@@ -134,12 +127,12 @@ def measure_health_under_flood(
     try:
         flooding.set()
         # 256 connections, 8 streams each: far past the 16 calls a worker admits at once.
-        flood = h2load.run(_predict(port, user_id), 256, duration, streams=8)
+        flood = h2load.run(_predict(served, user_id), 256, duration, streams=8)
     finally:
         flooding.clear()
         for prober in probers:
             prober.join()
-        stop()
+        served.service.stop()
 
     def probes(target: int) -> Probes:
         ordered = sorted(latencies[target])

@@ -17,10 +17,8 @@ from statistics import median
 import pyarrow.parquet as pq
 
 from bench import h2load
-from bench.services import BIN, free_port, grpc_serving, start
+from bench.services import alternating, start_streamflow
 from streamflow.serving.v1 import prediction_service_pb2 as pb
-
-SERVICE = "streamflow.serving.v1.PredictionService"
 
 
 @dataclass(frozen=True)
@@ -40,28 +38,13 @@ def _measure(
     server."""
     folder = home / "predictions"
     shutil.rmtree(folder, ignore_errors=True)
-    port, health_port = free_port(), free_port()
-    extra = {
-        "STREAMFLOW_HOST": "127.0.0.1",
-        "STREAMFLOW_PORT": str(port),
-        "STREAMFLOW_HEALTH_PORT": str(health_port),
-        "STREAMFLOW_PREDICTION_LOG": str(logged).lower(),
-    }
-    service = start(
-        "StreamFlow gRPC",
-        [str(BIN / "streamflow"), "serve"],
-        {**env, **extra},
-        grpc_serving,
-        health_port,
-        log,
-    )
+    served = start_streamflow(env, {"STREAMFLOW_PREDICTION_LOG": str(logged).lower()}, log)
     try:
-        request = h2load.grpc_frame(pb.PredictRequest(user_id=user_id).SerializeToString())
-        endpoint = h2load.Endpoint(f"http://127.0.0.1:{port}/{SERVICE}/Predict", request, h2load.GRPC_HEADERS)
+        endpoint = h2load.grpc_call(served.base, "Predict", pb.PredictRequest(user_id=user_id))
         one = h2load.run(endpoint, 1, duration, warm_up_s=0)
         many = h2load.run(endpoint, 32, duration, warm_up_s=0)
     finally:
-        service.stop()  # SIGTERM: the log is flushed before the server exits
+        served.service.stop()  # SIGTERM: the log is flushed before the server exits
     rows = sum(pq.read_metadata(path).num_rows for path in folder.glob("*.parquet")) if logged else 0
     shutil.rmtree(folder, ignore_errors=True)
     answered = one.requests - one.failed + many.requests - many.failed
@@ -71,12 +54,15 @@ def _measure(
 def measure_cost(
     env: dict[str, str], home: Path, user_id: str, duration: float, rounds: int, log: Path
 ) -> Cost:
-    figures: dict[bool, list[tuple[float, float, int, int]]] = {False: [], True: []}
-    for round_ in range(rounds):
-        for logged in (False, True):
-            print(f"  prediction log {'on' if logged else 'off'}, round {round_ + 1} of {rounds}", flush=True)
-            figures[logged].append(_measure(env, user_id, duration, logged, home, log))
-    off, on = figures[False], figures[True]
+    figures = alternating(
+        rounds,
+        {
+            "off": lambda: _measure(env, user_id, duration, False, home, log),
+            "on": lambda: _measure(env, user_id, duration, True, home, log),
+        },
+        "prediction log",
+    )
+    off, on = figures["off"], figures["on"]
     return Cost(
         median(f[0] for f in off),
         median(f[0] for f in on),

@@ -20,12 +20,10 @@ import grpc
 import trustme
 
 from bench import h2load
-from bench.services import BIN, free_port, grpc_serving, start
+from bench.services import alternating, start_streamflow
 from streamflow.server.auth import add_token
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
-
-SERVICE = "streamflow.serving.v1.PredictionService"
 
 
 @dataclass(frozen=True)
@@ -75,9 +73,7 @@ def _measure(
     env: dict[str, str], user_id: str, duration: float, secured: Secured | None, log: Path
 ) -> tuple[float, float]:
     """(p50 at concurrency 1 in ms, calls/s at concurrency 32) of one freshly started server."""
-    port, health_port = free_port(), free_port()
-    extra = {"STREAMFLOW_HOST": "127.0.0.1", "STREAMFLOW_PORT": str(port)}
-    extra["STREAMFLOW_HEALTH_PORT"] = str(health_port)
+    extra: dict[str, str] = {}
     headers: tuple[str, ...] = h2load.GRPC_HEADERS
     scheme = "http"
     if secured is not None:
@@ -88,31 +84,27 @@ def _measure(
         }
         headers = (*headers, f"authorization: Bearer {secured.token}")
         scheme = "https"
-    service = start(
-        "StreamFlow gRPC",
-        [str(BIN / "streamflow"), "serve"],
-        {**env, **extra},
-        grpc_serving,
-        health_port,
-        log,
-    )
+    served = start_streamflow(env, extra, log)
     try:
-        _check_predict(port, user_id, secured)
-        request = h2load.grpc_frame(pb.PredictRequest(user_id=user_id).SerializeToString())
-        endpoint = h2load.Endpoint(f"{scheme}://127.0.0.1:{port}/{SERVICE}/Predict", request, headers)
+        _check_predict(served.port, user_id, secured)
+        base = f"{scheme}://127.0.0.1:{served.port}"
+        endpoint = h2load.grpc_call(base, "Predict", pb.PredictRequest(user_id=user_id), headers)
         return h2load.run(endpoint, 1, duration).percentile(50), h2load.run(endpoint, 32, duration).throughput
     finally:
-        service.stop()
+        served.service.stop()
 
 
 def measure_cost(env: dict[str, str], user_id: str, duration: float, rounds: int, log: Path) -> Cost:
-    figures: dict[str, list[tuple[float, float]]] = {"plaintext": [], "TLS + token": []}
     with tempfile.TemporaryDirectory() as folder:
         secured = _secured(Path(folder))
-        for round_ in range(rounds):
-            for name, security in (("plaintext", None), ("TLS + token", secured)):
-                print(f"  {name}, round {round_ + 1} of {rounds}", flush=True)
-                figures[name].append(_measure(env, user_id, duration, security, log))
+        figures = alternating(
+            rounds,
+            {
+                "plaintext": lambda: _measure(env, user_id, duration, None, log),
+                "TLS + token": lambda: _measure(env, user_id, duration, secured, log),
+            },
+            "security:",
+        )
     plain, secure = figures["plaintext"], figures["TLS + token"]
     return Cost(
         median(p50 for p50, _ in plain),

@@ -12,12 +12,14 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
 from streamflow.healthcheck import check
 
 BIN = Path(sys.executable).parent
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -103,3 +105,47 @@ def http_ok(path: str) -> Callable[[int], bool]:
             return False
 
     return probe
+
+
+@dataclass
+class Served:
+    """A `streamflow serve` under test: its main port, and the health port its readiness was probed on."""
+
+    service: Service
+    port: int
+    health_port: int
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_streamflow(env: dict[str, str], extra: dict[str, str], log: Path) -> Served:
+    """`streamflow serve` on free ports, `extra` over `env`, once every worker is SERVING on the health port
+    (the supervisor's, so a flood of the main port cannot hold the start)."""
+    port, health_port = free_port(), free_port()
+    ports = {
+        "STREAMFLOW_HOST": "127.0.0.1",
+        "STREAMFLOW_PORT": str(port),
+        "STREAMFLOW_HEALTH_PORT": str(health_port),
+    }
+    service = start(
+        "StreamFlow gRPC",
+        [str(BIN / "streamflow"), "serve"],
+        {**env, **ports, **extra},
+        grpc_serving,
+        health_port,
+        log,
+    )
+    return Served(service, port, health_port)
+
+
+def alternating(rounds: int, variants: dict[str, Callable[[], T]], what: str) -> dict[str, list[T]]:
+    """Each variant's measurement, once per round, taken in turn: a shared machine's drift within minutes
+    then falls on all of them alike."""
+    figures: dict[str, list[T]] = {name: [] for name in variants}
+    for round_ in range(rounds):
+        for name, measure in variants.items():
+            print(f"  {what} {name}, round {round_ + 1} of {rounds}", flush=True)
+            figures[name].append(measure())
+    return figures

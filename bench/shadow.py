@@ -20,11 +20,10 @@ from statistics import median
 import grpc
 
 from bench import h2load
-from bench.services import BIN, free_port, grpc_serving, start
+from bench.services import alternating, start_streamflow
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
 
-SERVICE = "streamflow.serving.v1.PredictionService"
 SHADOW_URI = "models:/streamflow_churn/Production"
 
 
@@ -51,28 +50,17 @@ def _measure(
 ) -> tuple[float, float, int, int, int]:
     """(p50 at concurrency 1 in ms, calls/s at concurrency 32, calls answered, users compared, users
     dropped) of one fresh server."""
-    port, health_port = free_port(), free_port()
     extra = {
-        "STREAMFLOW_HOST": "127.0.0.1",
-        "STREAMFLOW_PORT": str(port),
-        "STREAMFLOW_HEALTH_PORT": str(health_port),
         "STREAMFLOW_PREDICTION_LOG": "false",
         "STREAMFLOW_SHADOW_MODEL_URI": SHADOW_URI if shadowed else "",
         "STREAMFLOW_SHADOW_SAMPLE": "1.0",
     }
-    service = start(
-        "StreamFlow gRPC",
-        [str(BIN / "streamflow"), "serve"],
-        {**env, **extra},
-        grpc_serving,
-        health_port,
-        log,
-    )
+    served = start_streamflow(env, extra, log)
+    port = served.port
     try:
         if shadowed and not _wait(lambda: _shadow_loaded(port), 120):
             raise RuntimeError(f"the shadow {SHADOW_URI} did not load; see {log}")
-        request = h2load.grpc_frame(pb.PredictRequest(user_id=user_id).SerializeToString())
-        endpoint = h2load.Endpoint(f"http://127.0.0.1:{port}/{SERVICE}/Predict", request, h2load.GRPC_HEADERS)
+        endpoint = h2load.grpc_call(served.base, "Predict", pb.PredictRequest(user_id=user_id))
         one = h2load.run(endpoint, 1, duration, warm_up_s=0)
         many = h2load.run(endpoint, 32, duration, warm_up_s=0)
         answered = one.requests - one.failed + many.requests - many.failed
@@ -83,7 +71,7 @@ def _measure(
             _wait(lambda: sum(_shadow_counts(port)) >= answered, 30)
             compared, dropped = _shadow_counts(port)
     finally:
-        service.stop()
+        served.service.stop()
     return one.percentile(50), many.throughput, answered, compared, dropped
 
 
@@ -107,12 +95,15 @@ def _shadow_loaded(port: int) -> bool:
 
 
 def measure_cost(env: dict[str, str], user_id: str, duration: float, rounds: int, log: Path) -> Cost:
-    figures: dict[bool, list[tuple[float, float, int, int, int]]] = {False: [], True: []}
-    for round_ in range(rounds):
-        for shadowed in (False, True):
-            print(f"  shadow {'on' if shadowed else 'off'}, round {round_ + 1} of {rounds}", flush=True)
-            figures[shadowed].append(_measure(env, user_id, duration, shadowed, log))
-    off, on = figures[False], figures[True]
+    figures = alternating(
+        rounds,
+        {
+            "off": lambda: _measure(env, user_id, duration, False, log),
+            "on": lambda: _measure(env, user_id, duration, True, log),
+        },
+        "shadow",
+    )
+    off, on = figures["off"], figures["on"]
     return Cost(
         median(f[0] for f in off),
         median(f[0] for f in on),
