@@ -15,6 +15,7 @@ from streamflow.server.domain import (
     ModelInfo,
     ModelRef,
     Prediction,
+    ReloadFailure,
     Runtime,
 )
 from streamflow.server.errors import FeatureError, status_of
@@ -123,15 +124,8 @@ def model_info(info: ModelInfo) -> pb.ModelInfoResponse:
     )
     if info.base_value is not None:
         response.base_value = info.base_value
-    failure = info.last_reload_failure
-    if failure is not None:
-        response.last_reload_failure.CopyFrom(
-            pb.ReloadFailure(
-                model_version=failure.model_version,
-                reason=failure.reason,
-                failed_at=timestamp(failure.failed_at),
-            )
-        )
+    if info.last_reload_failure is not None:
+        response.last_reload_failure.CopyFrom(reload_failure(info.last_reload_failure))
     if info.shadow is not None:
         response.shadow.CopyFrom(shadow_report(info.shadow))
     return response
@@ -156,13 +150,12 @@ def shadow_report(report: ShadowReport) -> pb.ShadowReport:
     )
     if report.model is not None:
         message.model.CopyFrom(model_ref(report.model))
-    failure = report.last_reload_failure
-    if failure is not None:
-        message.last_reload_failure.CopyFrom(
-            pb.ReloadFailure(
-                model_version=failure.model_version,
-                reason=failure.reason,
-                failed_at=timestamp(failure.failed_at),
-            )
-        )
+    if report.last_reload_failure is not None:
+        message.last_reload_failure.CopyFrom(reload_failure(report.last_reload_failure))
     return message
+
+
+def reload_failure(failure: ReloadFailure) -> pb.ReloadFailure:
+    return pb.ReloadFailure(
+        model_version=failure.model_version, reason=failure.reason, failed_at=timestamp(failure.failed_at)
+    )
