@@ -33,7 +33,7 @@ import pandas as pd
 from streamflow.errors import StreamflowError
 from streamflow.feature_repo.definitions import FEATURE_NAMES, JOIN_KEY
 from streamflow.settings import Settings
-from streamflow.training.evaluation import TAG_EVALUATED_MODEL, TAG_EVALUATED_VERSION, TAG_SOURCE_RUN
+from streamflow.training.evaluation import monitoring_run
 from streamflow.training.served import read_log
 
 log = logging.getLogger(__name__)
@@ -251,21 +251,9 @@ def _log_drift(settings: Settings, report: DriftReport, source_run: str, since: 
     import matplotlib.pyplot as plt
     import mlflow
 
-    from streamflow.training.train import _experiment_id, mlflow_client
-
-    client = mlflow_client(settings)
-    with mlflow.start_run(
-        experiment_id=_experiment_id(client, settings),
-        run_name=f"drift-{report.model_name}-v{report.model_version}",
+    with monitoring_run(
+        settings, "drift", "drift", report.model_name, report.model_version, source_run
     ) as run:
-        mlflow.set_tags(
-            {
-                TAG_EVALUATED_MODEL: report.model_name,
-                TAG_EVALUATED_VERSION: report.model_version,
-                TAG_SOURCE_RUN: source_run,
-                "streamflow.kind": "drift",
-            }
-        )
         mlflow.log_params({"since": since.isoformat(), "training_as_of": report.training_as_of})
         mlflow.log_metrics({f"psi.{f.feature}": f.psi for f in report.features})
         mlflow.log_metrics(

@@ -11,7 +11,9 @@ with that run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from typing import Any
@@ -178,24 +180,15 @@ def _log_evaluation(
     import mlflow
     from sklearn.metrics import RocCurveDisplay
 
-    from streamflow.training.train import _experiment_id, mlflow_client
+    from streamflow.training.train import mlflow_client
 
     client = mlflow_client(settings)
     source_run = _version_run(client, result.model_name, result.model_version)
     truth = rows["outcome"].astype(int).to_numpy()
     probability = rows["churn_probability"].astype(float).to_numpy()
-    with mlflow.start_run(
-        experiment_id=_experiment_id(client, settings),
-        run_name=f"evaluate-{result.model_name}-v{result.model_version}",
+    with monitoring_run(
+        settings, "evaluation", "evaluate", result.model_name, result.model_version, source_run or ""
     ) as run:
-        mlflow.set_tags(
-            {
-                TAG_EVALUATED_MODEL: result.model_name,
-                TAG_EVALUATED_VERSION: result.model_version,
-                TAG_SOURCE_RUN: source_run or "",
-                "streamflow.kind": "evaluation",
-            }
-        )
         mlflow.log_params({"since": since.isoformat(), "until": until.isoformat() if until else "now"})
         metrics = {
             "users_scored": result.users_scored,
@@ -237,6 +230,31 @@ def _log_evaluation(
             result.model_name, result.model_version, TAG_LAST_EVALUATION, run.info.run_id
         )
     return str(run.info.run_id)
+
+
+@contextlib.contextmanager
+def monitoring_run(
+    settings: Settings, kind: str, prefix: str, model_name: str, model_version: str, source_run: str
+) -> Iterator[Any]:
+    """An MLflow run named `prefix-<model>-v<version>` in the project's experiment, tagged with the version
+    it is about, that version's training run and its `kind` (evaluation, drift)."""
+    import mlflow
+
+    from streamflow.training.train import _experiment_id, mlflow_client
+
+    with mlflow.start_run(
+        experiment_id=_experiment_id(mlflow_client(settings), settings),
+        run_name=f"{prefix}-{model_name}-v{model_version}",
+    ) as run:
+        mlflow.set_tags(
+            {
+                TAG_EVALUATED_MODEL: model_name,
+                TAG_EVALUATED_VERSION: model_version,
+                TAG_SOURCE_RUN: source_run,
+                "streamflow.kind": kind,
+            }
+        )
+        yield run
 
 
 def _version_run(client: Any, name: str, version: str) -> str | None:
