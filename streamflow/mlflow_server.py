@@ -84,6 +84,10 @@ def ensure_backend_database(backend_dsn: str) -> None:
         ) from exc
 
 
+JOB_EXECUTION = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
+"""MLflow's switch for its job runner: off unless set (see `start`)."""
+
+
 @dataclass
 class MlflowServer:
     """A running ``mlflow server`` started by `start`."""
@@ -125,9 +129,14 @@ def start(
         workers=workers,
         allowed_hosts=allowed_hosts,
     )
+    # MLflow's job runner (GenAI evaluation jobs, which nothing here submits) would start seven huey consumer
+    # processes of about 220 MB each beside the server, left running if the server is killed.
+    env = {**os.environ, JOB_EXECUTION: os.environ.get(JOB_EXECUTION, "false")}
     with log_path.open("ab") as log:
         # Own session: stopping the group stops uvicorn's workers too, and a Ctrl-C of `make` does not.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
     return MlflowServer(url=f"http://{host}:{port}", process=process, log_path=log_path)
 
 

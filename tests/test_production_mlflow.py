@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from streamflow import mlflow_server, postgres
@@ -43,6 +44,9 @@ def test_make_target_reports_a_ready_server_on_a_postgres_backend(mlflow_service
     with postgres.connect(mlflow_service.backend_dsn) as conn:
         # MLflow's schema was created in the database the target made for it.
         assert conn.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
+    # No job runner (and its huey consumers) beside the server: nothing here submits MLflow jobs.
+    processes = psutil.Process(mlflow_service.pid).children(recursive=True)
+    assert not [p.cmdline() for p in processes if "mlflow.server.jobs" in " ".join(p.cmdline())]
     # A second `make mlflow-server` finds it running instead of starting another.
     again = subprocess.run(
         [sys.executable, "-m", "streamflow.mlflow_server"],
