@@ -81,6 +81,12 @@ def _fill_prediction(message: pb.Prediction, result: Prediction) -> None:
             add(name=name, contribution=contribution)
 
 
+def prediction(result: Prediction) -> pb.Prediction:
+    message = pb.Prediction()
+    _fill_prediction(message, result)
+    return message
+
+
 def predict_response(result: Prediction) -> pb.PredictResponse:
     response = pb.PredictResponse()
     _fill_prediction(response.prediction, result)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
+    from streamflow.server.prediction_log import AwaitingShadow
     from streamflow.server.shadow import ShadowReport
 
 FeatureScalar = int | float | bool | str
@@ -68,6 +69,8 @@ class Prediction:
     features: tuple[FeatureValue, ...]
     contributions: tuple[tuple[str, float], ...] = ()
     """(feature, TreeSHAP contribution) pairs, largest magnitude first, when the call asked to `explain`."""
+    shadow: AwaitingShadow | None = field(default=None, compare=False, repr=False)
+    """Where the prediction log's record goes when the shadow also scores this user (None otherwise)."""
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,9 @@ from streamflow.server import metrics
 from streamflow.server.domain import ReloadFailure
 from streamflow.server.heap import settle_after_load
 from streamflow.server.loaded_model import LoadedModel, ModelSource
-from streamflow.server.logs import event
 from streamflow.server.scoring_artifact import ScoringArtifact
 from streamflow.server.shadow import ShadowModel
+from streamflow.server.supervised import SupervisedThread
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -87,43 +87,36 @@ class ModelFollower(ModelSource):
         self.shadow = ShadowModel()
         """The shadow model the control plane sends, if it follows one."""
         self._shadow_seq: int | None = None
+        self._following = SupervisedThread(
+            "model-follower", self._run, self._stopping, "follower_restarted", log, "model follower"
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self._following.alive
 
     def start(self) -> None:
         if not self.alive:
-            self._thread = threading.Thread(target=self._run, name="model-follower", daemon=True)
-            self._thread.start()
+            self._following.start()
 
     def stop(self) -> None:
         self._stopping.set()
         # Ends the blocking receive; the supervisor sees the worker go when it exits.
         self._channel.shutdown(socket.SHUT_RDWR)
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        self._following.join()
 
     def wait_until_serving(self, timeout_s: float | None = None) -> bool:
         """Block until a model serves (a replacement worker binds its port only then)."""
         return self._ready.wait(timeout_s)
 
     def _run(self) -> None:
-        try:
-            while not self._stopping.is_set():
-                message = receive(self._channel)
-                if message is None:
-                    if not self._stopping.is_set():
-                        log.warning("the control plane closed the channel; serving the current model")
-                    return
-                self._handle(message)
-        except BaseException:
-            if self._stopping.is_set():
+        while not self._stopping.is_set():
+            message = receive(self._channel)
+            if message is None:
+                if not self._stopping.is_set():
+                    log.warning("the control plane closed the channel; serving the current model")
                 return
-            log.critical(
-                "the model follower thread ended unexpectedly; starting a new one",
-                exc_info=True,
-                extra=event("follower_restarted"),
-            )
-            self._thread = None
-            self.start()
+            self._handle(message)
 
     def _handle(self, message: dict[str, Any]) -> None:
         seq = int(message["seq"])

@@ -2,7 +2,9 @@
 
 A record is what a caller got, as the server sent it: `(served_at, request_id, prediction, shadow)`, with
 `prediction` the `Prediction` message's bytes (user, label, probability, model version, the 14 feature
-values with their event times) and `shadow` the bytes of a shadow model's `Prediction`, or None. Serializing
+values with their event times) and `shadow` the bytes of a shadow model's `Prediction` for the same user
+(user, label, probability, model version; no features), or None. A user the shadow also scores is logged
+once both halves are known (`AwaitingShadow`). Serializing
 the message the response already holds costs a few microseconds; decoding it into columns happens where the
 records are written (server/prediction_sink.py), never in a scoring worker, which imports none of pyarrow,
 pandas or psycopg.
@@ -14,7 +16,7 @@ sink; with one worker the sink runs in the server's process and its queue delive
 
 - Never blocking a call: `offer` appends or, when the queue is full (a sink slow or down), drops and counts
   (`streamflow_prediction_log_dropped_total`), with one log line when an episode of drops starts and one with
-  its count when it ends.
+  its count when it ends (`DROP_EPISODE_QUIET_S` without a drop, or at shutdown).
 - A delivery that fails (the sink down) is logged once per outage, retried after `RETRY_S`, and logged once
   again when it recovers; records arriving meanwhile fill the queue, then are dropped and counted.
 - A thread that died (a bug) is noticed at the next `offer`, logged once, and replaced.
@@ -50,6 +52,10 @@ DELIVERY_BATCH = 256
 """Most records one delivery carries (a datagram of about 200 bytes each stays under 64 KiB)."""
 IDLE_S = 1.0
 """Seconds without a record after which the thread calls `idle` (a Parquet sink completes a due file)."""
+GATHER_S = 0.1
+"""How long records gather before the thread delivers fewer than `DELIVERY_BATCH` of them. Waking it for each
+record cost a third of a worker's Predicts/s at concurrency 32 (a thread switch and a datagram per call, and
+in the supervisor a Parquet write per record); a full batch still wakes it at once."""
 RETRY_S = 1.0
 """Seconds before a failed delivery is tried again."""
 DATAGRAM_LIMIT = 60_000
@@ -60,7 +66,8 @@ buffer of a Unix socket bounds a datagram at about 200 KiB)."""
 class RecordQueue:
     """A bounded queue of records, delivered in batches by a thread of its own (see the module's docstring).
 
-    `where` names the queue in metrics and log lines (`worker`, `supervisor`, `server`)."""
+    `where` names the queue in metrics and log lines (`worker`, `supervisor`, `server`); `drop_quiet_s`
+    (default `DROP_EPISODE_QUIET_S`) is how long without a drop ends an episode of drops."""
 
     def __init__(
         self,
@@ -68,6 +75,7 @@ class RecordQueue:
         capacity: int,
         where: str,
         idle: Callable[[], None] | None = None,
+        drop_quiet_s: float | None = None,
     ) -> None:
         self._deliver = deliver
         self._idle = idle
@@ -78,6 +86,8 @@ class RecordQueue:
         self._closing = False
         self._batch: list[Record] = []  # taken by the thread, not delivered yet (a replacement resumes it)
         self._dropping = 0  # records dropped in the current episode
+        self._dropped_at = 0.0  # monotonic time of the episode's last drop
+        self._drop_quiet_s = DROP_EPISODE_QUIET_S if drop_quiet_s is None else drop_quiet_s
         self._down_since: float | None = None
         self._dropped = metrics.PREDICTION_LOG_DROPPED.labels(where)
         self._thread = self._start_thread()
@@ -90,12 +100,12 @@ class RecordQueue:
             room = self._capacity - len(self._queue)
             if room >= len(records):
                 self._queue.extend(records)
-                if self._dropping:
-                    self._end_drop_episode()
+                self._end_quiet_drop_episode()
             else:
                 self._queue.extend(records[: max(room, 0)])
                 self._drop(len(records) - max(room, 0))
-            self._ready.notify()
+            if len(self._queue) >= DELIVERY_BATCH:
+                self._ready.notify()
 
     def close(self, timeout_s: float = 30.0) -> bool:
         """Deliver what is queued, then stop the thread; False if it could not within `timeout_s`."""
@@ -133,7 +143,13 @@ class RecordQueue:
                 extra=event("prediction_log_dropping", where=self._where, capacity=self._capacity),
             )
         self._dropping += count
+        self._dropped_at = time.monotonic()
         self._dropped.inc(count)
+
+    def _end_quiet_drop_episode(self) -> None:
+        """End the episode of drops once none happened for `DROP_EPISODE_QUIET_S` (under `_ready`)."""
+        if self._dropping and time.monotonic() - self._dropped_at >= self._drop_quiet_s:
+            self._end_drop_episode()
 
     def _end_drop_episode(self) -> None:
         log.warning(
@@ -167,9 +183,11 @@ class RecordQueue:
         signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         while True:
             with self._ready:
+                self._end_quiet_drop_episode()  # also when no record is offered any more
                 if not self._batch:
-                    if not self._queue and not self._closing:
-                        self._ready.wait(IDLE_S)
+                    if len(self._queue) < DELIVERY_BATCH and not self._closing:
+                        # Records gather meanwhile: a full batch or a close wakes the thread sooner.
+                        self._ready.wait(GATHER_S if self._queue else IDLE_S)
                     if self._queue:
                         count = min(len(self._queue), DELIVERY_BATCH)
                         self._batch = [self._queue.popleft() for _ in range(count)]
@@ -215,6 +233,10 @@ class RecordQueue:
             )
 
 
+DROP_EPISODE_QUIET_S = 5.0
+"""An episode of drops ends once no record was dropped for this long. Ending it at the first record that fits
+again split one outage into several episodes whenever the delivery thread took a batch meanwhile, and a sink
+that stays slow into two log lines per delivery."""
 SHUTDOWN_RETRY_S = 5.0
 """At shutdown, how long a sink that is down is still retried before its records are counted as lost."""
 
@@ -253,14 +275,28 @@ class PredictionLog:
         self._on_close = on_close
 
     def served(
-        self, request_id: str, predictions: Sequence[bytes], shadows: Sequence[bytes | None] = ()
+        self,
+        request_id: str,
+        predictions: Sequence[bytes],
+        awaiting: Sequence[AwaitingShadow | None] = (),
     ) -> None:
-        """Log the serialized `Prediction` messages one call answered (and its shadow results, if any)."""
+        """Log the serialized `Prediction` messages one call answered. `awaiting`, when given, holds one
+        entry per prediction: one the shadow also scores is logged with its result (`AwaitingShadow`)."""
         now = time.time()
-        if shadows:
-            self._queue.offer([(now, request_id, p, s) for p, s in zip(predictions, shadows, strict=True)])
-        else:
+        if not any(awaiting):
             self._queue.offer([(now, request_id, p, None) for p in predictions])
+            return
+        direct: list[Record] = []
+        for prediction, pending in zip(predictions, awaiting, strict=True):
+            if pending is None:
+                direct.append((now, request_id, prediction, None))
+            else:
+                pending.served(self, (now, request_id, prediction, None))
+        if direct:
+            self._queue.offer(direct)
+
+    def record(self, record: Record) -> None:
+        self._queue.offer([record])
 
     def close(self) -> bool:
         """Deliver what is queued (then close whatever is behind it); False when records were lost."""
@@ -272,6 +308,40 @@ class PredictionLog:
                 log.exception("prediction log: closing the sink failed")
                 return False
         return delivered
+
+
+class AwaitingShadow:
+    """The log record of a prediction the shadow also scores. It goes to the log with the shadow's result
+    once the answer was served and the shadow has compared it (or given it up), whichever comes last, so
+    neither the call nor the shadow waits for the other. A prediction never served (its caller gave up) is
+    not logged, like any other."""
+
+    __slots__ = ("_compared", "_lock", "_served", "_shadow")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._served: tuple[PredictionLog, Record] | None = None
+        self._shadow: bytes | None = None
+        self._compared = False
+
+    def served(self, log: PredictionLog, record: Record) -> None:
+        """The answer went out: `record` is its log record, without the shadow's result."""
+        with self._lock:
+            self._served = (log, record)
+            if not self._compared:
+                return
+        log.record((*record[:3], self._shadow))
+
+    def compared(self, shadow: bytes | None) -> None:
+        """The shadow's `Prediction` bytes, or None when it gave the user up; a second call is ignored."""
+        with self._lock:
+            if self._compared:
+                return
+            self._compared, self._shadow = True, shadow
+            served = self._served
+        if served is not None:
+            log, record = served
+            log.record((*record[:3], shadow))
 
 
 def forwarding_log(fd: int, capacity: int) -> PredictionLog:

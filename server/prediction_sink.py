@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from streamflow.server import metrics
 from streamflow.server.prediction_log import PredictionLog, Record, RecordQueue, decode_datagram
+from streamflow.server.supervised import SupervisedThread
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Profile, Settings
 
@@ -331,7 +332,9 @@ class DriftGauge:
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._failing = False
-        self._thread = threading.Thread(target=self._run, name="drift-gauge", daemon=True)
+        self._thread = SupervisedThread(
+            "drift-gauge", self._run, self._stop, "drift_gauge_restarted", log, "drift gauge"
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -371,10 +374,18 @@ def open_sink(settings: Settings) -> Sink:
 
 
 def in_process_log(settings: Settings) -> PredictionLog:
-    """A server of one process: its queue delivers straight into the sink."""
+    """A server of one process: its queue delivers straight into the sink, and it exports the latest drift
+    (a supervisor's `Collector` does both for its workers)."""
     sink = open_sink(settings)
+    drift = DriftGauge(settings)
+    drift.start()
+
+    def close() -> None:
+        drift.stop()
+        sink.close()
+
     return PredictionLog(
-        RecordQueue(sink.write, settings.prediction_log_queue_size, "server", sink.idle), sink.close
+        RecordQueue(sink.write, settings.prediction_log_queue_size, "server", sink.idle), close
     )
 
 
@@ -395,7 +406,15 @@ class Collector:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self._socket, self._theirs = ours, theirs
         self._stop_read, self._stop_write = os.pipe()
-        self._thread = threading.Thread(target=self._receive, name="prediction-log-collector", daemon=True)
+        self._stopping = threading.Event()
+        self._thread = SupervisedThread(
+            "prediction-log-collector",
+            self._receive,
+            self._stopping,
+            "prediction_log_collector_restarted",
+            log,
+            "prediction log collector",
+        )
         self._drift = DriftGauge(settings)
 
     @property
@@ -440,6 +459,7 @@ class Collector:
     def close(self) -> None:
         """After the workers exited: read what they sent, write it, close the sink."""
         self._drift.stop()
+        self._stopping.set()
         os.write(self._stop_write, b"x")
         self._thread.join()
         self._read_available()

@@ -140,13 +140,15 @@ class Predictor:
                 model.model.predict_proba(columns)[:, CHURN_CLASS] if columns is not None else np.empty(0)
             )
         metrics.scoring(model, read, probabilities, read_s, time.perf_counter() - inference_started)
-        scored = iter(zip(rows, probabilities, strict=True))
+        # It only queues the sampled users (never raises, never blocks); the shadow scores them later.
+        awaiting = self.shadow.offer(model, rows, probabilities) if self.shadow is not None else None
+        scored = iter(zip(rows, probabilities, awaiting or [None] * len(rows), strict=True))
         results: list[Prediction | FeatureError] = []
         for item in read:
             if isinstance(item, FeatureError):
                 results.append(item)
                 continue
-            row, probability = next(scored)
+            row, probability, shadow = next(scored)
             results.append(
                 Prediction(
                     user_id=row.user_id,
@@ -154,10 +156,9 @@ class Predictor:
                     churn_probability=float(probability),
                     model=model.ref,
                     features=row.values,
+                    shadow=shadow,
                 )
             )
         if explainer is not None and columns is not None:
             results = _explained(results, explainer, columns, version)
-        if self.shadow is not None:  # after the answers are built; it only queues them, and never raises
-            self.shadow.offer(model, rows, probabilities)
         return results

@@ -21,10 +21,13 @@ from streamflow.server import converters, tracing
 from streamflow.server.batcher import PredictBatcher
 from streamflow.server.domain import Prediction
 from streamflow.server.errors import FeatureError
-from streamflow.server.prediction_log import PredictionLog
+from streamflow.server.prediction_log import AwaitingShadow, PredictionLog
 from streamflow.server.predictor import Predictor, check_user_id
 from streamflow.server.rpc import CURRENT_CALL
 from streamflow.serving.v1 import prediction_service_pb2 as pb
+
+Answered = tuple[pb.PredictResponse, AwaitingShadow | None]
+"""A Predict's response and where its log record goes when the shadow also scores the user."""
 
 
 class PredictionServicer:
@@ -43,11 +46,15 @@ class PredictionServicer:
         self._batcher = PredictBatcher(self._predict_responses, predict_pool, max_batch_size)
         self._batch_pool = batch_pool
 
-    def _predict_responses(self, user_ids: Sequence[str]) -> list[pb.PredictResponse | FeatureError]:
-        results = self._predictor.score(user_ids)
+    def _predict_responses(
+        self, user_ids: Sequence[str], explain: bool = False
+    ) -> list[Answered | FeatureError]:
+        results = self._predictor.score(user_ids, explain)
         with tracing.span("streamflow.build_response", _version_of(results), len(results)):
             return [
-                result if isinstance(result, FeatureError) else converters.predict_response(result)
+                result
+                if isinstance(result, FeatureError)
+                else (converters.predict_response(result), result.shadow)
                 for result in results
             ]
 
@@ -57,23 +64,23 @@ class PredictionServicer:
         call = CURRENT_CALL.get()
         call.users = 1
         if request.explain:
-            response = await self._explained_predict(request.user_id)
+            response, awaiting = await self._explained_predict(request.user_id)
         else:
-            response = await self._batcher.predict(request.user_id)
+            response, awaiting = await self._batcher.predict(request.user_id)
         call.model_version = response.prediction.model.version
         if self._log is not None:
-            self._log.served(call.request_id, (response.prediction.SerializeToString(),))
+            self._log.served(call.request_id, (response.prediction.SerializeToString(),), (awaiting,))
         return response
 
-    async def _explained_predict(self, user_id: str) -> pb.PredictResponse:
+    async def _explained_predict(self, user_id: str) -> Answered:
         """One user scored and explained on the batch pool: an explanation takes milliseconds, too long for
         the event loop, and coalescing it would make the Predicts batched with it wait for it."""
 
-        def work() -> pb.PredictResponse:
-            (result,) = self._predictor.score([user_id], explain=True)
-            if isinstance(result, FeatureError):
-                raise result
-            return converters.predict_response(result)
+        def work() -> Answered:
+            (answer,) = self._predict_responses([user_id], explain=True)
+            if isinstance(answer, FeatureError):
+                raise answer
+            return answer
 
         check_user_id(user_id)
         return await asyncio.get_running_loop().run_in_executor(
@@ -92,7 +99,8 @@ class PredictionServicer:
                 served = [
                     r.prediction.SerializeToString() for r in response.results if r.HasField("prediction")
                 ]
-                self._log.served(call.request_id, served)
+                awaiting = [r.shadow for r in results if isinstance(r, Prediction)]
+                self._log.served(call.request_id, served, awaiting)
             return response
 
         call = CURRENT_CALL.get()

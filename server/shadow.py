@@ -5,7 +5,9 @@ worker the shadow's scoring artifact (server/control_plane.py, server/model_foll
 server follows it with a second watcher. The shadow never answers. After a scoring call has built its
 answers, `ShadowScorer.offer` hands the users it read (their features, the served probabilities) to a
 bounded queue, and a background thread scores them with the shadow on the same features. A full queue drops
-them and counts it: nothing about a call's answer, latency or errors depends on the shadow.
+them and counts it: nothing about a call's answer, latency or errors depends on the shadow. With the
+prediction log on, each queued user's log record waits for the shadow's result and goes with it
+(`AwaitingShadow`, server/prediction_log.py).
 
 What is learnt, per (shadow version, answering version): users compared, label agreement, mean |Δp| and a
 fixed histogram of |Δp| (enough for its 99th percentile, and it adds up across workers). Each process keeps
@@ -15,7 +17,8 @@ a worker for ModelInfo, the supervisor for the periodic summary in the log and t
 registry (server/shadow_evidence.py). The same counts are metrics (`streamflow_shadow_*`), which prometheus'
 multiprocess mode adds up over the workers.
 
-The scoring thread is supervised: one that ends unexpectedly is logged once and replaced.
+The scoring thread is supervised (server/supervised.py): one that ends unexpectedly is logged once and
+replaced.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from typing import Any, Protocol
 import numpy as np
 from prometheus_client import Counter, Histogram
 
-from streamflow.model_contract import CHURN_CLASS, CHURN_THRESHOLD
-from streamflow.server import metrics
-from streamflow.server.domain import ModelRef, ReloadFailure
+from streamflow.model_contract import CHURN_CLASS, CHURN_THRESHOLD, is_churn
+from streamflow.server import converters, metrics
+from streamflow.server.domain import ModelRef, Prediction, ReloadFailure
 from streamflow.server.features import FeatureRow
 from streamflow.server.loaded_model import LoadedModel, ModelSource
 from streamflow.server.logs import event
+from streamflow.server.prediction_log import AwaitingShadow
+from streamflow.server.supervised import SupervisedThread
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +148,9 @@ class Tally:
         return cls(int(data["users"]), int(data["agreements"]), float(data["delta_sum"]), buckets)
 
 
-Offered = tuple[LoadedModel, Sequence[FeatureRow], np.ndarray]
-"""A scoring call's model, the users it read and the probabilities it answered."""
+Offered = tuple[LoadedModel, Sequence[FeatureRow], np.ndarray, list[AwaitingShadow] | None]
+"""A scoring call's model, the users it read, the probabilities it answered and, with the prediction log on,
+each user's log record waiting for the shadow's result."""
 
 Pair = tuple[str, str]
 """(shadow version, answering version)."""
@@ -242,13 +248,16 @@ class ShadowScorer:
         source: ModelSource,
         evidence_dir: Path | None = None,
         queue_users: int = QUEUE_USERS,
+        logged: bool = False,
     ) -> None:
         """`source` follows the shadow (a watcher of its own, or a worker's `ShadowModel`, whose control
         plane names the evidence folder); `evidence_dir` is where this process writes its tallies (None: a
-        `ShadowModel`'s, else kept in memory only)."""
+        `ShadowModel`'s, else kept in memory only); `logged`: the prediction log is on, so the shadow's
+        results go into it."""
         self.model_uri = model_uri
         self.sample = sample
         self.source = source
+        self._logged = logged
         self._evidence_dir = evidence_dir
         self._queue: queue.SimpleQueue[Offered] = queue.SimpleQueue()
         self._queue_users = queue_users
@@ -259,21 +268,30 @@ class ShadowScorer:
         self._written: str | None = None
         self._random = random.Random()
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = SupervisedThread(
+            "shadow-scorer", self._run, self._stopping, "shadow_scorer_restarted", log, "shadow scoring"
+        )
         self._failing = False
         self.companions: list[Companion] = []
         """Started and stopped with the scorer (a single-process server's evidence recorder)."""
 
     # --- the request path: never raises, never blocks ---------------------------------------------------
-    def offer(self, production: LoadedModel, rows: Sequence[FeatureRow], probabilities: np.ndarray) -> None:
-        """Queue the sampled users of a scoring call for the shadow; a full queue drops them (counted)."""
+    def offer(
+        self, production: LoadedModel, rows: Sequence[FeatureRow], probabilities: np.ndarray
+    ) -> list[AwaitingShadow | None] | None:
+        """Queue the sampled users of a scoring call for the shadow; a full queue drops them (counted).
+
+        With the prediction log on, returns each row's `AwaitingShadow` (None for a row not queued), which
+        the server hands its log record; None when no row waits for the shadow."""
         try:
             if not rows:
-                return
+                return None
+            count = len(rows)
+            kept: Sequence[int] = range(count)
             if self.sample < 1.0:
-                kept = [i for i in range(len(rows)) if self._random.random() < self.sample]
+                kept = [i for i in kept if self._random.random() < self.sample]
                 if not kept:
-                    return
+                    return None
                 rows = [rows[i] for i in kept]
                 probabilities = probabilities[kept]
             with self._queued_lock:
@@ -282,23 +300,29 @@ class ShadowScorer:
                     self._queued += len(rows)
             if full:
                 self._dropped("queue_full", len(rows))
-                return
-            self._queue.put_nowait((production, rows, probabilities))
+                return None
+            awaiting = [AwaitingShadow() for _ in rows] if self._logged else None
+            self._queue.put_nowait((production, rows, probabilities, awaiting))
         except Exception:
             log.debug("offering users to the shadow failed", exc_info=True)
+            return None
+        if awaiting is None:
+            return None
+        slots: list[AwaitingShadow | None] = [None] * count
+        for index, pending in zip(kept, awaiting, strict=True):
+            slots[index] = pending
+        return slots
 
     # --- the scoring thread ------------------------------------------------------------------------------
     def start(self) -> None:
         self.source.start()
-        self._start_thread()
+        self._thread.start()
         for companion in self.companions:
             companion.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        self._thread.join()
         self.source.stop()
         self._write()
         for companion in self.companions:
@@ -306,51 +330,40 @@ class ShadowScorer:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _start_thread(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="shadow-scorer", daemon=True)
-        self._thread.start()
+        return self._thread.alive
 
     def _run(self) -> None:
-        try:
-            written_at = time.monotonic()
-            while not self._stopping.is_set():
-                try:
-                    first = self._queue.get(timeout=REPORT_S)
-                except queue.Empty:
-                    first = None
-                if first is not None:
-                    self._stopping.wait(GATHER_S)  # cut short by a stop, which scores what is queued
-                    self._take(first)
-                if time.monotonic() - written_at >= REPORT_S:
-                    self._write()
-                    written_at = time.monotonic()
-            while True:  # stopped after the last call answered: what it queued is scored too
-                try:
-                    first = self._queue.get_nowait()
-                except queue.Empty:
-                    return
+        written_at = time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                first = self._queue.get(timeout=REPORT_S)
+            except queue.Empty:
+                first = None
+            if first is not None:
+                self._stopping.wait(GATHER_S)  # cut short by a stop, which scores what is queued
                 self._take(first)
-        except BaseException:
-            if self._stopping.is_set():
+            if time.monotonic() - written_at >= REPORT_S:
+                self._write()
+                written_at = time.monotonic()
+        while True:  # stopped after the last call answered: what it queued is scored too
+            try:
+                first = self._queue.get_nowait()
+            except queue.Empty:
                 return
-            log.critical(
-                "the shadow scoring thread ended unexpectedly; starting a new one",
-                exc_info=True,
-                extra=event("shadow_scorer_restarted"),
-            )
-            self._start_thread()
+            self._take(first)
 
     def _take(self, first: Offered) -> None:
         items = self._together(first)
         with self._queued_lock:
-            self._queued -= sum(len(rows) for _, rows, _ in items)
-        self._score(items)
+            self._queued -= sum(len(item[1]) for item in items)
+        try:
+            self._score(items)
+        finally:  # the log records of users not compared (an error, no shadow loaded) go without a result
+            for *_, awaiting in items:
+                for pending in awaiting or ():
+                    pending.compared(None)
 
-    def _together(
-        self, first: tuple[LoadedModel, Sequence[FeatureRow], np.ndarray]
-    ) -> list[tuple[LoadedModel, Sequence[FeatureRow], np.ndarray]]:
+    def _together(self, first: Offered) -> list[Offered]:
         """`first` and the calls waiting behind it, up to `MAX_SCORED_USERS` users."""
         items = [first]
         users = len(first[1])
@@ -363,23 +376,23 @@ class ShadowScorer:
             users += len(item[1])
         return items
 
-    def _score(self, items: list[tuple[LoadedModel, Sequence[FeatureRow], np.ndarray]]) -> None:
+    def _score(self, items: list[Offered]) -> None:
         shadow = self.source.current
-        users = sum(len(rows) for _, rows, _ in items)
+        users = sum(len(item[1]) for item in items)
         if shadow is None:  # none loaded yet (or it never loads): nothing to compare with
             self._dropped("unloaded", users)
             return
         try:
             # Consecutive calls answered by one model are scored in one run.
-            groups: list[tuple[LoadedModel, list[FeatureRow], list[np.ndarray]]] = []
-            for production, rows, probabilities in items:
-                if groups and groups[-1][0] is production:
-                    groups[-1][1].extend(rows)
-                    groups[-1][2].append(probabilities)
-                else:
-                    groups.append((production, list(rows), [probabilities]))
-            for production, rows, parts in groups:
-                self._compare(shadow, production, rows, np.concatenate(parts))
+            groups: list[tuple[LoadedModel, list[FeatureRow], list[np.ndarray], list[AwaitingShadow]]] = []
+            for production, rows, probabilities, awaiting in items:
+                if not groups or groups[-1][0] is not production:
+                    groups.append((production, [], [], []))
+                groups[-1][1].extend(rows)
+                groups[-1][2].append(probabilities)
+                groups[-1][3].extend(awaiting or ())
+            for production, rows, parts, awaiting in groups:
+                self._compare(shadow, production, rows, np.concatenate(parts), awaiting)
         except Exception:
             self._dropped("error", users)
             if not self._failing:
@@ -398,8 +411,14 @@ class ShadowScorer:
             self._failing = False
 
     def _compare(
-        self, shadow: LoadedModel, production: LoadedModel, rows: list[FeatureRow], probabilities: np.ndarray
+        self,
+        shadow: LoadedModel,
+        production: LoadedModel,
+        rows: list[FeatureRow],
+        probabilities: np.ndarray,
+        awaiting: list[AwaitingShadow],
     ) -> None:
+        """Score `rows` with the shadow and count; `awaiting` (empty, or one per row) gets each result."""
         if shadow.reader.schema == production.reader.schema:
             shadow_rows = rows  # the same features: the values the answer was built from
         else:  # other features: the shadow reads its own (here, off the response path), for the same users
@@ -407,6 +426,7 @@ class ShadowScorer:
             usable = [i for i, item in enumerate(read) if isinstance(item, FeatureRow)]
             shadow_rows = [read[i] for i in usable]  # type: ignore[misc]
             probabilities = probabilities[usable]
+            awaiting = [awaiting[i] for i in usable] if awaiting else []
         if not shadow_rows:
             return
         scored = shadow.model.predict_proba(shadow.reader.columns(shadow_rows))[:, CHURN_CLASS]
@@ -417,6 +437,11 @@ class ShadowScorer:
         SHADOW_USERS.labels(*pair).inc(len(deltas))
         SHADOW_AGREEMENTS.labels(*pair).inc(agreements)
         metrics.observe_all(SHADOW_DELTA.labels(*pair), deltas)
+        if not awaiting:
+            return
+        for pending, row, probability in zip(awaiting, shadow_rows, scored.tolist(), strict=True):
+            result = Prediction(row.user_id, is_churn(probability), probability, shadow.ref, features=())
+            pending.compared(converters.prediction(result).SerializeToString())
 
     def _dropped(self, reason: str, users: int) -> None:
         with self._lock:

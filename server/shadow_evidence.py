@@ -25,6 +25,7 @@ from streamflow.server.logs import event
 from streamflow.server.model_loader import ModelTarget
 from streamflow.server.model_watcher import ModelWatcher
 from streamflow.server.shadow import Pair, ShadowScorer, Tally, Totals
+from streamflow.server.supervised import SupervisedThread
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ def single_process_shadow(settings: Settings) -> ShadowScorer | None:
     watcher = shadow_watcher(settings)
     if watcher is None:
         return None
-    scorer = ShadowScorer(settings.shadow_model_uri, settings.shadow_sample, watcher)
+    scorer = ShadowScorer(
+        settings.shadow_model_uri, settings.shadow_sample, watcher, logged=settings.prediction_log
+    )
     scorer.companions.append(EvidenceRecorder(settings, scorer.totals))
     return scorer
 
@@ -59,37 +62,26 @@ class EvidenceRecorder:
         self._recorded: dict[Pair, Tally] = {}
         self._failing = False
         self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread = SupervisedThread(
+            "shadow-evidence", self._run, self._stopping, "shadow_evidence_restarted", log, "shadow evidence"
+        )
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="shadow-evidence", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         """Stop, after recording the last totals."""
         self._stopping.set()
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        self._thread.join()
         self.record()
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread.alive
 
     def _run(self) -> None:
-        try:
-            while not self._stopping.wait(self.settings.poll_interval_s):
-                self.record()
-        except BaseException:
-            if self._stopping.is_set():
-                return
-            log.critical(
-                "the shadow evidence thread ended unexpectedly; starting a new one",
-                exc_info=True,
-                extra=event("shadow_evidence_restarted"),
-            )
-            self.start()
+        while not self._stopping.wait(self.settings.poll_interval_s):
+            self.record()
 
     def record(self) -> None:
         """Log and record each pair whose tally changed since it was last recorded; never raises."""

@@ -53,7 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             follower.wait_until_serving()
         shadow = None
         if settings.shadow_model_uri:  # the control plane sends the shadow model and names its folder
-            shadow = ShadowScorer(settings.shadow_model_uri, settings.shadow_sample, follower.shadow)
+            shadow = ShadowScorer(
+                settings.shadow_model_uri,
+                settings.shadow_sample,
+                follower.shadow,
+                logged=settings.prediction_log,
+            )
         inherited = iter(args.inherited_fd)
         buckets = SharedBuckets(next(inherited)) if settings.rate_limit_rps else None
         prediction_log = None

@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -35,7 +36,7 @@ from streamflow.feature_repo.definitions import (
 )
 from streamflow.server import metrics
 from streamflow.server.app import create_server
-from streamflow.server.prediction_sink import DriftGauge, ParquetSink, in_process_log, log_folder
+from streamflow.server.prediction_sink import DRIFT_FILE, DriftGauge, ParquetSink, in_process_log, log_folder
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Profile, Settings
 from streamflow.training.demo_data import table_path
@@ -249,14 +250,20 @@ def test_drift_of_the_served_features_matches_the_snapshot_tables(served: Served
     assert net.kind == "categorical"
     assert net.chi2_p_value == pytest.approx(chi2.sf(statistic, table.shape[1] - 1), rel=1e-6)
 
-    # The latest PSI is recorded for the server, whose gauge re-reads it.
-    gauge = metrics.FEATURE_PSI.labels("1", "watch_hours_30d")
-    gauge.set(-1.0)
-    DriftGauge(settings).refresh()
-    exported = REGISTRY.get_sample_value(
-        "streamflow_feature_psi", {"model_version": "1", "feature": "watch_hours_30d"}
-    )
-    assert exported == by_feature["watch_hours_30d"].psi
+    # The latest PSI is recorded for the server, whose gauge re-reads it periodically on a thread: the
+    # value recorded now, then the one a later run records.
+    metrics.FEATURE_PSI.labels("1", "watch_hours_30d").set(-1.0)
+    gauge = DriftGauge(settings, interval_s=0.05)
+    gauge.start()
+    try:
+        _wait_for_gauge(by_feature["watch_hours_30d"].psi)
+        recorded = log_folder(settings) / DRIFT_FILE
+        later = json.loads(recorded.read_text())
+        later["psi"]["watch_hours_30d"] = 0.75
+        recorded.write_text(json.dumps(later))
+        _wait_for_gauge(0.75)
+    finally:
+        gauge.stop()
 
     client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
     assert report.mlflow_run_id is not None
@@ -265,6 +272,14 @@ def test_drift_of_the_served_features_matches_the_snapshot_tables(served: Served
     assert {a.path for a in client.list_artifacts(report.mlflow_run_id, "plots")} >= {
         "plots/drift_summary.png"
     }
+
+
+def _wait_for_gauge(value: float) -> None:
+    deadline = time.monotonic() + 30
+    labels = {"model_version": "1", "feature": "watch_hours_30d"}
+    while REGISTRY.get_sample_value("streamflow_feature_psi", labels) != value:
+        assert time.monotonic() < deadline, f"the gauge never read {value}"
+        time.sleep(0.02)
 
 
 def _table_of(feature: str) -> str:

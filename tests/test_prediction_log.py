@@ -1,6 +1,7 @@
-"""The prediction log: a real `streamflow serve` with two workers logs every prediction it served, and a clean
-SIGTERM loses none (Parquet in the embedded profile, a partitioned table in production); a sink that goes
-down drops and counts instead of blocking, says so once, and is written again when it is back."""
+"""The prediction log: a real `streamflow serve` logs every prediction it served, and a clean SIGTERM loses
+none (two workers with a shadow into Parquet in the embedded profile, one process into a partitioned table in
+production); a sink that goes down drops and counts instead of blocking, says so once, and is written again
+when it is back."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,7 +28,7 @@ from prometheus_client import REGISTRY
 
 from streamflow import postgres
 from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
-from streamflow.server.prediction_log import PredictionLog, Record, RecordQueue
+from streamflow.server.prediction_log import AwaitingShadow, PredictionLog, Record, RecordQueue
 from streamflow.server.prediction_sink import (
     COLUMNS,
     IN_PROGRESS,
@@ -63,7 +65,6 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
         "STREAMFLOW_HOME": str(settings.home),
         "STREAMFLOW_HOST": "127.0.0.1",
         "STREAMFLOW_PORT": "0",
-        "STREAMFLOW_WORKERS": "2",
         "STREAMFLOW_METRICS_PORT": "0",
         "STREAMFLOW_HTTP_PORT": "0",
         "STREAMFLOW_PREDICTION_LOG": "true",
@@ -89,6 +90,7 @@ def _current_users(settings: Settings, count: int) -> list[str]:
 def _serve_and_call(settings: Settings, env: dict[str, str], log_path: Path) -> dict[str, pb.Prediction]:
     """Start `streamflow serve`, make CALLS Predicts and one BatchPredict, SIGTERM it; what each request got,
     by user id. The server must exit 0."""
+    workers = int(env["STREAMFLOW_WORKERS"])
     with log_path.open("w") as stderr:
         process = subprocess.Popen(
             [str(STREAMFLOW), "serve"], env=env, stdout=subprocess.PIPE, stderr=stderr, text=True
@@ -96,8 +98,8 @@ def _serve_and_call(settings: Settings, env: dict[str, str], log_path: Path) -> 
     try:
         assert process.stdout is not None
         line = read_line(process.stdout, START_TIMEOUT_S)
-        assert "with 2 workers" in line, log_path.read_text()[-3000:]
-        address = line.strip().rsplit(" ", 3)[0].rsplit(" ", 1)[1]
+        assert ("with 2 workers" if workers == 2 else "listening on") in line, log_path.read_text()[-3000:]
+        address = line.split("listening on ", 1)[1].split()[0]
         served: dict[str, pb.Prediction] = {}
         users = _current_users(settings, CALLS + BATCH)
         for user in users[:CALLS]:
@@ -134,7 +136,9 @@ def _predict(address: str, user: str) -> pb.Prediction:
         time.sleep(0.1)
 
 
-def _check_rows(rows: pd.DataFrame, served: dict[str, pb.Prediction]) -> None:
+def _check_rows(rows: pd.DataFrame, served: dict[str, pb.Prediction], shadowed: bool = False) -> None:
+    """The rows are what each user was served; with `shadowed`, each also holds the same model's shadow
+    answer (the server's own version as its shadow)."""
     assert len(rows) == len(served)
     assert set(rows.user_id) == set(served)
     assert rows.request_id.nunique() == CALLS + 1  # one per Predict, one for the BatchPredict
@@ -150,29 +154,44 @@ def _check_rows(rows: pd.DataFrame, served: dict[str, pb.Prediction]) -> None:
         for feature in prediction.features:
             assert features[feature.name] == getattr(feature, feature.WhichOneof("value"))
             assert times[feature.name] == feature.event_time.ToJsonString()
-        assert row.shadow is None or pd.isna(row.shadow)
+        if not shadowed:
+            assert row.shadow is None or pd.isna(row.shadow)
+            continue
+        shadow = row.shadow if isinstance(row.shadow, dict) else json.loads(row.shadow)
+        assert shadow == {
+            "model_version": prediction.model.version,
+            "churn_probability": prediction.churn_probability,
+            "churn": prediction.label == pb.CHURN_LABEL_CHURN,
+        }
 
 
-def test_two_workers_log_every_prediction_and_sigterm_loses_none_in_parquet(
+def test_two_workers_log_every_prediction_with_its_shadow_and_sigterm_loses_none_in_parquet(
     fresh_embedded_settings: Settings, tmp_path: Path
 ) -> None:
     folder = log_folder(fresh_embedded_settings)
     shutil.rmtree(folder, ignore_errors=True)  # what other tests' servers logged in the session's home
-    served = _serve_and_call(fresh_embedded_settings, _env(fresh_embedded_settings), tmp_path / "serve.log")
+    env = _env(
+        fresh_embedded_settings,
+        STREAMFLOW_WORKERS="2",
+        STREAMFLOW_MODEL_URI="models:/streamflow_churn/1",
+        STREAMFLOW_SHADOW_MODEL_URI="models:/streamflow_churn/1",
+    )
+    served = _serve_and_call(fresh_embedded_settings, env, tmp_path / "serve.log")
 
     assert not list(folder.glob(f"*{IN_PROGRESS}"))  # every file completed at shutdown
     rows = pd.concat([pq.read_table(path).to_pandas() for path in sorted(folder.glob("*.parquet"))])
     assert list(rows.columns) == list(COLUMNS)
-    _check_rows(rows, served)
+    _check_rows(rows, served, shadowed=True)
 
 
-def test_two_workers_log_every_prediction_and_sigterm_loses_none_in_postgres(
+def test_one_process_logs_every_prediction_and_sigterm_loses_none_in_postgres(
     production_stack: ProductionStack, postgres_server: str, tmp_path: Path
 ) -> None:
     settings = production_stack.settings
     with fresh_database(postgres_server) as log_dsn:
         env = _env(
             settings,
+            STREAMFLOW_WORKERS="1",
             STREAMFLOW_POSTGRES_DSN=settings.postgres_dsn,
             STREAMFLOW_REDIS_URL=settings.redis_url,
             STREAMFLOW_REDIS_KEY_PREFIX=settings.redis_key_prefix,
@@ -257,7 +276,7 @@ def test_a_sink_down_drops_and_counts_without_blocking_and_is_written_again_when
     finally:
         _allow_connections(log_database, True)
     _wait_until(lambda: "the sink is back" in caplog.text)
-    queue.offer(_records(220, 210))  # ends the episode of drops: its count is logged
+    queue.offer(_records(220, 210))  # fits again; the episode of drops ends at the latest at close
     assert log.close()
 
     written = _count(log_database)
@@ -270,6 +289,31 @@ def test_a_sink_down_drops_and_counts_without_blocking_and_is_written_again_when
     assert f"{int(lost)} records dropped while the queue was full" in caplog.text
 
 
+def test_a_sink_that_stays_slow_is_one_episode_of_drops_ended_once_none_are_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "streamflow.server.prediction_log")
+    released = threading.Event()
+    written: list[Record] = []
+
+    def slow(records: list[Record]) -> None:  # a sink that takes each batch only once released
+        released.wait()
+        written.extend(records)
+
+    dropped_before = _dropped()
+    queue = RecordQueue(slow, capacity=5, where="test", drop_quiet_s=0.5)
+    for start in range(0, 60, 3):  # the thread takes a batch now and then, the queue refills and drops
+        queue.offer(_records(start + 3, start))
+        time.sleep(0.01)
+    released.set()
+    _wait_until(lambda: "records dropped while the queue was full" in caplog.text)  # quiet: no offer needed
+    lost = _dropped() - dropped_before
+    assert caplog.text.count("queue full") == 1
+    assert f"{int(lost)} records dropped while the queue was full" in caplog.text
+    assert queue.close()
+    assert len(written) + lost == 60
+
+
 def _dropped() -> float:
     return REGISTRY.get_sample_value("streamflow_prediction_log_dropped_total", {"where": "test"}) or 0.0
 
@@ -279,6 +323,29 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+def test_a_record_awaiting_the_shadow_is_logged_once_whichever_half_comes_last() -> None:
+    records: list[Record] = []
+    log = PredictionLog(RecordQueue(records.extend, 100, "test"))
+    answer, shadow = _records(1)[0], b"shadow"
+    served_first, compared_first, given_up = AwaitingShadow(), AwaitingShadow(), AwaitingShadow()
+    log.served("r0", [answer[2]] * 4, [served_first, None, compared_first, given_up])
+    compared_first.compared(shadow)  # too late: it was served already, so this sends the record
+    served_first.compared(shadow)
+    served_first.compared(None)  # a second result is ignored
+    given_up.compared(None)
+    assert log.close()
+    assert Counter((r[1], r[2], r[3]) for r in records) == Counter(
+        {("r0", answer[2], shadow): 2, ("r0", answer[2], None): 2}
+    )
+    early = AwaitingShadow()
+    early.compared(shadow)  # the shadow before the answer went out: it waits for the answer
+    late: list[Record] = []
+    second = PredictionLog(RecordQueue(late.extend, 100, "test"))
+    early.served(second, answer)
+    assert second.close()
+    assert late == [(*answer[:3], shadow)]
 
 
 class _Crash(BaseException):

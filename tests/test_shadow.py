@@ -36,6 +36,7 @@ from streamflow.server.features import FeatureRow
 from streamflow.server.loaded_model import LoadedModel
 from streamflow.server.model_watcher import ModelWatcher
 from streamflow.server.onnx_runtime import PROBABILITIES_OUTPUT, OnnxModel
+from streamflow.server.prediction_log import PredictionLog, Record, RecordQueue
 from streamflow.server.predictor import Predictor
 from streamflow.server.shadow import DELTA_BUCKETS, SHADOW_DROPPED, ShadowModel, ShadowScorer
 from streamflow.serving.v1 import prediction_service_pb2 as pb
@@ -171,10 +172,11 @@ def test_a_shadow_that_throws_or_fails_to_load_never_changes_an_answer(
         served: LoadedModel | None = reference.predictor.watcher.current
     assert served is not None
     throwing.set(dataclasses.replace(served, model=incompatible_onnx()), None, tmp_path)
-    scorer = ShadowScorer("models:/streamflow_churn/Staging", 1.0, throwing)
+    scorer = ShadowScorer("models:/streamflow_churn/Staging", 1.0, throwing, logged=True)
     predictor = Predictor(settings, ModelWatcher(settings), scorer)
+    records: list[Record] = []
     with (
-        start_server(settings, predictor=predictor) as running,
+        start_server(settings, predictor=predictor, prediction_log=memory_log(records)) as running,
         ChurnClient(running.local_address, timeout=30) as churn,
         prediction_stub(running.local_address) as stub,
     ):
@@ -187,6 +189,52 @@ def test_a_shadow_that_throws_or_fails_to_load_never_changes_an_answer(
         )
         assert list(stub.ModelInfo(pb.ModelInfoRequest()).shadow.comparisons) == []
         assert scorer.alive  # the thread survived every failure
+    # Each answer is still logged once, without a shadow result.
+    assert sorted(pb.Prediction.FromString(r[2]).user_id for r in records) == sorted(users * 2)
+    assert [r[3] for r in records] == [None] * len(records)
+
+
+def memory_log(records: list[Record]) -> PredictionLog:
+    """A prediction log whose sink is `records` (the server closes it, so flushes it, when it stops)."""
+    return PredictionLog(RecordQueue(records.extend, 10_000, "test"))
+
+
+def test_each_logged_prediction_carries_the_shadows_answer_for_the_same_user(
+    two_versions: Settings, tmp_path: Path
+) -> None:
+    settings = server_settings(two_versions, model_uri=VERSION_1)
+    users = current_users(two_versions)[:30]
+    with (
+        start_server(two_versions, model_uri="models:/streamflow_churn/2") as other,
+        prediction_stub(other.local_address) as reference,
+    ):
+        version_2 = other.predictor.watcher.current
+        expected = probabilities(reference, users)  # what version 2 answers for each user
+    assert version_2 is not None
+    shadow = ShadowModel()
+    shadow.set(version_2, None, tmp_path)
+    predictor = Predictor(settings, ModelWatcher(settings), ShadowScorer(VERSION_1, 1.0, shadow, logged=True))
+    records: list[Record] = []
+    with (
+        start_server(settings, predictor=predictor, prediction_log=memory_log(records)) as running,
+        prediction_stub(running.local_address) as stub,
+    ):
+        served = [stub.Predict(pb.PredictRequest(user_id=u), timeout=30).prediction for u in users[:10]]
+        batch = stub.BatchPredict(pb.BatchPredictRequest(user_ids=users[10:]), timeout=30)
+        served += [r.prediction for r in batch.results]
+    # Stopped: whatever the shadow still held was scored and logged, each user once, with both answers.
+    assert len(records) == len(users)
+    logged = {pb.Prediction.FromString(r[2]).user_id: r for r in records}
+    for prediction in served:
+        _, _, answer, shadow_bytes = logged[prediction.user_id]
+        assert pb.Prediction.FromString(answer) == prediction
+        assert shadow_bytes is not None
+        result = pb.Prediction.FromString(shadow_bytes)
+        assert (result.user_id, result.model.version) == (prediction.user_id, "2")
+        assert result.churn_probability == pytest.approx(expected[prediction.user_id], abs=1e-6)
+        assert result.label == (
+            pb.CHURN_LABEL_CHURN if result.churn_probability > 0.5 else pb.CHURN_LABEL_STAY
+        )
 
 
 def test_the_same_model_agrees_on_every_user_and_two_workers_add_up_in_model_info_metrics_and_registry(
