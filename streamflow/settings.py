@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     n_estimators: int = Field(default=300, ge=1)
     """Trees in the RandomForest."""
 
+    min_samples_leaf: int = Field(default=10, ge=1)
+    """Training rows each leaf of a tree holds at least. 10 rather than scikit-learn's 1 (fully grown
+    trees): on the demo data the validation AUC is as good (0.866 against 0.862) with 121,000 nodes instead
+    of 468,000, so the model scores, explains and loads about four times lighter."""
+
     compute: Literal["local", "ray"] = "local"
     """Where `materialize`, the training set's `get_historical_features` and `score-all` run: `local` (this
     process) or `ray` (Feast's Ray compute engine and Ray offline store, and Ray Data for `score-all`) on the

@@ -76,6 +76,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "mlflow_tracking_uri": ("http://mlflow.internal:5001", "http://mlflow.internal:5001"),
     "model_name": ("other_model", "other_model"),
     "n_estimators": ("11", 11),
+    "min_samples_leaf": ("4", 4),
     "compute": ("ray", "ray"),
     "host": ("::1", "::1"),
     "port": ("50999", 50999),

@@ -98,7 +98,12 @@ def test_a_registered_version_carries_the_serving_contract(
     assert version.tags["as_of"] == JAN.isoformat()
     assert len(version.tags["training_set_fingerprint"]) == 64
     run = client.get_run(str(version.run_id))
-    expected_params = {"as_of": JAN.isoformat(), "n_estimators": str(FIXTURE_TREES), "random_state": "42"}
+    expected_params = {
+        "as_of": JAN.isoformat(),
+        "n_estimators": str(FIXTURE_TREES),
+        "min_samples_leaf": str(Settings.model_fields["min_samples_leaf"].default),
+        "random_state": "42",
+    }
     assert expected_params.items() <= run.data.params.items()
     metrics = {"val_auc", "val_f1", "val_accuracy", "val_precision", "val_recall", "training_time_s"}
     assert metrics <= run.data.metrics.keys()

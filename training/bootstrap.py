@@ -82,8 +82,9 @@ def _trained_as_bootstrap_would(
     if version.run_id is None:
         return False
     params = client.get_run(version.run_id).data.params
-    return (params.get("n_estimators"), params.get("random_state")) == (
+    return (params.get("n_estimators"), params.get("min_samples_leaf"), params.get("random_state")) == (
         str(settings.n_estimators),
+        str(settings.min_samples_leaf),
         str(settings.seed),
     )
 

@@ -133,7 +133,12 @@ def build_pipeline(categorical: list[str], numeric: list[str], settings: Setting
             ("numeric", "passthrough", numeric),
         ]
     )
-    forest = RandomForestClassifier(n_estimators=settings.n_estimators, random_state=settings.seed, n_jobs=-1)
+    forest = RandomForestClassifier(
+        n_estimators=settings.n_estimators,
+        min_samples_leaf=settings.min_samples_leaf,
+        random_state=settings.seed,
+        n_jobs=-1,
+    )
     return Pipeline([("prepare", prepare), ("model", forest)])
 
 
@@ -225,6 +230,7 @@ def train(settings: Settings, as_of: date) -> TrainingResult:
             {
                 "as_of": as_of.isoformat(),
                 "n_estimators": settings.n_estimators,
+                "min_samples_leaf": settings.min_samples_leaf,
                 "random_state": settings.seed,
                 "feature_service": FEATURE_SERVICE_NAME,
                 "validation_fraction": VALIDATION_FRACTION,
@@ -237,6 +243,11 @@ def train(settings: Settings, as_of: date) -> TrainingResult:
         log.info("fitting %d trees on %d rows (%s)", settings.n_estimators, len(train_rows), as_of)
         started = time.monotonic()
         pipeline.fit(features, train_rows[LABEL].astype(int))
+        # Trees are fitted in parallel, each from its own seed, so the same data gives the same trees. A
+        # parallel predict_proba adds the trees' fractional leaf values up in whichever order its threads
+        # finish, so the same model could answer 1 ulp apart from one call to the next: it predicts on one
+        # thread (the server splits large batches across threads itself).
+        pipeline.set_params(model__n_jobs=1)
         metrics = {"training_time_s": round(time.monotonic() - started, 3), **score(pipeline, validation)}
         mlflow.log_metrics(metrics)
         log.info("validation: %s", ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
