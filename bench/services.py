@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,13 +54,25 @@ class Service:
         return {child.pid: vm_rss_mb(child.pid) for child in psutil.Process(self.process.pid).children()}
 
     def stop(self) -> None:
+        """SIGTERM the process group; one still there after 30 s is reported, with each process's Python
+        stacks when py-spy is installed, then killed."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                print(f"  {self.name} did not stop within 30 s of SIGTERM; killing it", flush=True)
+                self._dump_stacks()
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+    def _dump_stacks(self) -> None:
+        spy = shutil.which("py-spy")
+        if spy is None:
+            return
+        for process in [psutil.Process(self.process.pid), *psutil.Process(self.process.pid).children()]:
+            dumped = subprocess.run([spy, "dump", "--pid", str(process.pid)], capture_output=True, text=True)
+            print(f"  stacks of {process.pid}:\n{dumped.stdout}{dumped.stderr}", flush=True)
 
 
 def vm_rss_mb(pid: int) -> float:
