@@ -25,6 +25,9 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 
+# The suite runs in TEST_PROCESSES processes, a test file in one process (its module fixtures built once).
+# Most of its time waits on servers starting, draining and polling, not on the 2 cores: one process took 21 min.
+TEST_PROCESSES ?= 3
 # buf checks the contract as a fresh clone has it (tests/test_contract.py proves each check can fail); promtool
 # (Debian's `prometheus`) checks the alert rules in tests/test_operator_configs.py.
 test: install lint
@@ -32,7 +35,7 @@ test: install lint
 	$(BIN)/buf format --diff --exit-code --path protos/streamflow
 	$(BIN)/buf breaking --against protos/released/streamflow_serving_v1.image.yaml --exclude-imports
 	command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 # The wire properties of tests/test_wire_properties.py with many more examples than make test draws.
 FUZZ_EXAMPLES ?= 20000

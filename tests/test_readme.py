@@ -184,5 +184,6 @@ def test_make_test_installs_lints_and_runs_the_whole_suite() -> None:
         _index_of(commands, pattern)
         for pattern in (r"ruff check \.$", r"ruff format --check \.$", r"mypy \.$")
     ]
-    suite = _index_of(commands, r"\.venv/bin/pytest( -q)?$")  # no -k or paths: the whole suite
+    # No -k or paths: the whole suite, in one process or several (xdist's -n and --dist only).
+    suite = _index_of(commands, r"\.venv/bin/pytest( -q)?( -n \d+ --dist loadfile)?$")
     assert install < min(checks) and max(checks) < suite
