@@ -186,9 +186,9 @@ def test_coalesced_predicts_share_one_batch_span_under_the_first_linked_to_the_o
     # the scoring thread (server/batcher.py), whose holding then piles up the calls that arrive meanwhile.
     score = running.predictor.score
 
-    def slow(user_ids: Sequence[str]) -> Any:
+    def slow(user_ids: Sequence[str], explain: bool = False) -> Any:
         time.sleep(2 * INLINE_BUDGET_S)
-        return score(user_ids)
+        return score(user_ids, explain)
 
     monkeypatch.setattr(running.predictor, "score", slow)
     with prediction_stub(running.local_address) as stub:
