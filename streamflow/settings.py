@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     min_samples_leaf: int = Field(default=10, ge=1)
     """Training rows each leaf of a tree holds at least. 10 rather than scikit-learn's 1 (fully grown
     trees): on the demo data the validation AUC is as good (0.866 against 0.862) with 121,000 nodes instead
-    of 468,000, so the model scores, explains and loads about four times lighter."""
+    of 468,000, so the model scores, explains and loads about four times lighter; its smoother
+    probabilities cross 0.5 less often (F1 at 0.5: 0.571 against 0.600)."""
 
     compute: Literal["local", "ray"] = "local"
     """Where `materialize`, the training set's `get_historical_features` and `score-all` run: `local` (this
