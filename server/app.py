@@ -371,8 +371,15 @@ def serve_process(
 ) -> int:
     """Serve until SIGTERM/SIGINT; `endpoint` (one worker only) is kept serving meanwhile."""
     stopping = threading.Event()
+    requested: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        # Only the first signal acts. A worker often gets two SIGTERMs at once (its process group's and the
+        # supervisor's, or the kernel's when the supervisor dies): a second handler run inside the first's
+        # Event.set, which holds the event's lock, blocked on that lock forever, and the worker never stopped.
+        if requested:
+            return
+        requested.append(signum)
         log.info("%s received, draining for up to %.0f s", signal.Signals(signum).name, settings.grace_s)
         stopping.set()
 
