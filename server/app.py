@@ -19,6 +19,7 @@ import contextlib
 import logging
 import math
 import os
+import select
 import signal
 import threading
 from collections.abc import Coroutine
@@ -370,18 +371,22 @@ def serve_process(
     prediction_log: PredictionLog | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; `endpoint` (one worker only) is kept serving meanwhile."""
-    stopping = threading.Event()
-    requested: list[int] = []
+    # The handler takes no lock and logs nothing, it only wakes the main thread through a pipe: a handler
+    # that called Event.set ran, on a second SIGTERM (a worker often gets its process group's and its
+    # supervisor's at once), inside the first's Event.set, blocked on the lock that one held, and the worker
+    # never stopped; a wait with a timeout held that lock each time it woke, so one signal could do the same.
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    received: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        # Only the first signal acts. A worker often gets two SIGTERMs at once (its process group's and the
-        # supervisor's, or the kernel's when the supervisor dies): a second handler run inside the first's
-        # Event.set, which holds the event's lock, blocked on that lock forever, and the worker never stopped.
-        if requested:
-            return
-        requested.append(signum)
-        log.info("%s received, draining for up to %.0f s", signal.Signals(signum).name, settings.grace_s)
-        stopping.set()
+        received.append(signum)
+        # A full pipe already wakes the main thread; a closed one (a signal after the stop) has nobody to wake.
+        with contextlib.suppress(OSError):
+            os.write(wake_write, b"\0")
+
+    def stop_requested(timeout_s: float | None) -> bool:
+        return bool(select.select([wake_read], [], [], timeout_s)[0])
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
@@ -394,12 +399,16 @@ def serve_process(
     else:
         print(f"streamflow serve: listening on {settings.listen_host}:{running.port}", flush=True)
     if endpoint is None:
-        stopping.wait()
+        while not stop_requested(None):
+            pass
     else:
         endpoint.check()
-        while not stopping.wait(METRICS_CHECK_S):
+        while not stop_requested(METRICS_CHECK_S):
             endpoint.check()
+    log.info("%s received, draining for up to %.0f s", signal.Signals(received[0]).name, settings.grace_s)
     running.stop(settings.grace_s)
     tracing.shutdown()  # flush the spans still batched: a worker's exit skips atexit
+    for fd in (wake_read, wake_write):
+        os.close(fd)
     log.info("stopped")
     return 0

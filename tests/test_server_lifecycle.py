@@ -106,6 +106,17 @@ def test_sigterm_drains_calls_in_flight_then_exits_zero(
     assert after_exit.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_storm_of_signals_still_drains_and_exits_zero(
+    serve_process: tuple[subprocess.Popen[str], str],
+) -> None:
+    """A worker often gets two SIGTERMs at once (its process group's and its supervisor's): each signal the
+    handler takes must leave the stop able to finish, whenever it lands."""
+    process, _ = serve_process
+    for _ in range(2000):
+        process.send_signal(signal.SIGTERM if _ % 2 else signal.SIGINT)
+    assert process.wait(timeout=120) == 0
+
+
 def test_a_malformed_model_uri_stops_serve_with_one_sentence(embedded_settings: Settings) -> None:
     result = subprocess.run(
         [str(STREAMFLOW), "serve"],
