@@ -381,7 +381,7 @@ def serve_process(
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
-        # A full pipe already wakes the main thread; a closed one (a signal after the stop) has nobody to wake.
+        # A full pipe already wakes the main thread; a closed one (a signal after the stop) wakes nobody.
         with contextlib.suppress(OSError):
             os.write(wake_write, b"\0")
 
