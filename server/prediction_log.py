@@ -330,7 +330,7 @@ class AwaitingShadow:
             self._served = (log, record)
             if not self._compared:
                 return
-        log.record((*record[:3], self._shadow))
+        self._send()
 
     def compared(self, shadow: bytes | None) -> None:
         """The shadow's `Prediction` bytes, or None when it gave the user up; a second call is ignored."""
@@ -338,10 +338,15 @@ class AwaitingShadow:
             if self._compared:
                 return
             self._compared, self._shadow = True, shadow
-            served = self._served
-        if served is not None:
-            log, record = served
-            log.record((*record[:3], shadow))
+            if self._served is None:
+                return
+        self._send()
+
+    def _send(self) -> None:
+        """Both halves are in (and neither changes again)."""
+        assert self._served is not None
+        log, record = self._served
+        log.record((*record[:3], self._shadow))
 
 
 def forwarding_log(fd: int, capacity: int) -> PredictionLog:

@@ -142,13 +142,13 @@ class Predictor:
         metrics.scoring(model, read, probabilities, read_s, time.perf_counter() - inference_started)
         # It only queues the sampled users (never raises, never blocks); the shadow scores them later.
         awaiting = self.shadow.offer(model, rows, probabilities) if self.shadow is not None else None
-        scored = iter(zip(rows, probabilities, awaiting or [None] * len(rows), strict=True))
+        scored = iter(enumerate(zip(rows, probabilities, strict=True)))
         results: list[Prediction | FeatureError] = []
         for item in read:
             if isinstance(item, FeatureError):
                 results.append(item)
                 continue
-            row, probability, shadow = next(scored)
+            index, (row, probability) = next(scored)
             results.append(
                 Prediction(
                     user_id=row.user_id,
@@ -156,7 +156,7 @@ class Predictor:
                     churn_probability=float(probability),
                     model=model.ref,
                     features=row.values,
-                    shadow=shadow,
+                    shadow=None if awaiting is None else awaiting[index],
                 )
             )
         if explainer is not None and columns is not None:

@@ -99,7 +99,11 @@ class PredictionServicer:
                 served = [
                     r.prediction.SerializeToString() for r in response.results if r.HasField("prediction")
                 ]
-                awaiting = [r.shadow for r in results if isinstance(r, Prediction)]
+                awaiting = (
+                    [r.shadow for r in results if isinstance(r, Prediction)]
+                    if self._predictor.shadow is not None
+                    else ()
+                )
                 self._log.served(call.request_id, served, awaiting)
             return response
 
