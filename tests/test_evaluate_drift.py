@@ -10,7 +10,6 @@ import json
 import math
 import shutil
 import threading
-import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -43,6 +42,7 @@ from streamflow.training.demo_data import table_path
 from streamflow.training.drift import drift, feature_drift, psi
 from streamflow.training.evaluation import TAG_LAST_EVALUATION, evaluate
 from streamflow.training.served import load_outcomes, read_log
+from tests.fixtures.metrics import eventually
 from tests.fixtures.serving import MODEL_LOAD_TIMEOUT_S, prediction_stub, server_settings
 from tests.fixtures.training import relocate_home
 
@@ -275,11 +275,11 @@ def test_drift_of_the_served_features_matches_the_snapshot_tables(served: Served
 
 
 def _wait_for_gauge(value: float) -> None:
-    deadline = time.monotonic() + 30
     labels = {"model_version": "1", "feature": "watch_hours_30d"}
-    while REGISTRY.get_sample_value("streamflow_feature_psi", labels) != value:
-        assert time.monotonic() < deadline, f"the gauge never read {value}"
-        time.sleep(0.02)
+    eventually(
+        lambda: REGISTRY.get_sample_value("streamflow_feature_psi", labels) == value,
+        f"the gauge reads {value}",
+    )
 
 
 def _table_of(feature: str) -> str:

@@ -5,20 +5,13 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import pytest
 
 from streamflow.server.supervised import SupervisedThread
+from tests.fixtures.metrics import eventually
 
 log = logging.getLogger("tests.supervised")
-
-
-def _eventually(condition: object, what: str) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        time.sleep(0.01)
 
 
 def test_a_loop_that_dies_is_logged_once_and_replaced_and_join_waits_for_the_replacement(
@@ -36,7 +29,7 @@ def test_a_loop_that_dies_is_logged_once_and_replaced_and_join_waits_for_the_rep
 
     supervised = SupervisedThread("tested", loop, stopping, "tested_restarted", log, "tested loop")
     supervised.start()
-    _eventually(lambda: len(runs) == 2, "the loop never ran again")
+    eventually(lambda: len(runs) == 2, "the loop never ran again")
     assert supervised.alive
     [record] = [r for r in caplog.records if r.levelno == logging.CRITICAL]
     assert record.getMessage() == "the tested loop thread ended unexpectedly; starting a new one"
@@ -69,7 +62,7 @@ def test_a_loop_that_returns_or_fails_while_stopping_is_not_replaced(
 
     stopped = SupervisedThread("stops", fails_on_stop, stopping, "stops_restarted", log, "stopping loop")
     stopped.start()
-    _eventually(lambda: 2 in runs, "the loop never started")
+    eventually(lambda: 2 in runs, "the loop never started")
     stopping.set()
     stopped.join()
     assert runs == [1, 2]
