@@ -84,6 +84,10 @@ class ModelLoadError(StreamflowError):
         self.reason = reason
 
 
+STAGE_READS = 3
+"""Times a stage is resolved again when the registry changes between its search and its direct read."""
+
+
 @dataclass(frozen=True)
 class ModelTarget:
     """What `STREAMFLOW_MODEL_URI` points at: a stage, an alias or a fixed version of a registered model."""
@@ -123,18 +127,24 @@ class ModelTarget:
                 return None
             raise
         assert self.stage is not None
-        # `get_latest_versions` would do this in one call but warns on every poll (stages are deprecated).
         stage = self.stage.lower()
-        staged = [
-            v
-            for v in client.search_model_versions(f"name = '{self.name}'")
-            if (v.current_stage or "").lower() == stage
-        ]
-        if not staged:
-            return None
-        latest = max(staged, key=lambda v: int(v.version))
-        # Search results may lack aliases; a direct read has them.
-        return client.get_model_version(self.name, latest.version)
+        for _ in range(STAGE_READS):
+            # `get_latest_versions` would do this in one call but warns on every poll (stages are deprecated).
+            staged = [
+                v
+                for v in client.search_model_versions(f"name = '{self.name}'")
+                if (v.current_stage or "").lower() == stage
+            ]
+            if not staged:
+                return None
+            latest = max(staged, key=lambda v: int(v.version))
+            # Search results may lack aliases; a direct read has them. A promotion between the two reads
+            # gives the version found its new stage (Archived): the search is read again, so the version
+            # returned is the one the stage holds, not the one it held a moment ago.
+            read = client.get_model_version(self.name, latest.version)
+            if (read.current_stage or "").lower() == stage:
+                return read
+        return latest
 
 
 def build_artifact(

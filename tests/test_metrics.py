@@ -207,11 +207,11 @@ def test_one_worker_serves_its_own_metrics_with_every_feature_reason_and_reload_
         eventually(lambda: set(live_models(served.scrape()).values()) == {good}, f"version {good} served")
         swapped = served.scrape()
         assert swapped.value("streamflow_model_reloads_total", outcome="loaded") == 2
-        old = [
-            v for ls, v in swapped.series("streamflow_model_info").items() if dict(ls)["model_version"] == "1"
-        ]
-        assert old and all(value == 0.0 for value in old)  # one series per stage it was seen in
-        assert all(dict(ls)["stage"] == "Production" for ls in swapped.series("streamflow_model_info"))
+        info = {
+            (dict(ls)["model_version"], dict(ls)["stage"]): value
+            for ls, value in swapped.series("streamflow_model_info").items()
+        }
+        assert info == {("1", "Production"): 0.0, (good, "Production"): 1.0}
         bad = register_copy_without_metrics(settings)
         move_straight_to_production(settings, bad)
         eventually(

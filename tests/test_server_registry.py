@@ -19,14 +19,16 @@ import grpc
 import mlflow
 import mlflow.sklearn
 import pytest
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
 from sklearn.linear_model import LogisticRegression
 
 from streamflow.model_contract import TAG_AS_OF, TAG_FEATURE_SERVICE, TAG_FINGERPRINT
 from streamflow.server import model_watcher
 from streamflow.server.app import PredictionServer
 from streamflow.server.loaded_model import LoadedModel
-from streamflow.server.model_loader import FAILED_TO_LOAD
+from streamflow.server.model_loader import FAILED_TO_LOAD, ModelTarget
 from streamflow.server.model_watcher import ModelWatcher
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.serving.v1 import prediction_service_pb2_grpc as pb_grpc
@@ -393,6 +395,37 @@ def test_a_watcher_thread_that_dies_is_replaced(
 
 def _state(info: pb.ModelInfoResponse) -> tuple[str, list[str]]:
     return info.stage, list(info.aliases)
+
+
+def test_a_stage_resolves_to_the_version_it_holds_when_a_promotion_falls_between_the_two_reads(
+    fresh_embedded_settings: Settings,
+) -> None:
+    """A stage is resolved by a search, then a direct read of the version found. A promotion between the two
+    archived the version found; answering it, Archived, made a one-process server report the version it
+    served in stage Archived for a poll (a CI run's flaky metrics test)."""
+    settings = fresh_embedded_settings
+    mlflow_client(settings)  # the home's registry folder
+    newer = register_copy(settings)
+
+    class PromotedBetweenTheReads(MlflowClient):
+        """A real registry client, under which `newer` reaches Production right after the search."""
+
+        promoted = False
+
+        def get_model_version(self, name: str, version: str) -> ModelVersion:
+            if not self.promoted:
+                self.promoted = True
+                move_straight_to_production(settings, newer)
+            return super().get_model_version(name, version)
+
+    client = PromotedBetweenTheReads(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    resolved = ModelTarget.parse(settings.model_uri).resolve(client)
+    assert resolved is not None
+    assert (str(resolved.version), resolved.current_stage, resolved.aliases) == (
+        newer,
+        "Production",
+        ["production"],
+    )
 
 
 def test_model_info_follows_the_served_version_out_of_production_and_back(
