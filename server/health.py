@@ -61,6 +61,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
             if status != last:
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 last = status
+                continue  # the status may have changed (the drain started) while the write waited
             if self._draining:
                 return
             await changed.wait()

@@ -7,6 +7,7 @@ what a too-large status would break (grpc core: a soft limit of 8 KiB, a hard on
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -29,6 +30,7 @@ from streamflow.server import errors
 from streamflow.server.app import PredictionServer
 from streamflow.server.domain import ModelInfo
 from streamflow.server.errors import ERROR_TABLE, MAX_FIELD_VIOLATIONS, ServingError, row_of, trailer_bytes
+from streamflow.server.health import NOT_SERVING, SERVING, HealthService
 from streamflow.server.model_watcher import ModelWatcher
 from streamflow.server.predictor import Predictor
 from streamflow.serving.v1 import prediction_service_pb2 as pb
@@ -323,6 +325,27 @@ def test_calls_received_but_not_yet_dispatched_when_the_drain_starts_all_complet
     assert [u.status for u in after_drain] == [health_pb2.HealthCheckResponse.NOT_SERVING]
     assert watch.code() == grpc.StatusCode.OK
     assert not stopping.is_alive()
+
+
+def test_a_drain_that_starts_while_a_watch_writes_still_sends_the_watcher_not_serving() -> None:
+    """The wire test below failed once: the drain started while a Watch was writing SERVING, and the stream
+    ended after it without NOT_SERVING. Here the drain starts inside that write, every time."""
+    health = HealthService([""])
+    health.set(SERVING)
+    written: list[int] = []
+
+    class WritingContext:
+        async def write(self, response: health_pb2.HealthCheckResponse) -> None:
+            written.append(response.status)
+            if len(written) == 1:
+                health.start_drain()
+            await asyncio.sleep(0)
+
+    async def watch() -> None:
+        await asyncio.wait_for(health.Watch(health_pb2.HealthCheckRequest(), WritingContext()), 10)  # type: ignore[arg-type]
+
+    asyncio.run(watch())
+    assert written == [SERVING, NOT_SERVING]
 
 
 def test_during_the_drain_delay_health_says_not_serving_and_calls_still_succeed(
