@@ -81,7 +81,9 @@ MODEL_INFO = Gauge(
     multiprocess_mode="liveall",
 )
 MODEL_RELOADS = Counter(
-    "streamflow_model_reloads_total", "Model loads by outcome (loaded, refused).", ("outcome",)
+    "streamflow_model_reloads_total",
+    "Model loads by model (served, shadow) and outcome (loaded, refused).",
+    ("model", "outcome"),
 )
 PREDICTION_LOG_DROPPED = Counter(
     "streamflow_prediction_log_dropped_total",
@@ -175,6 +177,7 @@ ALL_METRICS = (
     SWITCH_SKEW_SECONDS,
 )
 
+RELOAD_MODELS = ("served", "shadow")
 RELOAD_OUTCOMES = ("loaded", "refused")
 PROBLEM_REASONS = {
     "EntityNotFound": "unknown_user",
@@ -185,7 +188,7 @@ PROBLEM_REASONS = {
 """Feature error class name -> `reason` label (by name: server.errors imports nothing from here)."""
 BATCH_KINDS = ("predict", "batch_predict")
 
-_reloads: dict[str, Counter] = {}
+_reloads: dict[tuple[str, str], Counter] = {}
 _predictions: dict[bool, Counter] = {}
 _problems: dict[str, Counter] = {}
 _batches: dict[str, Histogram] = {}
@@ -201,7 +204,11 @@ def _make_fixed_children() -> None:
     global _reloads, _predictions, _problems, _batches, _scorings, _served
     _served = None
     _scorings = {}
-    _reloads = {outcome: MODEL_RELOADS.labels(outcome) for outcome in RELOAD_OUTCOMES}
+    _reloads = {
+        (model, outcome): MODEL_RELOADS.labels(model, outcome)
+        for model in RELOAD_MODELS
+        for outcome in RELOAD_OUTCOMES
+    }
     _predictions = {True: PREDICTIONS.labels("churn"), False: PREDICTIONS.labels("stay")}
     _problems = {name: FEATURE_PROBLEMS.labels(reason) for name, reason in PROBLEM_REASONS.items()}
     _batches = {kind: BATCH_SIZE.labels(kind) for kind in BATCH_KINDS}
@@ -211,9 +218,9 @@ _make_fixed_children()
 
 
 # --- call sites of the domain (one line each) ---------------------------------------------------------------
-def model_reload(outcome: str) -> None:
-    """A model load finished with `outcome` (`loaded` or `refused`)."""
-    _reloads[outcome].inc()
+def model_reload(model: str, outcome: str) -> None:
+    """A load of the `served` or the `shadow` model finished with `outcome` (`loaded` or `refused`)."""
+    _reloads[model, outcome].inc()
 
 
 def model_served(name: str, version: str, runtime: str, stage: str) -> None:

@@ -63,6 +63,7 @@ class ModelWatcher(ModelSource):
         read as the served model's."""
         super().__init__()
         self._log = logging.getLogger(f"{__name__}.shadow") if shadow else log
+        self._model = "shadow" if shadow else "served"  # its loads' label in streamflow_model_reloads_total
         self.settings = settings
         self._serving_here = serving
         self.target = ModelTarget.parse(settings.model_uri)
@@ -220,7 +221,7 @@ class ModelWatcher(ModelSource):
         self._current = loaded
         self._last_failure = None
         self._refused = None
-        metrics.model_reload("loaded")
+        metrics.model_reload(self._model, "loaded")
         self._log.info(
             "serving %s version %s (%s)",
             loaded.ref.name,
@@ -284,7 +285,7 @@ class ModelWatcher(ModelSource):
         expected = isinstance(exc, StreamflowError)
         reason = exc.reason if isinstance(exc, ModelLoadError) else FAILED_TO_LOAD
         self._refused = (str(version.version), stamp, time.monotonic())
-        metrics.model_reload("refused")
+        metrics.model_reload(self._model, "refused")
         self._last_failure = ReloadFailure(str(version.version), reason, datetime.now(UTC))
         self._log.error(
             "refused %s version %s, still serving %s: %s",

@@ -3,8 +3,9 @@
 The process that follows the registry (the supervisor, or a single-process server) sums the server's shadow
 tallies (server/shadow.py) every poll interval. When they changed it logs one summary line per (shadow
 version, Production version) and records them as a tag on the shadow's model version,
-`shadow_evidence.<Production version>` (a `ShadowEvidence` as JSON, streamflow/model_contract.py), which
-`streamflow promote VERSION --stage Production --min-shadow-users N --min-agreement X` checks. A registry
+`shadow_evidence.<Production version>.<run>` (a `ShadowEvidence` as JSON, streamflow/model_contract.py), which
+`streamflow promote VERSION --stage Production --min-shadow-users N --min-agreement X` checks, summed over
+every run's tag: a restarted server, or another replica, adds its users instead of replacing them. A registry
 that cannot be written to is logged once and tried again next time; the tallies are cumulative, so nothing
 is lost meanwhile.
 
@@ -14,6 +15,7 @@ It imports MLflow: never imported by a scoring worker.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -60,6 +62,8 @@ class EvidenceRecorder:
         self._totals = totals
         self._client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
         self._recorded: dict[Pair, Tally] = {}
+        # This run's part of the evidence: its start time, and a random part for replicas started at once.
+        self.run = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
         self._failing = False
         self._stopping = threading.Event()
         self._thread = SupervisedThread(
@@ -123,6 +127,7 @@ class EvidenceRecorder:
                 mean_abs_delta=tally.mean_abs_delta,
                 p99_abs_delta=tally.p99_abs_delta,
                 recorded_at=datetime.now(UTC).isoformat(),
+                run=self.run,
             )
             try:
                 self._client.set_model_version_tag(

@@ -94,25 +94,31 @@ def compare(expected: np.ndarray, actual: np.ndarray) -> ParityReport:
 
 # --- shadow evidence, recorded by the server and read by `streamflow promote` ------------------------------
 SHADOW_TAG_PREFIX = "shadow_evidence."
-"""Model-version tag of a shadow version, one per Production version it was compared with:
-`shadow_evidence.<production version>` holds a `ShadowEvidence` as JSON."""
+"""Model-version tags of a shadow version, one per Production version it was compared with and server run:
+`shadow_evidence.<production version>.<run>` holds a `ShadowEvidence` as JSON. A run writes only its own tag,
+so restarts and replicas add up instead of overwriting each other (`combined_evidence`)."""
 
 
 @dataclass(frozen=True)
 class ShadowEvidence:
-    """How a shadow version answered the live users a Production version answered, summed over a server."""
+    """How a shadow version answered the live users a Production version answered: summed over one server run,
+    or over several (`combined_evidence`)."""
 
     production_version: str
     users: int
     label_agreement: float
     mean_abs_delta: float
     p99_abs_delta: float
+    """The p99 |Δp| bucket bound of one run; over several runs the largest of theirs, a bound of the whole."""
     recorded_at: str
-    """When the server recorded it (ISO 8601, UTC)."""
+    """When the server recorded it (ISO 8601, UTC); over several runs the latest."""
+    run: str = ""
+    """The server run that recorded it (its start time and a random part); "" over several runs."""
+    runs: int = 1
 
     @property
     def tag(self) -> str:
-        return SHADOW_TAG_PREFIX + self.production_version
+        return f"{SHADOW_TAG_PREFIX}{self.production_version}.{self.run}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -128,4 +134,30 @@ class ShadowEvidence:
             mean_abs_delta=float(data["mean_abs_delta"]),
             p99_abs_delta=float(data["p99_abs_delta"]),
             recorded_at=str(data["recorded_at"]),
+            run=str(data.get("run", "")),
+            runs=int(data.get("runs", 1)),
         )
+
+
+def evidence_production_version(tag: str) -> str | None:
+    """The Production version a shadow evidence tag is against; None for any other tag."""
+    if not tag.startswith(SHADOW_TAG_PREFIX):
+        return None
+    return tag.removeprefix(SHADOW_TAG_PREFIX).split(".", 1)[0]
+
+
+def combined_evidence(runs: list[ShadowEvidence]) -> ShadowEvidence:
+    """The evidence of several runs against one Production version, as if one server had seen their users."""
+    if len(runs) == 1:
+        return runs[0]
+    users = sum(r.users for r in runs)
+    return ShadowEvidence(
+        production_version=runs[0].production_version,
+        users=users,
+        # Each run's agreement is its whole count of agreeing users over its users: round() recovers it.
+        label_agreement=sum(round(r.label_agreement * r.users) for r in runs) / users if users else 0.0,
+        mean_abs_delta=sum(r.mean_abs_delta * r.users for r in runs) / users if users else 0.0,
+        p99_abs_delta=max(r.p99_abs_delta for r in runs),
+        recorded_at=max(r.recorded_at for r in runs),
+        runs=sum(r.runs for r in runs),
+    )

@@ -31,7 +31,7 @@ from sklearn.linear_model import LogisticRegression
 from streamflow.client import ChurnClient
 from streamflow.feature_repo import store
 from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
-from streamflow.model_contract import SHADOW_TAG_PREFIX, ShadowEvidence
+from streamflow.model_contract import ShadowEvidence, combined_evidence, evidence_production_version
 from streamflow.server.features import FeatureRow
 from streamflow.server.loaded_model import LoadedModel
 from streamflow.server.model_watcher import ModelWatcher
@@ -108,9 +108,12 @@ def comparison(info: pb.ModelInfoResponse, shadow: str, production: str) -> pb.S
 
 
 def evidence(settings: Settings, version: str, production: str) -> ShadowEvidence | None:
+    """The version's shadow evidence against `production`, summed over every server run that recorded one."""
     tags = mlflow_client(settings).get_model_version(settings.model_name, version).tags
-    text = tags.get(SHADOW_TAG_PREFIX + production)
-    return None if text is None else ShadowEvidence.from_json(text)
+    runs = [
+        ShadowEvidence.from_json(t) for k, t in tags.items() if evidence_production_version(k) == production
+    ]
+    return combined_evidence(runs) if runs else None
 
 
 def incompatible_onnx() -> OnnxModel:
@@ -255,6 +258,8 @@ def test_the_same_model_agrees_on_every_user_and_two_workers_add_up_in_model_inf
     )
     users = current_users(two_versions)[:8]
     calls = 0
+    earlier = evidence(two_versions, "1", "1")  # other tests' runs of the same shadow, in this module's home
+    earlier_users, earlier_runs = (0, 0) if earlier is None else (earlier.users, earlier.runs)
     with serving_process(environment, tmp_path / "serve.log") as (_, address):
 
         def shadow_everywhere() -> bool:
@@ -298,10 +303,15 @@ def test_the_same_model_agrees_on_every_user_and_two_workers_add_up_in_model_inf
         with prediction_stub(address) as stub:
             info = stub.ModelInfo(pb.ModelInfoRequest())
         eventually(
-            lambda: (e := evidence(two_versions, "1", "1")) is not None and e.users == calls,
+            lambda: (e := evidence(two_versions, "1", "1")) is not None and e.users == earlier_users + calls,
             "the supervisor recorded the server's totals",
         )
+    recorded = evidence(two_versions, "1", "1")
+    assert recorded is not None and recorded.runs == earlier_runs + 1  # its own tag, beside earlier runs'
     assert scraped.value("streamflow_shadow_users_total", shadow_version="1", production_version="1") == calls
+    # The shadow's load is its own, not read as a load of the served model.
+    assert scraped.value("streamflow_model_reloads_total", model="served", outcome="loaded") == 1
+    assert scraped.value("streamflow_model_reloads_total", model="shadow", outcome="loaded") == 1
     assert (
         scraped.value("streamflow_shadow_agreements_total", shadow_version="1", production_version="1")
         == calls
@@ -368,9 +378,33 @@ def test_a_different_model_is_measured_as_such_and_its_evidence_gates_promotion(
     assert recorded is not None
     assert (recorded.users, recorded.label_agreement) == (len(both), pytest.approx(agreement, abs=1e-12))
 
+    # A restarted server adds its users to the evidence instead of starting it again.
+    again = both[:40]
+    with (
+        start_server(settings, model_uri=VERSION_1, shadow_model_uri="models:/streamflow_churn/2") as running,
+        prediction_stub(running.local_address) as stub,
+    ):
+        eventually(
+            lambda: stub.ModelInfo(pb.ModelInfoRequest()).shadow.model.version == "2",
+            "the shadow loads again",
+        )
+        assert probabilities(stub, again) == {u: by_production[u] for u in again}
+        total = len(both) + len(again)
+        eventually(
+            lambda: (e := evidence(settings, "2", "1")) is not None and e.users == total,
+            "the second run's users added to the first run's",
+        )
+    combined = evidence(settings, "2", "1")
+    assert combined is not None and combined.runs == 2
+    production = np.concatenate([production, [by_production[u] for u in again]])
+    shadow = np.concatenate([shadow, [by_candidate[u] for u in again]])
+    agreement = float(np.mean((production > 0.5) == (shadow > 0.5)))
+    assert combined.label_agreement == pytest.approx(agreement, abs=1e-12)
+    assert combined.mean_abs_delta == pytest.approx(float(np.abs(shadow - production).mean()), abs=1e-9)
+
     # Promotion by that evidence: refused for too few users or too low an agreement, even with --force.
     refusals = {
-        EvidenceRequired(min_users=len(both) + 1): f"on {len(both)} users as a shadow, fewer than the",
+        EvidenceRequired(min_users=total + 1): f"on {total} users as a shadow, fewer than the",
         EvidenceRequired(min_agreement=math.nextafter(agreement, 1.0)): "below the",
     }
     for required, sentence in refusals.items():
@@ -378,14 +412,14 @@ def test_a_different_model_is_measured_as_such_and_its_evidence_gates_promotion(
             promote(settings, "2", "Production", force=True, evidence=required)
         assert sentence in str(refused.value)
     cli = subprocess.run(
-        [str(STREAMFLOW), "promote", "2", "--stage", "Production", "--min-shadow-users", str(len(both) + 1)],
+        [str(STREAMFLOW), "promote", "2", "--stage", "Production", "--min-shadow-users", str(total + 1)],
         env=serve_env(MLFLOW_TRACKING_URI=settings.tracking_uri, STREAMFLOW_HOME=str(settings.home)),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert cli.returncode != 0
-    assert f"Version 2 was compared with Production version 1 on {len(both)} users" in cli.stderr
+    assert f"Version 2 was compared with Production version 1 on {total} users" in cli.stderr
     assert mlflow_client(settings).get_model_version(settings.model_name, "2").current_stage != "Production"
 
     # Evidence that is missing, or against another Production version, is refused too.
@@ -406,7 +440,7 @@ def test_a_different_model_is_measured_as_such_and_its_evidence_gates_promotion(
         "2",
         "Production",
         force=True,
-        evidence=EvidenceRequired(len(both), compared.label_agreement),
+        evidence=EvidenceRequired(total, combined.label_agreement),
     )
     assert (done.version, done.stage, done.previous_production) == (2, "Production", 1)
 

@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from sklearn.base import ClassifierMixin
 
 from streamflow.errors import StreamflowError
-from streamflow.model_contract import SHADOW_TAG_PREFIX, ShadowEvidence
+from streamflow.model_contract import ShadowEvidence, combined_evidence, evidence_production_version
 from streamflow.settings import Settings
 from streamflow.training.train import TAG_AS_OF, mlflow_client, score, validation_frame
 
@@ -158,8 +158,12 @@ def check_shadow_evidence(
     """The candidate's evidence as a shadow of the current Production; raises `PromotionRefused` with one
     sentence when it is missing, against another Production version, or short of `required`."""
     number = candidate.version
-    tags = dict(candidate.tags or {})
-    recorded = sorted(k.removeprefix(SHADOW_TAG_PREFIX) for k in tags if k.startswith(SHADOW_TAG_PREFIX))
+    against = {
+        tag: (version, text)
+        for tag, text in (candidate.tags or {}).items()
+        if (version := evidence_production_version(tag)) is not None
+    }
+    recorded = sorted({version for version, _ in against.values()})
     if production is None:
         raise PromotionRefused(
             f"Version {number} has no shadow evidence: there is no Production version to compare it with."
@@ -169,19 +173,20 @@ def check_shadow_evidence(
             f"Version {number} has no shadow evidence; serve it as the shadow (STREAMFLOW_SHADOW_MODEL_URI) "
             f"beside Production version {production.version} first."
         )
-    text = tags.get(SHADOW_TAG_PREFIX + str(production.version))
-    if text is None:
+    texts = {tag: text for tag, (version, text) in against.items() if version == str(production.version)}
+    if not texts:
         raise PromotionRefused(
             f"Version {number}'s shadow evidence is against Production version(s) {', '.join(recorded)}, not "
             f"the current Production version {production.version}; let it shadow version "
             f"{production.version} first."
         )
-    try:
-        evidence = ShadowEvidence.from_json(text)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise PromotionRefused(
-            f"Version {number}'s shadow evidence tag {SHADOW_TAG_PREFIX}{production.version} is unreadable."
-        ) from exc
+    runs = []
+    for tag, text in sorted(texts.items()):
+        try:
+            runs.append(ShadowEvidence.from_json(text))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PromotionRefused(f"Version {number}'s shadow evidence tag {tag} is unreadable.") from exc
+    evidence = combined_evidence(runs)  # every server run that compared it with this Production version
     if required.min_users is not None and evidence.users < required.min_users:
         raise PromotionRefused(
             f"Version {number} was compared with Production version {production.version} on "
