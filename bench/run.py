@@ -417,9 +417,9 @@ def log_table(env: dict[str, str], user_id: str, duration: float, rounds: int) -
     return prediction_log.render(cost)
 
 
-def shadow_table(env: dict[str, str], user_id: str, duration: float, rounds: int) -> str:
+def shadow_table(env: dict[str, str], users: list[str], duration: float, rounds: int) -> str:
     print("Predict with a shadow model beside none ...", flush=True)
-    cost = shadow.measure_cost(env, user_id, duration, rounds, RESULTS / "shadow.log")
+    cost = shadow.measure_cost(env, users, duration, rounds, RESULTS / "shadow.log")
     return shadow.render(cost)
 
 
@@ -490,7 +490,7 @@ def main() -> None:
         print(log_table(env, users[0], args.duration, args.rounds))
         return
     if args.shadow_only:
-        print(shadow_table(env, users[0], args.duration, args.rounds))
+        print(shadow_table(env, users, args.duration, args.rounds))
         return
     if args.explain_only:
         print(explain_table(env, users, args.duration, args.rounds))
@@ -528,7 +528,7 @@ def main() -> None:
     secured = security_table(env, users[0], args.duration, args.rounds)
     over_http = http_table(env, users[0], args.duration, args.rounds)
     logged = log_table(env, users[0], args.duration, args.rounds)
-    shadowed = shadow_table(env, users[0], args.duration, args.rounds)
+    shadowed = shadow_table(env, users, args.duration, args.rounds)
     explained = explain_table(env, users, args.duration, args.rounds)
     switched = skew.measure_skew(env, settings, RESULTS / "skew.log")
     scaled = scale.run_scale(HOME, RESULTS, args.duration, args.rounds)

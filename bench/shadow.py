@@ -5,8 +5,10 @@ The same `streamflow serve` (its default workers) without a shadow and with `STR
 version itself, followed as the shadow), started in turn round after round so the machine's drift falls on
 both alike; the prediction log is off in both, so the table shows the shadow alone. h2load drives Predict:
 p50 at concurrency 1 and calls/s at concurrency 32 (issue 14's budget: the shadow costs at most 15% of it).
+Then BatchPredicts of 1,000 users run for a few seconds (the shadow scores those users too), and each
+worker's resident memory is read, as issue 13 measures it (under 200 MB), with and without the second forest.
 After each shadowed run ModelInfo is read: the users the shadow compared and dropped (the queue was full)
-are shown against the calls answered.
+are shown against the users answered.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class Cost:
     answered: int
     compared: int
     dropped: int
+    off_rss_mb: float
+    """The largest worker RSS after the batches, over every round."""
+    on_rss_mb: float
 
 
 def _shadow_counts(port: int) -> tuple[int, int]:
@@ -45,11 +50,15 @@ def _shadow_counts(port: int) -> tuple[int, int]:
     return sum(c.users_compared for c in info.shadow.comparisons), info.shadow.users_dropped
 
 
+BATCH_USERS = 1000
+BATCH_SECONDS = 3.0
+
+
 def _measure(
-    env: dict[str, str], user_id: str, duration: float, shadowed: bool, log: Path
-) -> tuple[float, float, int, int, int]:
-    """(p50 at concurrency 1 in ms, calls/s at concurrency 32, calls answered, users compared, users
-    dropped) of one fresh server."""
+    env: dict[str, str], users: list[str], duration: float, shadowed: bool, log: Path
+) -> tuple[float, float, int, int, int, float]:
+    """(p50 at concurrency 1 in ms, calls/s at concurrency 32, users answered, users compared, users
+    dropped, largest worker RSS in MB after the batches) of one fresh server."""
     extra = {
         "STREAMFLOW_PREDICTION_LOG": "false",
         "STREAMFLOW_SHADOW_MODEL_URI": SHADOW_URI if shadowed else "",
@@ -60,10 +69,20 @@ def _measure(
     try:
         if shadowed and not _wait(lambda: _shadow_loaded(port), 120):
             raise RuntimeError(f"the shadow {SHADOW_URI} did not load; see {log}")
-        endpoint = h2load.grpc_call(served.base, "Predict", pb.PredictRequest(user_id=user_id))
+        endpoint = h2load.grpc_call(served.base, "Predict", pb.PredictRequest(user_id=users[0]))
         one = h2load.run(endpoint, 1, duration, warm_up_s=0)
         many = h2load.run(endpoint, 32, duration, warm_up_s=0)
+        batch = h2load.run(
+            h2load.grpc_call(
+                served.base, "BatchPredict", pb.BatchPredictRequest(user_ids=users[:BATCH_USERS])
+            ),
+            2,
+            BATCH_SECONDS,
+            warm_up_s=0,
+        )
+        rss = max(served.service.worker_rss_mb().values())
         answered = one.requests - one.failed + many.requests - many.failed
+        answered += (batch.requests - batch.failed) * len(users[:BATCH_USERS])
         compared, dropped = 0, 0
         if shadowed:
             # The workers report every half second, and the queue empties after the load: wait until
@@ -72,7 +91,7 @@ def _measure(
             compared, dropped = _shadow_counts(port)
     finally:
         served.service.stop()
-    return one.percentile(50), many.throughput, answered, compared, dropped
+    return one.percentile(50), many.throughput, answered, compared, dropped, rss
 
 
 def _wait(condition: Callable[[], bool], seconds: float) -> bool:
@@ -94,12 +113,12 @@ def _shadow_loaded(port: int) -> bool:
     return info.shadow.HasField("model")
 
 
-def measure_cost(env: dict[str, str], user_id: str, duration: float, rounds: int, log: Path) -> Cost:
+def measure_cost(env: dict[str, str], users: list[str], duration: float, rounds: int, log: Path) -> Cost:
     figures = alternating(
         rounds,
         {
-            "off": lambda: _measure(env, user_id, duration, False, log),
-            "on": lambda: _measure(env, user_id, duration, True, log),
+            "off": lambda: _measure(env, users, duration, False, log),
+            "on": lambda: _measure(env, users, duration, True, log),
         },
         "shadow",
     )
@@ -112,6 +131,8 @@ def measure_cost(env: dict[str, str], user_id: str, duration: float, rounds: int
         sum(f[2] for f in on),
         sum(f[3] for f in on),
         sum(f[4] for f in on),
+        max(f[5] for f in off),
+        max(f[5] for f in on),
     )
 
 
@@ -129,7 +150,10 @@ def render(cost: Cost) -> str:
             f"{p50_delta:+.3f} ms |",
             f"| Predict calls/s, concurrency 32 | {cost.off_rps32:,.0f} | {cost.on_rps32:,.0f} | "
             f"{rps_delta:+.1f}% (budget -15%) |",
-            f"| users compared / dropped / calls answered, shadow on | | "
+            f"| largest worker RSS after BatchPredicts of {BATCH_USERS:,} users (MB) | "
+            f"{cost.off_rss_mb:.0f} | {cost.on_rss_mb:.0f} | "
+            f"{cost.on_rss_mb - cost.off_rss_mb:+.0f} MB (target under 200) |",
+            f"| users compared / dropped / users answered, shadow on | | "
             f"{cost.compared:,} / {cost.dropped:,} / {cost.answered:,} | |",
             "",
         ]
