@@ -82,7 +82,7 @@ def _measure(
         )
         rss = max(served.service.worker_rss_mb().values())
         answered = one.requests - one.failed + many.requests - many.failed
-        answered += (batch.requests - batch.failed) * len(users[:BATCH_USERS])
+        answered += (batch.requests - batch.failed) * _scored(port, users[:BATCH_USERS])
         compared, dropped = 0, 0
         if shadowed:
             # The workers report every half second, and the queue empties after the load: wait until
@@ -92,6 +92,15 @@ def _measure(
     finally:
         served.service.stop()
     return one.percentile(50), many.throughput, answered, compared, dropped, rss
+
+
+def _scored(port: int, users: list[str]) -> int:
+    """How many of `users` a BatchPredict scores (the others, departed or unknown, the shadow never sees)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = pb_grpc.PredictionServiceStub(channel).BatchPredict(
+            pb.BatchPredictRequest(user_ids=users), timeout=60
+        )
+    return sum(result.HasField("prediction") for result in reply.results)
 
 
 def _wait(condition: Callable[[], bool], seconds: float) -> bool:
