@@ -455,3 +455,23 @@ def test_a_full_queue_drops_the_users_and_counts_them_without_blocking_the_call(
     scorer.offer(answered, rows[:1], np.array([0.2]))  # 3 fit
     assert scorer.totals().dropped == 2
     assert SHADOW_DROPPED.labels("queue_full")._value.get() - before == 2
+
+
+def test_a_sample_below_one_queues_about_that_share_of_the_users_and_logs_the_rest_without_a_shadow(
+    tmp_path: Path,
+) -> None:
+    """STREAMFLOW_SHADOW_SAMPLE: each user is queued for the shadow with that probability. 4,000 users at 0.25
+    queue 1,000 give or take 6 standard deviations (27 users each): a wrong rate fails, chance does not."""
+    answered = cast(LoadedModel, object())  # the queue only holds it for the thread (not started here)
+    rows = [FeatureRow(f"user-{i}", ()) for i in range(100)]
+    probabilities = np.linspace(0.0, 1.0, len(rows))
+    for sample, low, high in ((0.25, 836, 1164), (1.0, 4000, 4000), (0.0, 0, 0)):
+        scorer = ShadowScorer(VERSION_1, sample, ShadowModel(), tmp_path, queue_users=10_000, logged=True)
+        queued = 0
+        for _ in range(40):
+            slots = scorer.offer(answered, rows, probabilities)
+            if slots is not None:
+                assert len(slots) == len(rows)  # one per row, in order: None for a row not sampled
+                queued += sum(slot is not None for slot in slots)
+        assert low <= queued <= high, (sample, queued)
+        assert scorer.totals().dropped == 0
