@@ -140,13 +140,7 @@ def test_a_shadow_that_throws_or_fails_to_load_never_changes_an_answer(
 
     # Fails to load: a version whose URI points at nothing loadable (a stage no version holds is not a
     # failure; a version without validation metrics is refused).
-    client = mlflow_client(two_versions)
-    source = client.get_model_version(two_versions.model_name, "1")
-    run = client.create_run(client.get_run(str(source.run_id)).info.experiment_id)
-    client.set_terminated(run.info.run_id)
-    unvalidated = client.create_model_version(
-        two_versions.model_name, source.source or "", run_id=run.info.run_id, tags=dict(source.tags)
-    ).version
+    unvalidated = register_unvalidated(two_versions)
     uri = f"models:/streamflow_churn/{unvalidated}"
     with (
         start_server(two_versions, model_uri=VERSION_1, shadow_model_uri=uri) as running,
@@ -195,6 +189,69 @@ def test_a_shadow_that_throws_or_fails_to_load_never_changes_an_answer(
     # Each answer is still logged once, without a shadow result.
     assert sorted(pb.Prediction.FromString(r[2]).user_id for r in records) == sorted(users * 2)
     assert [r[3] for r in records] == [None] * len(records)
+
+
+def register_unvalidated(settings: Settings) -> str:
+    """Version 1's model registered again from a run that logged no validation metrics: refused at load."""
+    client = mlflow_client(settings)
+    source = client.get_model_version(settings.model_name, "1")
+    run = client.create_run(client.get_run(str(source.run_id)).info.experiment_id)
+    client.set_terminated(run.info.run_id)
+    return str(
+        client.create_model_version(
+            settings.model_name, source.source or "", run_id=run.info.run_id, tags=dict(source.tags)
+        ).version
+    )
+
+
+def every_worker(address: str, holds: Callable[[pb.ModelInfoResponse], bool]) -> bool:
+    """Whether `holds` of the ModelInfo answered on 20 fresh connections: the kernel spreads them over the
+    workers, so each of two answers some (all but 2 in 2**19 times)."""
+    for _ in range(20):
+        with prediction_stub(address) as stub:
+            try:
+                if not holds(stub.ModelInfo(pb.ModelInfoRequest())):
+                    return False
+            except grpc.RpcError:
+                return False  # no model yet
+    return True
+
+
+def test_a_refused_shadow_under_two_workers_is_reported_by_each_and_changes_no_answer(
+    two_versions: Settings, served_embedded: str, tmp_path: Path
+) -> None:
+    users = current_users(two_versions)[:20]
+    with prediction_stub(served_embedded) as plain:
+        expected = probabilities(plain, users)
+    unvalidated = register_unvalidated(two_versions)
+    metrics_port = free_port()
+    environment = serve_env(
+        MLFLOW_TRACKING_URI=two_versions.tracking_uri,
+        STREAMFLOW_HOME=str(two_versions.home),
+        STREAMFLOW_HOST="127.0.0.1",
+        STREAMFLOW_PORT="0",
+        STREAMFLOW_WORKERS="2",
+        STREAMFLOW_POLL_INTERVAL_S="0.25",
+        STREAMFLOW_METRICS_PORT=str(metrics_port),
+        STREAMFLOW_MODEL_URI=VERSION_1,
+        STREAMFLOW_SHADOW_MODEL_URI=f"models:/streamflow_churn/{unvalidated}",
+        TMPDIR=str(tmp_path),
+    )
+    log = tmp_path / "serve.log"
+    with serving_process(environment, log) as (_, address):
+        eventually(
+            lambda: every_worker(
+                address, lambda info: info.shadow.last_reload_failure.model_version == unvalidated
+            ),
+            "every worker reports the refused shadow",
+        )
+        for _ in range(6):  # fresh connections: both workers answer, each as without a shadow
+            with prediction_stub(address) as stub:
+                assert probabilities(stub, users) == expected
+        scraped = scrape(metrics_port)
+    assert scraped.value("streamflow_model_reloads_total", model="shadow", outcome="refused") == 1
+    assert scraped.value("streamflow_model_reloads_total", model="served", outcome="refused") == 0
+    assert log.read_text().count("no val_auc metric") == 1  # the control plane refused it once, for both
 
 
 def memory_log(records: list[Record]) -> PredictionLog:
@@ -261,18 +318,10 @@ def test_the_same_model_agrees_on_every_user_and_two_workers_add_up_in_model_inf
     earlier = evidence(two_versions, "1", "1")  # other tests' runs of the same shadow, in this module's home
     earlier_users, earlier_runs = (0, 0) if earlier is None else (earlier.users, earlier.runs)
     with serving_process(environment, tmp_path / "serve.log") as (_, address):
-
-        def shadow_everywhere() -> bool:
-            for _ in range(20):  # fresh connections: each worker answers some (all but 2 in 2**19 times)
-                with prediction_stub(address) as stub:
-                    try:
-                        if stub.ModelInfo(pb.ModelInfoRequest()).shadow.model.version != "1":
-                            return False
-                    except grpc.RpcError:
-                        return False  # no model yet
-            return True
-
-        eventually(shadow_everywhere, "every worker serves and has the shadow")
+        eventually(
+            lambda: every_worker(address, lambda info: info.shadow.model.version == "1"),
+            "every worker serves and has the shadow",
+        )
         # Fresh channels: the kernel spreads new connections over both workers.
         for _ in range(24):
             with prediction_stub(address) as stub:
