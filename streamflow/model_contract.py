@@ -118,7 +118,9 @@ class ShadowEvidence:
 
     @property
     def tag(self) -> str:
-        return f"{SHADOW_TAG_PREFIX}{self.production_version}.{self.run}"
+        """`shadow_evidence.<production version>.<run>`; without a run, the form tags had before runs."""
+        run = f".{self.run}" if self.run else ""
+        return f"{SHADOW_TAG_PREFIX}{self.production_version}{run}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

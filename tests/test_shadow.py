@@ -479,7 +479,8 @@ def test_a_different_model_is_measured_as_such_and_its_evidence_gates_promotion(
     )
     with pytest.raises(PromotionRefused, match="has no shadow evidence"):
         promote(settings, bare.version, "Production", force=True, evidence=EvidenceRequired(min_users=1))
-    elsewhere = dataclasses.replace(recorded, production_version="9")
+    elsewhere = dataclasses.replace(recorded, production_version="9", run="")  # the tag's form before runs
+    assert elsewhere.tag == "shadow_evidence.9"
     client.set_model_version_tag(settings.model_name, bare.version, elsewhere.tag, elsewhere.to_json())
     with pytest.raises(PromotionRefused, match="against Production version\\(s\\) 9, not the current"):
         promote(settings, bare.version, "Production", force=True, evidence=EvidenceRequired(min_users=1))
