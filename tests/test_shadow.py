@@ -204,6 +204,23 @@ def register_unvalidated(settings: Settings) -> str:
     )
 
 
+def two_worker_env(settings: Settings, shadow_uri: str, metrics_port: int, tmp: Path) -> dict[str, str]:
+    """`streamflow serve` with 2 workers serving version 1 beside the shadow `shadow_uri`; `tmp` holds the
+    supervisor's private folder, where each worker reports its tallies."""
+    return serve_env(
+        MLFLOW_TRACKING_URI=settings.tracking_uri,
+        STREAMFLOW_HOME=str(settings.home),
+        STREAMFLOW_HOST="127.0.0.1",
+        STREAMFLOW_PORT="0",
+        STREAMFLOW_WORKERS="2",
+        STREAMFLOW_POLL_INTERVAL_S="0.25",
+        STREAMFLOW_METRICS_PORT=str(metrics_port),
+        STREAMFLOW_MODEL_URI=VERSION_1,
+        STREAMFLOW_SHADOW_MODEL_URI=shadow_uri,
+        TMPDIR=str(tmp),
+    )
+
+
 def every_worker(address: str, holds: Callable[[pb.ModelInfoResponse], bool]) -> bool:
     """Whether `holds` of the ModelInfo answered on 20 fresh connections: the kernel spreads them over the
     workers, so each of two answers some (all but 2 in 2**19 times)."""
@@ -225,17 +242,8 @@ def test_a_refused_shadow_under_two_workers_is_reported_by_each_and_changes_no_a
         expected = probabilities(plain, users)
     unvalidated = register_unvalidated(two_versions)
     metrics_port = free_port()
-    environment = serve_env(
-        MLFLOW_TRACKING_URI=two_versions.tracking_uri,
-        STREAMFLOW_HOME=str(two_versions.home),
-        STREAMFLOW_HOST="127.0.0.1",
-        STREAMFLOW_PORT="0",
-        STREAMFLOW_WORKERS="2",
-        STREAMFLOW_POLL_INTERVAL_S="0.25",
-        STREAMFLOW_METRICS_PORT=str(metrics_port),
-        STREAMFLOW_MODEL_URI=VERSION_1,
-        STREAMFLOW_SHADOW_MODEL_URI=f"models:/streamflow_churn/{unvalidated}",
-        TMPDIR=str(tmp_path),
+    environment = two_worker_env(
+        two_versions, f"models:/streamflow_churn/{unvalidated}", metrics_port, tmp_path
     )
     log = tmp_path / "serve.log"
     with serving_process(environment, log) as (_, address):
@@ -301,18 +309,7 @@ def test_the_same_model_agrees_on_every_user_and_two_workers_add_up_in_model_inf
     two_versions: Settings, tmp_path: Path
 ) -> None:
     metrics_port = free_port()
-    environment = serve_env(
-        MLFLOW_TRACKING_URI=two_versions.tracking_uri,
-        STREAMFLOW_HOME=str(two_versions.home),
-        STREAMFLOW_HOST="127.0.0.1",
-        STREAMFLOW_PORT="0",
-        STREAMFLOW_WORKERS="2",
-        STREAMFLOW_POLL_INTERVAL_S="0.25",
-        STREAMFLOW_METRICS_PORT=str(metrics_port),
-        STREAMFLOW_MODEL_URI=VERSION_1,
-        STREAMFLOW_SHADOW_MODEL_URI=VERSION_1,
-        TMPDIR=str(tmp_path),  # the supervisor's private folder, where each worker reports its tallies
-    )
+    environment = two_worker_env(two_versions, VERSION_1, metrics_port, tmp_path)
     users = current_users(two_versions)[:8]
     calls = 0
     earlier = evidence(two_versions, "1", "1")  # other tests' runs of the same shadow, in this module's home
