@@ -2,9 +2,9 @@
  *
  * A C library called through ctypes (which releases the GIL for the call); its Python module is empty and
  * exists so that importing every module of the package (as tests do) finds a module. The forest comes as
- * one array of 24-byte nodes in preorder (a node's left child is the next node), each internal node testing one transformed column (`col`: a one-hot column or a number) that
- * belongs to one raw feature (`raw`): a raw feature is one player of the Shapley game, however many of its
- * columns its path tests.
+ * one array of 24-byte nodes in preorder (a node's left child is the next node), each internal node testing
+ * one transformed column (`col`: a one-hot column or a number) that belongs to one raw feature (`raw`): a raw
+ * feature is one player of the Shapley game, however many of its columns its path tests.
  *
  * For a leaf with value v, TreeSHAP values a coalition S as v * prod over its path's raw features j of
  * (j in S ? s_j : r_j), where s_j is 1 when the input follows every node of the path that tests j (else 0)

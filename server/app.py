@@ -399,8 +399,7 @@ def serve_process(
     else:
         print(f"streamflow serve: listening on {settings.listen_host}:{running.port}", flush=True)
     if endpoint is None:
-        while not stop_requested(None):
-            pass
+        stop_requested(None)  # select without a timeout returns only once the pipe is readable
     else:
         endpoint.check()
         while not stop_requested(METRICS_CHECK_S):

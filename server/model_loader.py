@@ -144,6 +144,7 @@ class ModelTarget:
             read = client.get_model_version(self.name, latest.version)
             if (read.current_stage or "").lower() == stage:
                 return read
+        # The registry kept changing: the search's own record, in the stage (it may lack the aliases).
         return latest
 
 
