@@ -481,6 +481,14 @@ def test_a_different_model_is_measured_as_such_and_its_evidence_gates_promotion(
     client.set_model_version_tag(settings.model_name, bare.version, elsewhere.tag, elsewhere.to_json())
     with pytest.raises(PromotionRefused, match="against Production version\\(s\\) 9, not the current"):
         promote(settings, bare.version, "Production", force=True, evidence=EvidenceRequired(min_users=1))
+    # One unreadable run's tag among readable ones: refused, naming that tag, rather than summed without it.
+    client.set_model_version_tag(settings.model_name, bare.version, recorded.tag, recorded.to_json())
+    client.set_model_version_tag(settings.model_name, bare.version, "shadow_evidence.1.broken", "{not json")
+    with pytest.raises(PromotionRefused) as unreadable:
+        promote(settings, bare.version, "Production", force=True, evidence=EvidenceRequired(min_users=1))
+    assert str(unreadable.value) == (
+        f"Version {bare.version}'s shadow evidence tag shadow_evidence.1.broken is unreadable."
+    )
 
     done = promote(
         settings,
