@@ -5,14 +5,17 @@ The job takes what the server takes, so a user's batch score is its online score
 - the model: the server's own `build_artifact` (the same registry resolution of `STREAMFLOW_MODEL_URI`, the
   same checks, the ONNX export or the pickled pipeline) and `runtime_model`, built once per scoring process;
 - the validity rules: the artifact's, through the server's own rule functions (`server.features`), checked
-  in the server's order: no feature at all (ENTITY_NOT_FOUND), some missing (FEATURES_MISSING), a value
-  out of range, not finite or not an allowed category (FEATURES_INVALID);
+  in the server's order: no feature at all (ENTITY_NOT_FOUND), some missing (FEATURES_MISSING), some older
+  than their view's TTL (FEATURES_STALE), a value out of range, not finite or not an allowed category
+  (FEATURES_INVALID);
 - the label: `model_contract.is_churn`'s threshold.
 
 The features are the snapshot's, point in time, through Feast's `get_historical_features` at `as_of` 00:00
-UTC for every user of the snapshot, so the views' TTLs apply as Feast applies them there: a value older
-than its view trusts comes back null, which reads as FEATURES_MISSING (the server, reading the online store,
-says FEATURES_STALE for it).
+UTC for every user of the snapshot. Feast's join has no row for a view whose latest row is older than the
+view's TTL (and the file offline store drops that user altogether), where the online store keeps that row
+and the server calls it stale: so the latest row up to `as_of` of each view Feast left null is read back
+from the offline data, and the user is judged as the server judges it with the clock at `as_of` (stale, or
+missing when such a row has nulls).
 
 Scoring runs in batches: in this process (`STREAMFLOW_COMPUTE=local`), or on Ray Data (`ray`), one actor per
 CPU of the Ray cluster each holding the model, the rows in their original order. The driver receives the
@@ -49,9 +52,15 @@ import pyarrow.parquet as pq
 
 from streamflow.errors import StreamflowError
 from streamflow.feature_repo.compute import Compute, ray_session
-from streamflow.feature_repo.definitions import FEATURE_SERVICE_NAME, JOIN_KEY, TIMESTAMP_FIELD
+from streamflow.feature_repo.definitions import FEATURE_SERVICE_NAME, JOIN_KEY, TIMESTAMP_FIELD, VIEW_SPECS
 from streamflow.model_contract import CHURN_CLASS, is_churn
-from streamflow.server.errors import EntityNotFound, FeaturesInvalid, FeaturesMissing, row_of
+from streamflow.server.errors import (
+    EntityNotFound,
+    FeaturesInvalid,
+    FeaturesMissing,
+    FeaturesStale,
+    row_of,
+)
 from streamflow.server.features import _FRAME_DTYPES, _value_rule
 from streamflow.server.scoring_artifact import ScoringArtifact
 from streamflow.settings import Profile, Settings
@@ -85,7 +94,10 @@ def _reason(error: type[Exception]) -> str:
 
 ENTITY_NOT_FOUND = _reason(EntityNotFound)
 FEATURES_MISSING = _reason(FeaturesMissing)
+FEATURES_STALE = _reason(FeaturesStale)
 FEATURES_INVALID = _reason(FeaturesInvalid)
+STALE_REFUSAL = "stale_refusal"
+"""The column of `snapshot_features` that holds the reason of a user with a view older than its TTL."""
 
 
 @dataclass
@@ -132,12 +144,14 @@ class Scorer:
         self._as_of = as_of
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        """`batch`: user_id and the features (nulls where Feast found none); returns rows of `SCHEMA`."""
+        """`batch`: rows of `snapshot_features`; returns rows of `SCHEMA`."""
         names = [f.name for f in self._schema]
         null = batch[names].isna().to_numpy()
         refusal = np.full(len(batch), None, dtype=object)
         refusal[null.any(axis=1)] = FEATURES_MISSING
         refusal[null.all(axis=1)] = ENTITY_NOT_FOUND
+        judged = batch[STALE_REFUSAL].notna().to_numpy()
+        refusal[judged] = batch[STALE_REFUSAL].to_numpy()[judged]
         invalid = np.zeros(len(batch), dtype=bool)
         for index, (name, problem_of) in enumerate(zip(names, self._rules, strict=True)):
             present = ~null[:, index]
@@ -200,8 +214,8 @@ def snapshot_population(settings: Settings, as_of: date) -> pd.DataFrame:
 def snapshot_features(
     settings: Settings, as_of: date, population: pd.DataFrame, compute: Compute
 ) -> pd.DataFrame:
-    """`user_id` and the FeatureService's features of each user of `population`, as Feast's point-in-time
-    join gives them at `as_of` 00:00 UTC, ordered by user_id."""
+    """`user_id`, the FeatureService's features of each user of `population` as Feast's point-in-time join
+    gives them at `as_of` 00:00 UTC, and `STALE_REFUSAL` (see the module), ordered by user_id."""
     from streamflow.feature_repo.store import open_store
     from streamflow.training.demo_data import snapshot_timestamp
 
@@ -214,7 +228,57 @@ def snapshot_features(
     seconds = time.monotonic() - started
     log.info("features of %d users at %s read in %.1f s (%s)", len(frame), as_of, seconds, compute)
     frame = frame.drop(columns=["event_timestamp", TIMESTAMP_FIELD], errors="ignore")
-    return frame.sort_values(JOIN_KEY, kind="mergesort").reset_index(drop=True)
+    # Every user of the population, though Feast's join drops a user whose only rows of some view are older
+    # than its TTL: such a user comes back with nulls, judged below.
+    frame = population[[JOIN_KEY]].merge(frame, on=JOIN_KEY, how="left", validate="one_to_one")
+    frame = frame.sort_values(JOIN_KEY, kind="mergesort").reset_index(drop=True)
+    return with_stale_refusals(settings, as_of, frame)
+
+
+def with_stale_refusals(settings: Settings, as_of: date, frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with `STALE_REFUSAL` added: for a user with a view whose latest row up to `as_of` is older
+    than the view's TTL (Feast's join left it null), the server's reason with each view Feast left null in
+    its latest row's place (FEATURES_STALE, or FEATURES_MISSING when such a row has nulls); None for every
+    other user."""
+    from streamflow.training.dataset import _read_rows
+    from streamflow.training.demo_data import snapshot_timestamp
+
+    features = [name for name in frame.columns if name != JOIN_KEY]
+    null = frame[features].isna().to_numpy()
+    stale = np.zeros(len(frame), dtype=bool)
+    clock = snapshot_timestamp(as_of)
+    for spec in VIEW_SPECS:
+        names = [name for name, _ in spec.features if name in features]
+        if not names:
+            continue  # a view the FeatureService does not take
+        absent = frame[names].isna().all(axis=1).to_numpy()
+        if not absent.any():
+            continue
+        latest = (
+            _read_rows(
+                settings,
+                spec.table,
+                [JOIN_KEY, TIMESTAMP_FIELD, *names],
+                None,
+                users=frame[JOIN_KEY].to_numpy()[absent].tolist(),
+                until=as_of,
+            )
+            .sort_values(TIMESTAMP_FIELD, kind="mergesort")
+            .drop_duplicates(JOIN_KEY, keep="last")
+            .set_index(JOIN_KEY)
+        )
+        rows = np.flatnonzero(absent & frame[JOIN_KEY].isin(latest.index).to_numpy())
+        latest = latest.loc[frame[JOIN_KEY].to_numpy()[rows]]
+        columns = np.array([features.index(name) for name in names])
+        null[np.ix_(rows, columns)] = latest[names].isna().to_numpy()
+        stale[rows] |= (pd.to_datetime(latest[TIMESTAMP_FIELD], utc=True) < clock - spec.ttl).to_numpy()
+    refusal = np.full(len(frame), None, dtype=object)
+    refusal[stale] = FEATURES_STALE
+    refusal[stale & null.any(axis=1)] = FEATURES_MISSING
+    refusal[stale & null.all(axis=1)] = ENTITY_NOT_FOUND
+    if stale.any():
+        log.info("%d users have a view older than its TTL at %s", stale.sum(), as_of)
+    return frame.assign(**{STALE_REFUSAL: refusal})
 
 
 def scored_batches(

@@ -5,7 +5,7 @@ Ray."""
 from __future__ import annotations
 
 import random
-from datetime import date
+from datetime import UTC, date, datetime, time
 from pathlib import Path
 
 import grpc
@@ -19,6 +19,7 @@ from streamflow.feature_repo import store
 from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
+from streamflow.training.dataset import _read_rows
 from streamflow.training.demo_data import snapshot_timestamp, table_path
 from tests.fixtures.production import ProductionStack
 from tests.fixtures.serving import prediction_stub, start_server, wire_error
@@ -40,6 +41,21 @@ def _set_feature(settings: Settings, table: str, user_id: str, column: str, valu
     frame.to_parquet(path, index=False)
 
 
+def _age_row(settings: Settings, table: str, user_id: str, day: date, nulls: tuple[str, ...] = ()) -> None:
+    """Leave one user only an old row in an offline table: its first snapshot's row, redated to `day`,
+    with `nulls` emptied; its later rows are dropped."""
+    path = table_path(settings, table)
+    frame = pd.read_parquet(path)
+    rows = frame.index[frame[JOIN_KEY] == user_id]
+    first = frame.loc[rows, TIMESTAMP_FIELD].idxmin()
+    frame = frame.drop(index=rows.drop(first))
+    frame.loc[first, TIMESTAMP_FIELD] = snapshot_timestamp(day)
+    for column in nulls:
+        frame[column] = frame[column].astype("Int64" if frame[column].dtype.kind == "i" else object)
+        frame.loc[first, column] = None
+    frame.to_parquet(path, index=False)
+
+
 def test_score_all_equals_predict_for_every_sampled_user_and_a_rerun_writes_the_same_rows(
     fresh_embedded_settings: Settings, tmp_path: Path
 ) -> None:
@@ -49,10 +65,19 @@ def test_score_all_equals_predict_for_every_sampled_user_and_a_rerun_writes_the_
             f"{TIMESTAMP_FIELD} == @pd.Timestamp('{LAST}', tz='UTC')"
         )[JOIN_KEY]
     )
-    invalid, missing = users[3], users[7]
+    invalid, missing, stale, stale_with_null = users[3], users[7], users[11], users[13]
     _set_feature(settings, "usage_agg_30d_snapshots", invalid, "watch_hours_30d", 10_000.0)  # > 720 h
     _set_feature(settings, "payments_agg_90d_snapshots", missing, "failed_payments_90d", None)
+    # Usage last loaded on 2024-01-20: 40 days before the snapshot, beyond the view's 35-day TTL, so Feast's
+    # join leaves it null while the online store (loaded from that day on) keeps it and the server says stale.
+    old = date(2024, 1, 20)
+    _age_row(settings, "usage_agg_30d_snapshots", stale, old)
+    _age_row(settings, "payments_agg_90d_snapshots", stale_with_null, old, nulls=("failed_payments_90d",))
     store.materialize(settings)
+    window_start = datetime.combine(old, time(), UTC)
+    store.open_store(settings).materialize(  # the old rows too, as an incremental load since then has
+        start_date=window_start, end_date=store.materialization_window()[1]
+    )
     output = tmp_path / "scores"
 
     summary = score_all(settings, LAST, output_dir=output, batch_users=97)
@@ -71,14 +96,16 @@ def test_score_all_equals_predict_for_every_sampled_user_and_a_rerun_writes_the_
     by_user = scores.set_index("user_id")
     assert by_user.loc[invalid, "refusal"] == "FEATURES_INVALID"
     assert by_user.loc[missing, "refusal"] == "FEATURES_MISSING"
+    assert by_user.loc[stale, "refusal"] == "FEATURES_STALE"
+    assert by_user.loc[stale_with_null, "refusal"] == "FEATURES_MISSING"  # the old row's null comes first
     assert pd.isna(by_user.loc[invalid, "churn_probability"]) and by_user.loc[invalid, "label"] is None
-    assert summary.users == len(users) and summary.scored == len(users) - 2
-    assert dict(summary.refused) == {"FEATURES_INVALID": 1, "FEATURES_MISSING": 1}
+    assert summary.users == len(users) and summary.scored == len(users) - 4
+    assert dict(summary.refused) == {"FEATURES_INVALID": 1, "FEATURES_MISSING": 2, "FEATURES_STALE": 1}
     scored = scores["churn_probability"].dropna()
     assert summary.top_decile_threshold == pytest.approx(scored.quantile(0.9))
-    assert (scored > summary.top_decile_threshold).mean() <= 0.1
+    assert (scored > summary.top_decile_threshold).mean() <= 0.1 + 1 / len(scored)  # a tenth, to a user
 
-    sample = [*random.Random(16).sample(users, 25), invalid, missing]
+    sample = [*random.Random(16).sample(users, 25), invalid, missing, stale, stale_with_null]
     with start_server(settings) as server, prediction_stub(server.local_address) as stub:
         for user_id in sample:
             row = by_user.loc[user_id]
@@ -178,3 +205,31 @@ def test_production_scores_go_to_postgresql_once_per_date_and_version_and_a_fail
 
     with postgres.connect(settings.postgres_dsn) as conn:
         assert conn.execute(query).fetchall() == first  # the re-run replaced its rows; the failed one, none
+
+
+@pytest.mark.production
+def test_production_reads_a_users_rows_up_to_a_date_as_the_embedded_profile_does(
+    production_stack: ProductionStack,
+) -> None:
+    """The read behind FEATURES_STALE in score-all: some users' rows of a table up to a date."""
+    columns = [JOIN_KEY, TIMESTAMP_FIELD, "watch_hours_30d"]
+
+    def rows(users: list[str] | None, until: date) -> pd.DataFrame:
+        frame = _read_rows(
+            production_stack.settings, "usage_agg_30d_snapshots", columns, None, users=users, until=until
+        )
+        frame[TIMESTAMP_FIELD] = pd.to_datetime(frame[TIMESTAMP_FIELD], utc=True).astype(
+            "datetime64[ns, UTC]"
+        )
+        return frame.sort_values([JOIN_KEY, TIMESTAMP_FIELD]).reset_index(drop=True)
+
+    everyone = rows(None, LAST)
+    users = everyone[JOIN_KEY].drop_duplicates().iloc[[0, 5, 9]].tolist()
+    first = rows(users, SNAPSHOT_DATES[0])
+
+    expected = everyone[
+        everyone[JOIN_KEY].isin(users) & (everyone[TIMESTAMP_FIELD] <= snapshot_timestamp(SNAPSHOT_DATES[0]))
+    ]
+    assert len(first) > 0 and set(first[TIMESTAMP_FIELD]) == {snapshot_timestamp(SNAPSHOT_DATES[0])}
+    pd.testing.assert_frame_equal(first, expected.reset_index(drop=True))
+    assert len(rows(users, LAST)) > len(first)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from datetime import date
+from typing import Any
 
 import pandas as pd
 from feast.types import Bool, FeastType, Float64, Int64, String
@@ -40,20 +42,40 @@ FEATURE_DTYPES: dict[str, str] = {
 """The pandas dtype of each feature column the model takes (the Feast type's natural pandas type)."""
 
 
-def _read_rows(settings: Settings, table: str, columns: list[str], as_of: date | None) -> pd.DataFrame:
-    """Rows of one snapshot table (all dates, or those of `as_of`) from the profile's offline data."""
+def _read_rows(
+    settings: Settings,
+    table: str,
+    columns: list[str],
+    as_of: date | None,
+    *,
+    users: Sequence[str] | None = None,
+    until: date | None = None,
+) -> pd.DataFrame:
+    """Rows of one snapshot table from the profile's offline data: all of them, or those of the `as_of`
+    snapshot, or those dated at or before `until`; of every user, or of `users` only."""
+    conditions: list[tuple[str, str, Any]] = []
+    if as_of is not None:
+        conditions.append((TIMESTAMP_FIELD, "==", snapshot_timestamp(as_of)))
+    if until is not None:
+        conditions.append((TIMESTAMP_FIELD, "<=", snapshot_timestamp(until)))
+    if users is not None:
+        conditions.append((JOIN_KEY, "in", list(users)))
     if settings.profile is Profile.PRODUCTION:
-        return _read_postgres(settings, table, columns, as_of)
+        return _read_postgres(settings, table, columns, conditions)
     path = table_path(settings, table)
     if not path.is_file():
         raise StreamflowError(
             f"There is no {table} table in {settings.data_dir}; run `streamflow generate` first."
         )
-    filters = None if as_of is None else [(TIMESTAMP_FIELD, "==", snapshot_timestamp(as_of))]
-    return pd.read_parquet(path, columns=columns, filters=filters)
+    return pd.read_parquet(path, columns=columns, filters=conditions or None)
 
 
-def _read_postgres(settings: Settings, table: str, columns: list[str], as_of: date | None) -> pd.DataFrame:
+_SQL_OPERATORS = {"==": "=", "<=": "<=", "in": "= ANY"}
+
+
+def _read_postgres(
+    settings: Settings, table: str, columns: list[str], conditions: list[tuple[str, str, Any]]
+) -> pd.DataFrame:
     # Imported here: the embedded profile needs no PostgreSQL driver.
     import psycopg
     from psycopg import sql
@@ -63,10 +85,17 @@ def _read_postgres(settings: Settings, table: str, columns: list[str], as_of: da
     query = sql.SQL("SELECT {} FROM {}").format(
         sql.SQL(", ").join(map(sql.Identifier, columns)), sql.Identifier(table)
     )
-    params: tuple[object, ...] = ()
-    if as_of is not None:
-        query = sql.SQL("{} WHERE {} = %s").format(query, sql.Identifier(TIMESTAMP_FIELD))
-        params = (snapshot_timestamp(as_of).to_pydatetime(),)
+    if conditions:
+        query = sql.SQL("{} WHERE {}").format(
+            query,
+            sql.SQL(" AND ").join(
+                sql.SQL("{} {} (%s)").format(sql.Identifier(column), sql.SQL(_SQL_OPERATORS[operator]))
+                for column, operator, _ in conditions
+            ),
+        )
+    params = tuple(
+        value.to_pydatetime() if isinstance(value, pd.Timestamp) else value for _, _, value in conditions
+    )
     try:
         with postgres.connect(settings.postgres_dsn) as conn:
             rows = conn.execute(query, params).fetchall()
@@ -121,8 +150,8 @@ def training_set(settings: Settings, as_of: date) -> pd.DataFrame:
     complete = frame.dropna(subset=list(FEATURE_NAMES))
     if complete.empty:
         raise StreamflowError(f"Feast found no features for the {len(entities)} labelled users of {as_of}.")
-    if len(complete) < len(frame):
-        log.warning("dropped %d users of %s with missing features", len(frame) - len(complete), as_of)
+    if len(complete) < len(entities):  # Feast's join itself drops a user whose rows are all past a TTL
+        log.warning("dropped %d users of %s with missing features", len(entities) - len(complete), as_of)
     # Every row is as of the snapshot; stated once so each offline store (file: UTC nanoseconds, PostgreSQL:
     # naive microseconds) gives the same column.
     frame = complete.assign(**{TIMESTAMP_FIELD: snapshot_timestamp(as_of)})
