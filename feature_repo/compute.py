@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -22,6 +23,9 @@ from streamflow.errors import StreamflowError
 from streamflow.settings import Settings
 
 log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_S = 5.0
+"""How long the Ray head `RAY_ADDRESS` names has to accept a connection."""
 
 
 class Compute(StrEnum):
@@ -56,6 +60,21 @@ def _address() -> str | None:
     return os.environ.get("RAY_ADDRESS") or None
 
 
+def _unreachable(address: str) -> str | None:
+    """Why nothing listens at the Ray head `address` names (`host:port`, or `ray://host:port` for Ray
+    Client), or None; `auto` and `local` name no host, and Ray reports on them itself."""
+    if address in ("auto", "local"):
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return "expected host:port, ray://host:port, auto or local"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"connecting to {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 @contextmanager
 def ray_session(compute: Compute) -> Iterator[None]:
     """Ray, connected for the duration of the block when `compute` is `ray`; nothing otherwise."""
@@ -69,6 +88,12 @@ def ray_session(compute: Compute) -> Iterator[None]:
         return
     address = _address()
     log.info("starting Ray (%s)", f"cluster at {address}" if address else "a local instance")
+    if address is not None and (problem := _unreachable(address)) is not None:
+        # Checked first: Ray itself retries an absent head for minutes, saying nothing to the caller.
+        raise StreamflowError(
+            f"Cannot reach Ray at RAY_ADDRESS={address} ({problem}); start the cluster, or unset "
+            "RAY_ADDRESS to run on a local Ray instance."
+        )
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     except ConnectionError as exc:

@@ -4,6 +4,7 @@ Ray."""
 
 from __future__ import annotations
 
+import os
 import random
 from datetime import UTC, date, datetime, time
 from pathlib import Path
@@ -21,8 +22,9 @@ from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
 from streamflow.training.dataset import _read_rows
 from streamflow.training.demo_data import snapshot_timestamp, table_path
-from tests.fixtures.production import ProductionStack
+from tests.fixtures.production import ProductionStack, free_port
 from tests.fixtures.serving import prediction_stub, start_server, wire_error
+from tests.fixtures.training import relocate_home
 
 LAST = SNAPSHOT_DATES[-1]
 
@@ -144,6 +146,38 @@ def test_a_date_without_a_snapshot_is_one_sentence_and_writes_nothing(
         "error: There is no snapshot dated 2024-01-15; the snapshots are dated: 2024-01-31, 2024-02-29."
     )
     assert not (embedded_settings.home / "scores").exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["materialize"], ["train"], ["score-all", "--as-of", str(LAST)]],
+)
+def test_an_unreachable_ray_address_is_one_sentence_at_once_and_writes_nothing(
+    command: list[str],
+    embedded_settings: Settings,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    home = tmp_path / "home"
+    relocate_home(embedded_settings.home, home)
+    before = _tree(home)
+    monkeypatch.setenv("STREAMFLOW_HOME", str(home))
+    monkeypatch.setenv("STREAMFLOW_N_ESTIMATORS", str(embedded_settings.n_estimators))
+    monkeypatch.setenv("STREAMFLOW_COMPUTE", "ray")
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.chdir(tmp_path)
+
+    assert main(command) == 1
+
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the log line "starting Ray"
+    assert error.startswith(f"error: Cannot reach Ray at RAY_ADDRESS={os.environ['RAY_ADDRESS']} (connecting")
+    assert error.endswith("start the cluster, or unset RAY_ADDRESS to run on a local Ray instance.")
+    assert _tree(home) == before
+
+
+def _tree(home: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(home)): p.read_bytes() for p in sorted(home.rglob("*")) if p.is_file()}
 
 
 def test_a_registry_without_the_served_version_is_refused(
