@@ -335,7 +335,7 @@ def score_all(
         summary = Summary(as_of=as_of, model_version=version, users=len(frame))
         probabilities: list[np.ndarray] = []
 
-        def tally(batches: Iterator[pd.DataFrame]) -> Iterator[pa.RecordBatch]:
+        def tally(batches: Iterator[pd.DataFrame]) -> Iterator[pa.Table]:
             done = 0
             for batch in batches:
                 done += len(batch)
@@ -345,19 +345,18 @@ def score_all(
                 log.info("scored %d/%d users", done, len(frame))
                 if progress is not None:
                     progress(done, len(frame))
-                yield pa.RecordBatch.from_pandas(batch, schema=SCHEMA, preserve_index=False)
+                # A table, not a record batch: Ray Data's frames may hold Arrow columns of several chunks.
+                yield pa.Table.from_pandas(batch, schema=SCHEMA, preserve_index=False)
             if done != len(frame):
                 raise StreamflowError(
                     f"the scoring returned {done} rows for {len(frame)} users; nothing written"
                 )
 
-        batches = tally(scored_batches(frame, artifact, as_of, compute, batch_users))
+        parts = tally(scored_batches(frame, artifact, as_of, compute, batch_users))
         if settings.profile is Profile.PRODUCTION:
-            summary.output = write_postgres(settings, batches, as_of, version)
+            summary.output = write_postgres(settings, parts, as_of, version)
         else:
-            summary.output = str(
-                write_parquet(output_dir or settings.home / "scores", batches, as_of, version)
-            )
+            summary.output = str(write_parquet(output_dir or settings.home / "scores", parts, as_of, version))
     scored = np.concatenate(probabilities) if probabilities else np.empty(0)
     summary.scored = len(scored)
     summary.top_decile_threshold = float(np.quantile(scored, 0.9)) if len(scored) else None
@@ -370,16 +369,16 @@ def scores_path(output_dir: Path, as_of: date, version: str) -> Path:
     return output_dir / f"as_of={as_of.isoformat()}" / f"model_version={version}.parquet"
 
 
-def write_parquet(output_dir: Path, batches: Iterator[pa.RecordBatch], as_of: date, version: str) -> Path:
-    """Write every batch to a temporary file beside the final one, then rename it over the final one."""
+def write_parquet(output_dir: Path, parts: Iterator[pa.Table], as_of: date, version: str) -> Path:
+    """Write every part to a temporary file beside the final one, then rename it over the final one."""
     path = scores_path(output_dir, as_of, version)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(descriptor)
     try:
         with pq.ParquetWriter(temporary, SCHEMA) as writer:
-            for batch in batches:
-                writer.write_batch(batch)
+            for part in parts:
+                writer.write_table(part)
         os.replace(temporary, path)
     except BaseException:
         with suppress(FileNotFoundError):
@@ -388,8 +387,8 @@ def write_parquet(output_dir: Path, batches: Iterator[pa.RecordBatch], as_of: da
     return path
 
 
-def write_postgres(settings: Settings, batches: Iterator[pa.RecordBatch], as_of: date, version: str) -> str:
-    """Replace the rows of (as_of, version) in `churn_scores` by the batches, in one transaction."""
+def write_postgres(settings: Settings, parts: Iterator[pa.Table], as_of: date, version: str) -> str:
+    """Replace the rows of (as_of, version) in `churn_scores` by the parts, in one transaction."""
     from psycopg import sql
 
     from streamflow import postgres
@@ -408,8 +407,8 @@ def write_postgres(settings: Settings, batches: Iterator[pa.RecordBatch], as_of:
         )
         columns = sql.SQL(", ").join(map(sql.Identifier, SCHEMA.names))
         with conn.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN").format(table, columns)) as copy:
-            for batch in batches:
-                for row in zip(*(column.to_pylist() for column in batch.columns), strict=True):
+            for part in parts:
+                for row in zip(*(column.to_pylist() for column in part.columns), strict=True):
                     copy.write_row(row)
         # Leaving the block commits; an exception anywhere above rolls the whole run back.
     return f"PostgreSQL table {SCORES_TABLE} ({postgres.describe(settings.postgres_dsn)})"

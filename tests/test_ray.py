@@ -12,19 +12,23 @@ import signal
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 import psutil
 import pytest
 import ray
+import redis
 
+from streamflow import postgres
 from streamflow.batch.score_all import score_all, scores_path
 from streamflow.feature_repo import store
 from streamflow.feature_repo.compute import Compute
-from streamflow.feature_repo.definitions import SNAPSHOT_DATES
+from streamflow.feature_repo.definitions import SNAPSHOT_DATES, build_views
 from streamflow.settings import Settings
 from streamflow.training.dataset import training_set, training_set_fingerprint
 from streamflow.training.demo_data import generate_tables, write_tables
+from tests.fixtures.production import ProductionStack, delete_project_keys
 from tests.fixtures.training import fixture_settings
 
 TINY_USERS = 40
@@ -81,6 +85,42 @@ def test_a_ray_built_training_set_is_the_local_one(tiny_settings: Settings) -> N
 
     assert len(on_ray) == len(local) > 0
     assert training_set_fingerprint(on_ray) == training_set_fingerprint(local)
+
+
+def _redis_rows(redis_url: str, project: str) -> dict[bytes, dict[bytes, bytes]]:
+    client = redis.Redis.from_url(redis_url)
+    keys = client.scan_iter(match=b"*" + project.encode())
+    return {key: cast(dict[bytes, bytes], client.hgetall(key)) for key in keys}  # the sync client's answer
+
+
+@pytest.mark.production
+def test_production_on_ray_writes_the_local_engines_redis_rows_and_scores_into_postgresql(
+    production_stack: ProductionStack,
+) -> None:
+    """The production profile on Ray: its PostgreSQL offline store pulls, the Ray workers write Redis, and
+    score-all scores on Ray Data into the churn_scores table, as the local engine and run do."""
+    settings = production_stack.settings
+    on_ray = settings.model_copy(update={"compute": Compute.RAY})
+    local = _redis_rows(settings.redis_url, settings.redis_key_prefix)
+    assert len(local) > settings.users
+    assert delete_project_keys(settings.redis_url, settings.redis_key_prefix) == len(local)
+
+    start, end = store.materialization_window()
+    ray_store = store.open_store(on_ray, Compute.RAY)
+    for view in build_views(settings):  # every view: PostgreSQL pulls each fast, unlike the file store
+        store._materialize_on_ray(ray_store, view.name, start, end)
+
+    assert _redis_rows(settings.redis_url, settings.redis_key_prefix) == local  # byte for byte
+
+    query = "SELECT * FROM churn_scores WHERE as_of = %s ORDER BY user_id"
+    local_summary = score_all(settings, SNAPSHOT_DATES[-1])
+    with postgres.connect(settings.postgres_dsn) as conn:
+        local_scores = conn.execute(query, (SNAPSHOT_DATES[-1],)).fetchall()
+    ray_summary = score_all(on_ray, SNAPSHOT_DATES[-1], batch_users=100)
+    with postgres.connect(settings.postgres_dsn) as conn:
+        assert conn.execute(query, (SNAPSHOT_DATES[-1],)).fetchall() == local_scores
+    assert ray_summary.to_json() | {"seconds": 0} == local_summary.to_json() | {"seconds": 0}
+    assert ray_summary.users == len(local_scores) > 100
 
 
 def _scoring_workers() -> list[psutil.Process]:
