@@ -66,7 +66,9 @@ bench: install
 	$(BIN)/python -m bench.run
 
 # The offline steps (materialize, training set, score-all) in this process and on a local Ray instance of 2 CPUs,
-# at 100,000 and 1,000,000 users (bench/batch_scale.py; other sizes: make bench-scale SCALE_USERS=5000,20000).
+# at 100,000 and 1,000,000 users (bench/batch_scale.py; other sizes: make bench-scale SCALE_USERS=5000,20000;
+# on PostgreSQL and Redis: make bench-scale SCALE_PROFILE=production).
 SCALE_USERS ?= 100000,1000000
+SCALE_PROFILE ?= embedded
 bench-scale: install
-	$(BIN)/python -m bench.batch_scale --users $(SCALE_USERS)
+	$(BIN)/python -m bench.batch_scale --users $(SCALE_USERS) --profile $(SCALE_PROFILE)
