@@ -31,7 +31,7 @@ from streamflow.training.demo_data import generate_tables, write_tables
 from tests.fixtures.production import ProductionStack, delete_project_keys
 from tests.fixtures.training import fixture_settings
 
-TINY_USERS = 40
+TINY_USERS = 20
 VIEW = "payments_agg_90d_fv"
 """Users of the Feast-on-Ray checks: Feast's Ray pull-latest runs one task per user (`map_groups`)."""
 
@@ -67,7 +67,7 @@ def test_ray_materialization_writes_the_local_engines_online_rows(tiny_settings:
     # through the same path (make bench-scale materializes all of them).
     table = f"{store.EMBEDDED_PROJECT}_{VIEW}"
     local = _online_rows(tiny_settings)[table]
-    assert len(local) == TINY_USERS + 1  # the 40 users of January, one of whom joined in February
+    assert len(local) == TINY_USERS + 1  # the users of January, and one who joined in February
     with sqlite3.connect(tiny_settings.feast_dir / "online_store.db") as db:
         db.execute(f'DELETE FROM "{table}"')
 
