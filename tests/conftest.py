@@ -21,7 +21,7 @@ _STRAY_MLFLOW_STORES = ("mlflow.db", "mlruns", "mlflow/mlflow.db")  # the last: 
 # A developer's exported settings (and MLflow's and Ray's own variables) would change what the tests test.
 _SETTING_PREFIXES = ("STREAMFLOW_", "MLFLOW_", "RAY_ADDRESS")
 # The files that take longest (Feast on Ray slows most when the machine is busy): started first, so that with
-# `--dist loadfile` they run beside the rest instead of after it.
+# `--dist loadfile --no-loadscope-reorder` (make test) they run beside the rest instead of after it.
 _LONGEST_FILES = ("test_ray.py", "test_production_e2e.py", "test_workers.py", "test_shadow.py")
 
 

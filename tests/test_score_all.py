@@ -12,11 +12,14 @@ from pathlib import Path
 import grpc
 import pandas as pd
 import pytest
+import ray
 
 from streamflow import postgres
 from streamflow.batch.score_all import CHURN, score_all, scores_path
 from streamflow.cli import main
+from streamflow.errors import StreamflowError
 from streamflow.feature_repo import store
+from streamflow.feature_repo.compute import Compute, ray_session
 from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
@@ -174,6 +177,26 @@ def test_an_unreachable_ray_address_is_one_sentence_at_once_and_writes_nothing(
     assert error.startswith(f"error: Cannot reach Ray at RAY_ADDRESS={os.environ['RAY_ADDRESS']} (connecting")
     assert error.endswith("start the cluster, or unset RAY_ADDRESS to run on a local Ray instance.")
     assert _tree(home) == before
+
+
+@pytest.mark.parametrize(
+    ("address", "problem"),
+    [
+        ("head-node", "expected host:port, ray://host:port, auto or local"),
+        ("ray://head-node:port", "expected host:port, ray://host:port, auto or local"),
+        ("no-such-host.invalid:6379", "connecting to no-such-host.invalid:6379: "),
+    ],
+)
+def test_a_malformed_or_unknown_ray_address_is_named_before_ray_starts(
+    address: str, problem: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", address)
+
+    with pytest.raises(StreamflowError) as refused, ray_session(Compute.RAY):
+        pytest.fail("the session started")
+
+    assert str(refused.value).startswith(f"Cannot reach Ray at RAY_ADDRESS={address} ({problem}")
+    assert not ray.is_initialized()
 
 
 def _tree(home: Path) -> dict[str, bytes]:
