@@ -36,7 +36,7 @@ test: install lint
 	$(BIN)/buf format --diff --exit-code --path protos/streamflow
 	$(BIN)/buf breaking --against protos/released/streamflow_serving_v1.image.yaml --exclude-imports
 	command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
-	$(BIN)/pytest -q -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
+	$(BIN)/pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 # The wire properties of tests/test_wire_properties.py with many more examples than make test draws.
 FUZZ_EXAMPLES ?= 20000

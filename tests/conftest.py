@@ -20,19 +20,6 @@ from tests.fixtures.training import *  # noqa: F403
 _STRAY_MLFLOW_STORES = ("mlflow.db", "mlruns", "mlflow/mlflow.db")  # the last: a home of "."
 # A developer's exported settings (and MLflow's and Ray's own variables) would change what the tests test.
 _SETTING_PREFIXES = ("STREAMFLOW_", "MLFLOW_", "RAY_ADDRESS")
-# The files that take longest (Feast on Ray slows most when the machine is busy): started first, so that with
-# `--dist loadfile --no-loadscope-reorder` (make test) they run beside the rest instead of after it.
-_LONGEST_FILES = ("test_ray.py", "test_production_e2e.py", "test_workers.py", "test_shadow.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Order the tests longest files first, the rest as collected."""
-
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return _LONGEST_FILES.index(name) if name in _LONGEST_FILES else len(_LONGEST_FILES)
-
-    items.sort(key=rank)  # stable: each file's own order is kept
 
 
 @pytest.fixture(autouse=True, scope="session")
