@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install run test lint protos mlflow-server constraints bench bench-scale fuzz
 
-# Reinstalls only when pyproject.toml or the compiled kernel changes, so a second `make run` starts in seconds.
-$(STAMP): pyproject.toml setup.py server/_treeshap.c
+# Reinstalls only when pyproject.toml or a compiled kernel changes, so a second `make run` starts in seconds.
+$(STAMP): pyproject.toml setup.py server/_treeshap.c server/_forest.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "Installing StreamFlow and its dependencies into $(VENV) (a few minutes on a fresh clone)..."
 	$(BIN)/pip install --quiet --upgrade pip

@@ -43,6 +43,7 @@ class Runtime(StrEnum):
     UNSPECIFIED = "unspecified"
     SKLEARN = "sklearn"
     ONNX = "onnx"
+    FOREST = "forest"
 
 
 FeatureScalar = int | float | bool | str

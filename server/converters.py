@@ -28,7 +28,11 @@ _FEATURE_TYPES = {
     FeatureType.BOOL: pb.FEATURE_TYPE_BOOL,
     FeatureType.STRING: pb.FEATURE_TYPE_STRING,
 }
-_RUNTIMES = {Runtime.SKLEARN: pb.RUNTIME_SKLEARN, Runtime.ONNX: pb.RUNTIME_ONNX}
+_RUNTIMES = {
+    Runtime.SKLEARN: pb.RUNTIME_SKLEARN,
+    Runtime.ONNX: pb.RUNTIME_ONNX,
+    Runtime.FOREST: pb.RUNTIME_FOREST,
+}
 
 
 @functools.lru_cache(maxsize=256)

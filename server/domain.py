@@ -28,6 +28,7 @@ class Runtime(StrEnum):
 
     SKLEARN = "sklearn"
     ONNX = "onnx"
+    FOREST = "forest"
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.machinery
 import itertools
 import json
 import os
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from streamflow.server import native
 from streamflow.server.onnx_runtime import Columns
 
 _ARRAYS = ("roots", "nodes")
@@ -98,6 +98,27 @@ class ForestArrays:
             base_value=float(spec["base_value"]),
             arrays={name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS},
         )
+
+    def transform(self, columns: Columns) -> np.ndarray:
+        """The rows as the forest reads them, (n, transformed columns) in float32, as the pipeline makes
+        them: a one-hot column is 1.0 where the value equals its category, and every value goes through
+        float64, as the ColumnTransformer's output does, before the trees' float32."""
+        first = np.asarray(columns[self.features[0]])
+        if len(first) == 1:  # a lone Predict: plain Python for 16 values costs a fifth of numpy's calls
+            scalars = [np.asarray(columns[feature])[0] for feature in self.features]
+            row = [
+                float(scalars[raw]) if category is None else float(str(scalars[raw]) == category)
+                for raw, category in self.columns
+            ]
+            return np.array([row], dtype=np.float32)
+        transformed = []
+        for raw, category in self.columns:
+            values = np.asarray(columns[self.features[raw]])
+            if category is None:
+                transformed.append(values.astype(np.float64).astype(np.float32))
+            else:
+                transformed.append((values.astype(str) == category).astype(np.float32))
+        return np.ascontiguousarray(np.stack(transformed, axis=1))
 
 
 def forest_arrays(pipeline: Any, features: Sequence[str]) -> ForestArrays:
@@ -171,28 +192,14 @@ def _transformed_columns(prepare: Any, features: list[str]) -> list[tuple[int, s
     return columns
 
 
-@functools.cache
 def _kernel() -> Any:
-    """The compiled kernel (`streamflow.server._treeshap`, its C function through ctypes), loaded once."""
-    here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        library = here / f"_treeshap{suffix}"
-        if library.is_file():
-            kernel = ctypes.CDLL(str(library)).streamflow_treeshap
-            kernel.restype = ctypes.c_int
-            return kernel
-    raise FileNotFoundError(
-        f"the TreeSHAP kernel is not built in {here}; reinstall (`make install`, which needs a C compiler)"
-    )
+    """The compiled TreeSHAP kernel (`_treeshap.c`)."""
+    return native.kernel("_treeshap", "streamflow_treeshap", ctypes.c_int)
 
 
 def kernel_available() -> bool:
     """Whether this install has the compiled kernel."""
-    try:
-        _kernel()
-    except OSError:
-        return False
-    return True
+    return native.available("_treeshap", "streamflow_treeshap", ctypes.c_int)
 
 
 @functools.cache
@@ -218,20 +225,9 @@ class Explainer:
         self.base_value = forest.base_value
         self._threads = max(1, threads if threads is not None else len(os.sched_getaffinity(0)))
 
-    def transform(self, columns: Columns) -> np.ndarray:
-        """The rows as the forest reads them: (n, transformed columns) in float32, as the trees compare."""
-        transformed = []
-        for raw, category in self.forest.columns:
-            values = np.asarray(columns[self.features[raw]])
-            if category is None:
-                transformed.append(values.astype(np.float32))
-            else:
-                transformed.append((values.astype(str) == category).astype(np.float32))
-        return np.ascontiguousarray(np.stack(transformed, axis=1))
-
     def contributions(self, columns: Columns) -> np.ndarray:
         """(n, features) contributions in probability units, in `features` order."""
-        x = self.transform(columns)
+        x = self.forest.transform(columns)
         phi = np.zeros((len(x), len(self.features)))
         roots = self.forest.arrays["roots"]
         # A row takes milliseconds: worth threads of its own, unlike a row of inference. Fewer rows than
@@ -248,23 +244,18 @@ class Explainer:
         return parts.sum(axis=0)
 
     def _run(self, x: np.ndarray, phi: np.ndarray, roots: np.ndarray) -> None:
-        arrays = self.forest.arrays
         points, weights = _gauss_legendre()
-
-        def pointer(array: np.ndarray) -> ctypes.c_void_p:
-            return ctypes.c_void_p(array.ctypes.data)
-
         status = _kernel()(
             ctypes.c_int(len(roots)),
-            pointer(roots),
-            pointer(arrays["nodes"]),
-            pointer(points),
-            pointer(weights),
+            native.address(roots),
+            native.address(self.forest.arrays["nodes"]),
+            native.address(points),
+            native.address(weights),
             ctypes.c_int(len(self.features)),
             ctypes.c_int(len(x)),
             ctypes.c_int(x.shape[1]),
-            pointer(x),
-            pointer(phi),
+            native.address(x),
+            native.address(phi),
         )
         if status != 0:
             raise ValueError("the forest has more features than the TreeSHAP kernel takes")

@@ -1,8 +1,8 @@
 """A model ready to score: built from a scoring artifact, in a worker or in a single-process server.
 
 A `LoadedModel` is immutable: serving swaps the reference, never mutates it. It imports neither MLflow nor
-Feast; serving the ONNX runtime it imports no scikit-learn or pandas either (only the pipeline fallback
-unpickles scikit-learn, and feeds it a DataFrame).
+Feast; serving the forest or ONNX runtime it imports no scikit-learn or pandas either (only the pipeline
+fallback unpickles scikit-learn, and feeds it a DataFrame).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 from streamflow.server.domain import ModelInfo, ModelRef, ReloadFailure, Runtime
 from streamflow.server.explanations import Explainer
 from streamflow.server.features import FeatureReader
+from streamflow.server.forest_runtime import ForestModel
 from streamflow.server.onnx_runtime import Columns, OnnxModel, ProbabilityModel
 from streamflow.server.scoring_artifact import ScoringArtifact
 from streamflow.settings import Settings
@@ -42,7 +43,12 @@ class SklearnModel:
 
 
 def runtime_model(artifact: ScoringArtifact) -> ProbabilityModel:
-    """The scoring model of an artifact: the ONNX session, or the unpickled pipeline."""
+    """The scoring model of an artifact: the forest kernel over its arrays, the ONNX session, or the unpickled
+    pipeline."""
+    if artifact.runtime is Runtime.FOREST:
+        if artifact.explainer is None:
+            raise ValueError("a forest-runtime artifact without the forest's arrays")
+        return ForestModel(artifact.explainer)
     if artifact.runtime is Runtime.ONNX:
         return OnnxModel(artifact.model)
     # The control plane pickled what it loaded and validated from the registry; nothing else writes here.

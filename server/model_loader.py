@@ -52,8 +52,10 @@ from streamflow.server.domain import FeatureScalar, FeatureType, FeatureValue, M
 from streamflow.server.explanations import ExplainerUnsupported, ForestArrays, forest_arrays
 from streamflow.server.feature_layout import FeatureServiceError, feature_layout
 from streamflow.server.features import FeatureRow
+from streamflow.server.forest_runtime import ForestModel
+from streamflow.server.forest_runtime import kernel_available as forest_kernel_available
 from streamflow.server.loaded_model import LoadedModel
-from streamflow.server.onnx_runtime import OnnxModel
+from streamflow.server.onnx_runtime import OnnxModel, ProbabilityModel
 from streamflow.server.scoring_artifact import FeatureLayout, ScoringArtifact
 from streamflow.settings import Settings
 
@@ -172,9 +174,10 @@ def build_artifact(
     run_id = version.run_id or ""
     metrics = dict(client.get_run(run_id).data.metrics) if run_id else {}
     _check_provenance(version, run_id, metrics)
-    # The pipeline is loaded whichever runtime serves: explanations are computed from its forest.
+    # The pipeline is loaded whichever runtime serves: the forest runtime and explanations read its forest.
     pipeline = _load_pipeline(settings, client, version)
-    runtime, model = choose_runtime(settings, run_id, lambda: pickle.dumps(pipeline))
+    forest = _forest(version, pipeline, layout)
+    runtime, model = choose_runtime(settings, run_id, lambda: pickle.dumps(pipeline), forest)
     artifact = ScoringArtifact(
         ref=ModelRef(version.name, str(version.version)),
         stage=version.current_stage or "None",
@@ -186,14 +189,15 @@ def build_artifact(
         layout=layout,
         runtime=runtime,
         model=model,
-        explainer=_explainer(version, pipeline, layout),
+        explainer=forest,
     )
     return artifact
 
 
-def _explainer(version: ModelVersion, pipeline: object, layout: FeatureLayout) -> ForestArrays | None:
-    """The forest flattened for explanations, or None (logged) when the model is not one the explainer takes:
-    it still serves, and calls that ask to `explain` get EXPLANATIONS_UNAVAILABLE."""
+def _forest(version: ModelVersion, pipeline: object, layout: FeatureLayout) -> ForestArrays | None:
+    """The forest flattened for explanations and the forest runtime, or None (logged) when the model is not
+    one the explainer takes: it still serves (with ONNX or the pipeline), and calls that ask to `explain` get
+    EXPLANATIONS_UNAVAILABLE."""
     try:
         return forest_arrays(pipeline, [feature.name for feature in layout.schema])
     except ExplainerUnsupported as exc:
@@ -334,35 +338,67 @@ def _smoke_test(loaded: LoadedModel, artifact: ScoringArtifact) -> None:
         )
 
 
-def load_verified_onnx(export_dir: Path) -> bytes:
-    """The ONNX model in `export_dir` if it reproduces the pipeline's probabilities logged with its sample.
+def verify_parity(runtime: Runtime, model: ProbabilityModel, sample: pd.DataFrame) -> None:
+    """Raise ValueError unless `model` reproduces the pipeline's probabilities logged with the parity sample
+    (labels identical, |Δp| within the contract's tolerance)."""
+    report = compare(sample[EXPECTED_COLUMN].to_numpy(), model.predict_proba(sample)[:, 1])
+    if not report.ok:
+        raise ValueError(
+            f"{runtime} parity fails on {report.rows} sample rows: label agreement "
+            f"{report.label_agreement:.4f}, max |Δp| {report.max_abs_probability_diff:.2e} "
+            f"(tolerance {report.tolerance:.0e})"
+        )
 
-    Raises ValueError when it does not, OSError when files are missing, and whatever onnxruntime raises for
+
+def load_verified_onnx(export_dir: Path, sample: pd.DataFrame) -> bytes:
+    """The ONNX model in `export_dir` if it reproduces the pipeline's probabilities on `sample`.
+
+    Raises ValueError when it does not, OSError when the file is missing, and whatever onnxruntime raises for
     an unreadable model.
     """
     model_bytes = (export_dir / MODEL_FILE).read_bytes()
-    sample = pd.read_parquet(export_dir / SAMPLE_FILE)
-    report = compare(sample[EXPECTED_COLUMN].to_numpy(), OnnxModel(model_bytes).predict_proba(sample)[:, 1])
-    if not report.ok:
-        raise ValueError(
-            f"ONNX parity fails on {report.rows} sample rows: label agreement {report.label_agreement:.4f}, "
-            f"max |Δp| {report.max_abs_probability_diff:.2e} (tolerance {report.tolerance:.0e})"
-        )
+    verify_parity(Runtime.ONNX, OnnxModel(model_bytes), sample)
     return model_bytes
 
 
 def choose_runtime(
-    settings: Settings, run_id: str, load_pipeline: Callable[[], bytes]
+    settings: Settings, run_id: str, load_pipeline: Callable[[], bytes], forest: ForestArrays | None
 ) -> tuple[Runtime, bytes]:
-    """The ONNX export logged in `run_id` when it loads and its parity holds, else `load_pipeline()` (the
-    pickled pipeline). Every reason to fall back is logged; none is an error, since the pipeline is the
-    model of record."""
+    """The first runtime, from `settings.runtime` down (the forest kernel over `forest`, the ONNX export
+    logged in `run_id`, the pickled pipeline `load_pipeline()` gives), that can serve: the first two only
+    when they reproduce the pipeline's probabilities on the parity sample logged beside the export. Every
+    reason to fall back is logged; none is an error, since the pipeline is the model of record."""
+    if settings.runtime == "sklearn":
+        log.info("serving run %s with scikit-learn (STREAMFLOW_RUNTIME=sklearn)", run_id)
+        return Runtime.SKLEARN, load_pipeline()
     with tempfile.TemporaryDirectory(prefix="streamflow-onnx-") as tmp:
         try:
-            export_dir = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=ARTIFACT_DIR, dst_path=tmp, tracking_uri=settings.tracking_uri
+            export_dir = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id,
+                    artifact_path=ARTIFACT_DIR,
+                    dst_path=tmp,
+                    tracking_uri=settings.tracking_uri,
+                )
             )
-            model = load_verified_onnx(Path(export_dir))
+            sample = pd.read_parquet(export_dir / SAMPLE_FILE)
+        except Exception as exc:  # absent or unreadable: nothing to prove a compiled runtime faithful with
+            log.warning("serving run %s with scikit-learn: no parity sample (%s)", run_id, exc)
+            return Runtime.SKLEARN, load_pipeline()
+        if settings.runtime == "auto":
+            try:
+                if forest is None:
+                    raise ValueError("the model is not a forest the kernel walks")
+                if not forest_kernel_available():
+                    raise ValueError("this install has no compiled forest kernel")
+                verify_parity(Runtime.FOREST, ForestModel(forest), sample)
+            except ValueError as exc:
+                log.warning("run %s: the forest kernel does not serve (%s); trying ONNX", run_id, exc)
+            else:
+                log.info("serving run %s with the forest kernel (parity holds on its sample)", run_id)
+                return Runtime.FOREST, b""
+        try:
+            model = load_verified_onnx(export_dir, sample)
         except Exception as exc:  # absent, unreadable or not faithful: all mean "serve the pipeline"
             log.warning("serving run %s with scikit-learn: no usable ONNX export (%s)", run_id, exc)
             return Runtime.SKLEARN, load_pipeline()

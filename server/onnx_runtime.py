@@ -56,7 +56,7 @@ def row_chunks(rows: int, threads: int) -> list[tuple[int, int]]:
 
 
 @functools.cache
-def _chunk_pool(threads: int) -> ThreadPoolExecutor:
+def chunk_pool(threads: int) -> ThreadPoolExecutor:
     # Created on first use, after any fork of server workers; shared by every model the process loads.
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="onnx")
 
@@ -92,7 +92,7 @@ class OnnxModel:
         chunks = row_chunks(len(feed[self._inputs[0][0]]), self._threads)
         if len(chunks) < 2:
             return self._run(feed)
-        parts = _chunk_pool(self._threads).map(
+        parts = chunk_pool(self._threads).map(
             lambda chunk: self._run({name: column[chunk[0] : chunk[1]] for name, column in feed.items()}),
             chunks,
         )

@@ -5,13 +5,15 @@ Feast: it resolves a version, its FeatureService and the online store's layout, 
 writes down everything scoring needs as plain data. A worker builds its model and its feature reader from
 this artifact alone, so it imports neither MLflow, Feast, pandas nor (serving ONNX) scikit-learn:
 
-- the model: the ONNX export's bytes, or the scikit-learn pipeline pickled (the fallback runtime);
+- the model: nothing more for the forest runtime (it scores with the explainer's arrays below), else the ONNX
+  export's bytes, or the scikit-learn pipeline pickled (the fallback runtime);
 - the feature specification: the features in the model's order with their types, views and TTLs;
 - the validity rules: each feature's valid range or categories;
 - the online store's layout: where each view's rows live (SQLite tables, Redis hash fields), how an entity key
   is encoded, how to connect, and the descriptor of Feast's `Value` message the cells are stored as;
 - what ModelInfo reports: the version, its run, metrics and provenance;
-- the forest flattened for explanations (server/explanations.py), when the model is one.
+- the forest flattened for explanations and the forest runtime (server/explanations.py), when the model is
+  one.
 
 On disk it is a directory: `artifact.json`, the model file and the explainer's arrays (`explainer/`, mapped
 read-only by workers) beside it, written once and never changed.
@@ -31,6 +33,7 @@ from streamflow.server.explanations import ForestArrays
 
 SPEC_FILE = "artifact.json"
 MODEL_FILES = {Runtime.ONNX: "model.onnx", Runtime.SKLEARN: "model.pkl"}
+"""The model's file per runtime; the forest runtime has none of its own (it reads the explainer's arrays)."""
 EXPLAINER_DIR = "explainer"
 
 
@@ -112,9 +115,10 @@ class ScoringArtifact:
     runtime: Runtime
     model: bytes | Path
     """The model's bytes, or the file that holds them (an artifact read from disk): onnxruntime reads a file
-    itself, without the 18 MB copy of the demo model's bytes it keeps when handed them."""
+    itself, without the 18 MB copy of the demo model's bytes it keeps when handed them. Empty for the forest
+    runtime, which scores with `explainer`'s arrays."""
     explainer: ForestArrays | None = None
-    """The forest as TreeSHAP reads it; None when the model cannot be explained."""
+    """The forest as TreeSHAP and the forest runtime read it; None when the model cannot be explained."""
 
     def model_bytes(self) -> bytes:
         return self.model if isinstance(self.model, bytes) else self.model.read_bytes()
@@ -122,7 +126,8 @@ class ScoringArtifact:
     def write(self, directory: Path) -> Path:
         """Write the artifact into `directory` (created, private to this user); returns it."""
         directory.mkdir(mode=0o700, parents=True)
-        (directory / MODEL_FILES[self.runtime]).write_bytes(self.model_bytes())
+        if self.runtime in MODEL_FILES:
+            (directory / MODEL_FILES[self.runtime]).write_bytes(self.model_bytes())
         if self.explainer is not None:
             self.explainer.save(directory / EXPLAINER_DIR)
         spec = _encode({k: v for k, v in vars(self).items() if k not in {"model", "explainer"}})
@@ -147,7 +152,7 @@ class ScoringArtifact:
             metrics={k: float(v) for k, v in spec["metrics"].items()},
             layout=_layout(spec["layout"]),
             runtime=runtime,
-            model=_existing(directory / MODEL_FILES[runtime]),
+            model=_existing(directory / MODEL_FILES[runtime]) if runtime in MODEL_FILES else b"",
             explainer=ForestArrays.load(directory / EXPLAINER_DIR)
             if (directory / EXPLAINER_DIR).is_dir()
             else None,

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=1000, ge=1)
     """Most user ids one BatchPredict request may carry."""
 
+    runtime: Literal["auto", "onnx", "sklearn"] = "auto"
+    """The first inference runtime to try for a model version; each falls back to the next when it cannot
+    serve (logged): `auto` the forest kernel (the forest's arrays walked by compiled C), then `onnx` (the
+    run's ONNX export, by onnxruntime), then `sklearn` (the pipeline as trained). The first two serve only
+    when they reproduce the pipeline's probabilities on the run's parity sample."""
+
     reflection: bool | None = None
     """Serve gRPC server reflection (grpcurl `list` / `describe`); behind the token check when tokens are on.
     Unset: on in the embedded profile, off in the production profile (see `reflection_on`)."""

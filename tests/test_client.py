@@ -120,8 +120,8 @@ def test_model_info_describes_the_production_model(client: ChurnClient, embedded
     assert set(info.metrics) >= {"val_auc", "val_f1", "val_accuracy", "val_precision", "val_recall"}
     assert 0.5 < info.metrics["val_auc"] <= 1.0  # better than chance even on the fixture's small forest
     assert info.loaded_at is not None and info.loaded_at.tzinfo is not None
-    # The fixture model carries a faithful ONNX export, so the server must score with it.
-    assert info.runtime is Runtime.ONNX
+    # The fixture model's run carries the parity sample the forest kernel reproduces, so the kernel serves.
+    assert info.runtime is Runtime.FOREST
     assert info.last_reload_failure is None
 
 

@@ -26,6 +26,7 @@ from streamflow.client.churn_client import ChurnClient
 from streamflow.client.errors import ServiceUnavailableError
 from streamflow.client.results import Prediction
 from streamflow.feature_repo.store import open_store
+from streamflow.server.domain import Runtime
 from streamflow.server.model_follower import ModelFollower, receive, send
 from streamflow.server.model_loader import load_model
 from streamflow.server.scoring_artifact import ScoringArtifact
@@ -104,8 +105,14 @@ def test_the_worker_side_of_the_control_channel(embedded_settings: Settings, tmp
     artifact, _ = load_model(settings, client, open_store(settings), version)
     written = artifact.write(tmp_path / "artifact")
     read = ScoringArtifact.read(written)  # what the worker reads is what was validated
-    assert isinstance(read.model, Path) and read.model.read_bytes() == artifact.model
-    assert dataclasses.replace(read, model=artifact.model) == artifact
+    # The forest runtime's model is the explainer's arrays: no model file of its own.
+    assert read.runtime is Runtime.FOREST and read == artifact
+    assert sorted(p.name for p in written.iterdir()) == ["artifact.json", "explainer"]
+    onnx_settings = settings.model_copy(update={"runtime": "onnx"})
+    onnx, _ = load_model(onnx_settings, client, open_store(settings), version)
+    read_onnx = ScoringArtifact.read(onnx.write(tmp_path / "onnx-artifact"))
+    assert isinstance(read_onnx.model, Path) and read_onnx.model.read_bytes() == onnx.model
+    assert dataclasses.replace(read_onnx, model=onnx.model) == onnx
 
     supervisor, worker = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     follower = ModelFollower(settings, worker)

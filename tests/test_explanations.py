@@ -33,7 +33,7 @@ from sklearn.ensemble import RandomForestClassifier
 from streamflow.client import ChurnClient
 from streamflow.feature_repo.definitions import JOIN_KEY, SNAPSHOT_DATES, TIMESTAMP_FIELD, VIEW_SPECS
 from streamflow.feature_repo.store import open_store
-from streamflow.server import explanations
+from streamflow.server import native
 from streamflow.server.app import PredictionServer
 from streamflow.server.domain import Runtime
 from streamflow.server.explanations import Explainer, forest_arrays
@@ -192,13 +192,17 @@ def test_a_full_explained_batch_fits_a_default_client_and_matches_predict(
 VIEW_FEATURES = [feature for view in VIEW_SPECS for feature in view.features]
 
 
-def test_the_onnx_and_sklearn_runtimes_explain_alike(embedded_settings: Settings) -> None:
+def test_every_runtime_explains_alike(embedded_settings: Settings) -> None:
     settings = embedded_settings
     client = mlflow_client(settings)
     version = ModelTarget.parse(settings.model_uri).resolve(client)
     assert version is not None
-    artifact, onnx = load_model(settings, client, open_store(settings), version)
-    assert onnx.runtime is Runtime.ONNX and artifact.explainer is not None
+    models = [
+        load_model(settings.model_copy(update={"runtime": runtime}), client, open_store(settings), version)
+        for runtime in ("auto", "onnx")
+    ]
+    artifact = models[0][0]
+    assert artifact.explainer is not None
     location = client.get_model_version_download_uri(version.name, str(version.version))
     pipeline = mlflow.sklearn.load_model(location)
     sklearn = LoadedModel.from_artifact(
@@ -206,17 +210,19 @@ def test_the_onnx_and_sklearn_runtimes_explain_alike(embedded_settings: Settings
     )
     users = _active_users(settings, 30)
     explained = {}
-    for loaded in (onnx, sklearn):
+    for loaded in (*(model for _, model in models), sklearn):
         predictor = Predictor(settings, _Serving(loaded))
         explained[loaded.runtime] = predictor.score(users, explain=True)
 
-    for a, b in zip(explained[Runtime.ONNX], explained[Runtime.SKLEARN], strict=True):
-        assert not isinstance(a, Exception) and not isinstance(b, Exception)
-        assert a.contributions == b.contributions
-        assert abs(a.churn_probability - b.churn_probability) <= 1e-5  # the runtimes' parity tolerance
-        for result in (a, b):
-            total = artifact.explainer.base_value + sum(c for _, c in result.contributions)
-            assert abs(total - result.churn_probability) <= ADDITIVITY
+    assert set(explained) == {Runtime.FOREST, Runtime.ONNX, Runtime.SKLEARN}
+    for runtime in (Runtime.FOREST, Runtime.ONNX):
+        for a, b in zip(explained[runtime], explained[Runtime.SKLEARN], strict=True):
+            assert not isinstance(a, Exception) and not isinstance(b, Exception)
+            assert a.contributions == b.contributions
+            assert abs(a.churn_probability - b.churn_probability) <= 1e-5  # the runtimes' parity tolerance
+            for result in (a, b):
+                total = artifact.explainer.base_value + sum(c for _, c in result.contributions)
+                assert abs(total - result.churn_probability) <= ADDITIVITY
 
 
 class _Serving(ModelSource):
@@ -334,7 +340,7 @@ def test_explain_on_an_install_without_the_kernel_is_failed_precondition(
 ) -> None:
     # As an install without a C compiler: no compiled kernel to be found beside the module.
     monkeypatch.setattr(importlib.machinery, "EXTENSION_SUFFIXES", [".not-built.so"])
-    explanations._kernel.cache_clear()
+    native.kernel.cache_clear()
     user = _active_users(embedded_settings, 1)[0]
     try:
         with prediction_stub(served_embedded) as stub:
@@ -342,7 +348,7 @@ def test_explain_on_an_install_without_the_kernel_is_failed_precondition(
                 stub.Predict(pb.PredictRequest(user_id=user, explain=True))
             answered = stub.Predict(pb.PredictRequest(user_id=user))
     finally:
-        explanations._kernel.cache_clear()
+        native.kernel.cache_clear()
 
     error = wire_error(failure.value)
     assert error.code is grpc.StatusCode.FAILED_PRECONDITION

@@ -161,7 +161,7 @@ def test_parity_report_fails_on_a_different_model(embedded_settings: Settings) -
 
 
 def test_server_loads_the_onnx_runtime_when_parity_holds(embedded_settings: Settings) -> None:
-    settings = embedded_settings
+    settings = embedded_settings.model_copy(update={"runtime": "onnx"})  # the forest kernel would go first
     client = _client(settings)
     _, loaded = load_model(settings, client, open_store(settings), _production(settings))
 
@@ -196,8 +196,9 @@ def _corrupt_export(settings: Settings, version: ModelVersion, client: MlflowCli
 def test_server_falls_back_to_sklearn(
     fresh_embedded_settings: Settings, export: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A version of the same model whose run has no usable export is served by the scikit-learn pipeline."""
-    settings = fresh_embedded_settings
+    """A version of the same model whose run has no usable export is served by the scikit-learn pipeline
+    (when ONNX is the first runtime tried: the forest kernel needs only the export's parity sample)."""
+    settings = fresh_embedded_settings.model_copy(update={"runtime": "onnx"})
     client = _client(settings)
     production = _production(settings)
     run = client.create_run(client.get_run(_run_id(production)).info.experiment_id)

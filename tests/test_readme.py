@@ -84,6 +84,7 @@ ENVIRONMENT: dict[str, tuple[str, Any]] = {
     "poll_interval_s": ("0.75", 0.75),
     "registry_timeout_s": ("1.5", 1.5),
     "max_batch_size": ("17", 17),
+    "runtime": ("onnx", "onnx"),
     "reflection": ("false", False),
     "threads": ("5", 5),
     "max_concurrent_rpcs": ("9", 9),

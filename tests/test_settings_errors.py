@@ -43,6 +43,10 @@ from tests.fixtures.processes import STREAMFLOW, serve_env
             {"STREAMFLOW_RATE_LIMIT_RPS": "-1"},
             "error: STREAMFLOW_RATE_LIMIT_RPS: Input should be greater than or equal to 0",
         ),
+        (
+            {"STREAMFLOW_RUNTIME": "gpu"},
+            "error: STREAMFLOW_RUNTIME: Input should be 'auto', 'onnx' or 'sklearn'",
+        ),
     ],
 )
 def test_settings_that_cannot_work_together_are_one_line_and_exit_2(

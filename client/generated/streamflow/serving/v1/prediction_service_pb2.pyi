@@ -30,6 +30,7 @@ class Runtime(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUNTIME_UNSPECIFIED: _ClassVar[Runtime]
     RUNTIME_SKLEARN: _ClassVar[Runtime]
     RUNTIME_ONNX: _ClassVar[Runtime]
+    RUNTIME_FOREST: _ClassVar[Runtime]
 CHURN_LABEL_UNSPECIFIED: ChurnLabel
 CHURN_LABEL_STAY: ChurnLabel
 CHURN_LABEL_CHURN: ChurnLabel
@@ -41,6 +42,7 @@ FEATURE_TYPE_STRING: FeatureType
 RUNTIME_UNSPECIFIED: Runtime
 RUNTIME_SKLEARN: Runtime
 RUNTIME_ONNX: Runtime
+RUNTIME_FOREST: Runtime
 
 class PredictRequest(_message.Message):
     __slots__ = ("user_id", "explain")
