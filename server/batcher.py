@@ -3,7 +3,7 @@
 Scoring runs on one thread of its own, one batch at a time: while a batch is being scored, the Predicts that
 arrive meanwhile wait, and the next batch takes them all. Nobody waits for a batch to fill: a call that finds
 the thread idle is scored at once, alone. Under load the batches grow by themselves, and one feature read and
-one ONNX run for 10 users cost far less than 10 of each (a forest scored row after row walks cold trees; a
+one model run for 10 users cost far less than 10 of each (a forest scored row after row walks cold trees; a
 batch walks each tree once). At concurrency 32 this about doubled a worker's Predicts/s.
 
 A lone call on a quiet server skips the thread: handing it over and back (two wake-ups, the GIL passed
