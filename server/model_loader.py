@@ -392,7 +392,7 @@ def choose_runtime(
                 if not forest_kernel_available():
                     raise ValueError("this install has no compiled forest kernel")
                 verify_parity(Runtime.FOREST, ForestModel(forest), sample)
-            except ValueError as exc:
+            except Exception as exc:  # not a forest, no kernel, not faithful: all mean "try ONNX"
                 log.warning("run %s: the forest kernel does not serve (%s); trying ONNX", run_id, exc)
             else:
                 log.info("serving run %s with the forest kernel (parity holds on its sample)", run_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import logging
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
@@ -15,38 +16,24 @@ import mlflow.sklearn
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
 
 from streamflow.feature_repo.definitions import FEATURE_NAMES
 from streamflow.feature_repo.store import open_store
 from streamflow.server import native
 from streamflow.server.domain import Runtime
-from streamflow.server.explanations import forest_arrays
+from streamflow.server.explanations import ForestArrays, forest_arrays
 from streamflow.server.forest_runtime import ForestModel
-from streamflow.server.loaded_model import SklearnModel
-from streamflow.server.model_loader import load_model
+from streamflow.server.loaded_model import LoadedModel, SklearnModel
+from streamflow.server.model_loader import choose_runtime, load_model
 from streamflow.server.onnx_runtime import MIN_CHUNK_ROWS, OnnxModel
 from streamflow.settings import Settings
-from streamflow.training.train import validation_frame
-
-
-def _client(settings: Settings) -> MlflowClient:
-    # MLflow resolves a version's `models:/m-...` source against its process-wide URIs, whatever the client
-    # (tests/conftest.py forgets them after each test).
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-
-
-def _production(settings: Settings) -> ModelVersion:
-    client = _client(settings)
-    version = client.get_model_version_by_alias(settings.model_name, "production")
-    return client.get_model_version(settings.model_name, version.version)
+from streamflow.training.dataset import LABEL
+from streamflow.training.train import build_pipeline, feature_kinds, validation_frame
+from tests.fixtures.training import production_model_version, registry_client
 
 
 def _pipeline_and_validation(settings: Settings, tmp_path: Path) -> tuple[object, pd.DataFrame]:
-    version = _production(settings)
+    version = production_model_version(settings)
     pipeline = mlflow.sklearn.load_model(
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{version.name}/{version.version}",
@@ -56,6 +43,14 @@ def _pipeline_and_validation(settings: Settings, tmp_path: Path) -> tuple[object
     )
     validation = validation_frame(settings, date.fromisoformat(version.tags["as_of"]))[list(FEATURE_NAMES)]
     return pipeline, validation
+
+
+def _load(settings: Settings) -> LoadedModel:
+    """The production version loaded as the server loads it, with the runtime these settings choose."""
+    _, loaded = load_model(
+        settings, registry_client(settings), open_store(settings), production_model_version(settings)
+    )
+    return loaded
 
 
 def test_the_kernel_reproduces_the_pipeline_on_demo_validation(
@@ -101,7 +96,7 @@ def test_a_row_scores_the_same_alone_in_a_batch_and_across_threads(
 
 def test_the_server_serves_the_forest_kernel_when_its_parity_holds(embedded_settings: Settings) -> None:
     settings = embedded_settings
-    _, loaded = load_model(settings, _client(settings), open_store(settings), _production(settings))
+    loaded = _load(settings)
 
     assert loaded.runtime is Runtime.FOREST
     assert isinstance(loaded.model, ForestModel)
@@ -116,7 +111,7 @@ def test_the_settings_choose_the_first_runtime_tried(
     embedded_settings: Settings, runtime: str, served: Runtime, model_type: type
 ) -> None:
     settings = embedded_settings.model_copy(update={"runtime": runtime})
-    _, loaded = load_model(settings, _client(settings), open_store(settings), _production(settings))
+    loaded = _load(settings)
 
     assert loaded.runtime is served
     assert isinstance(loaded.model, model_type)
@@ -131,9 +126,48 @@ def test_an_install_without_the_kernel_serves_onnx(
     settings = embedded_settings
     try:
         with caplog.at_level(logging.WARNING, logger="streamflow.server.model_loader"):
-            _, loaded = load_model(settings, _client(settings), open_store(settings), _production(settings))
+            loaded = _load(settings)
     finally:
         native.kernel.cache_clear()
 
     assert loaded.runtime is Runtime.ONNX
     assert "the forest kernel does not serve (this install has no compiled forest kernel)" in caplog.text
+
+
+def _other_forest(settings: Settings, tmp_path: Path) -> ForestArrays:
+    """Another forest over the same features (other seed, 3 trees): it walks, but is not this model."""
+    _, validation = _pipeline_and_validation(settings, tmp_path)
+    version = production_model_version(settings)
+    labels = validation_frame(settings, date.fromisoformat(version.tags["as_of"]))[LABEL].astype(int)
+    other = build_pipeline(
+        *feature_kinds(validation), settings.model_copy(update={"n_estimators": 3, "seed": 7})
+    ).fit(validation, labels)
+    return forest_arrays(other, list(FEATURE_NAMES))
+
+
+@pytest.mark.parametrize(
+    ("forest", "reason"),
+    [
+        (None, "the model is not a forest the kernel walks"),
+        (_other_forest, "forest parity fails on"),
+    ],
+    ids=["not-a-forest", "unfaithful"],
+)
+def test_a_forest_the_kernel_cannot_serve_gives_way_to_onnx(
+    embedded_settings: Settings,
+    tmp_path: Path,
+    forest: Callable[[Settings, Path], ForestArrays] | None,
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = embedded_settings
+    run_id = production_model_version(settings).run_id
+    assert run_id is not None
+
+    with caplog.at_level(logging.WARNING, logger="streamflow.server.model_loader"):
+        runtime, model = choose_runtime(
+            settings, run_id, lambda: b"", None if forest is None else forest(settings, tmp_path)
+        )
+
+    assert runtime is Runtime.ONNX and model  # the run's faithful export
+    assert f"run {run_id}: the forest kernel does not serve ({reason}" in caplog.text

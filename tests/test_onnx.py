@@ -36,20 +36,7 @@ from streamflow.settings import Settings
 from streamflow.training.dataset import LABEL
 from streamflow.training.onnx_export import export_onnx
 from streamflow.training.train import build_pipeline, feature_kinds, validation_frame
-
-
-def _client(settings: Settings) -> MlflowClient:
-    # MLflow resolves a version's `models:/m-...` source against its process-wide URIs, whatever the client:
-    # point them at this home for the test (tests/conftest.py forgets them after each test).
-    mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
-    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
-
-
-def _production(settings: Settings) -> ModelVersion:
-    client = _client(settings)
-    version = client.get_model_version_by_alias(settings.model_name, "production")
-    return client.get_model_version(settings.model_name, version.version)
+from tests.fixtures.training import production_model_version, registry_client
 
 
 def _run_id(version: ModelVersion) -> str:
@@ -76,7 +63,7 @@ def _export_dir(settings: Settings, run_id: str, tmp_path: Path) -> Path:
 def test_onnx_export_reproduces_the_pipeline_on_demo_validation(
     embedded_settings: Settings, tmp_path: Path
 ) -> None:
-    version = _production(embedded_settings)
+    version = production_model_version(embedded_settings)
     export = _export_dir(embedded_settings, _run_id(version), tmp_path)
     pipeline = mlflow.sklearn.load_model(
         mlflow.artifacts.download_artifacts(
@@ -112,7 +99,7 @@ def test_onnx_export_reproduces_the_pipeline_on_demo_validation(
 def test_a_large_batch_split_across_threads_scores_exactly_as_one_run(
     embedded_settings: Settings, tmp_path: Path
 ) -> None:
-    export = _export_dir(embedded_settings, _run_id(_production(embedded_settings)), tmp_path)
+    export = _export_dir(embedded_settings, _run_id(production_model_version(embedded_settings)), tmp_path)
     model = (export / MODEL_FILE).read_bytes()
     sample = pd.read_parquet(export / SAMPLE_FILE)[list(FEATURE_NAMES)]
     batch = pd.concat([sample] * (3 * MIN_CHUNK_ROWS // len(sample) + 1), ignore_index=True)
@@ -144,7 +131,7 @@ def test_row_chunks_split_evenly_and_never_below_the_minimum(
 
 def test_parity_report_fails_on_a_different_model(embedded_settings: Settings) -> None:
     validation = validation_frame(
-        embedded_settings, date.fromisoformat(_production(embedded_settings).tags["as_of"])
+        embedded_settings, date.fromisoformat(production_model_version(embedded_settings).tags["as_of"])
     )
     features = validation[list(FEATURE_NAMES)]
     settings_a = embedded_settings.model_copy(update={"n_estimators": 3, "seed": 1})
@@ -162,8 +149,8 @@ def test_parity_report_fails_on_a_different_model(embedded_settings: Settings) -
 
 def test_server_loads_the_onnx_runtime_when_parity_holds(embedded_settings: Settings) -> None:
     settings = embedded_settings.model_copy(update={"runtime": "onnx"})  # the forest kernel would go first
-    client = _client(settings)
-    _, loaded = load_model(settings, client, open_store(settings), _production(settings))
+    client = registry_client(settings)
+    _, loaded = load_model(settings, client, open_store(settings), production_model_version(settings))
 
     assert loaded.runtime is Runtime.ONNX
     assert isinstance(loaded.model, OnnxModel)
@@ -178,14 +165,22 @@ def _unfaithful_export(settings: Settings, version: ModelVersion, client: Mlflow
         *feature_kinds(features), settings.model_copy(update={"n_estimators": 3, "seed": 7})
     )
     other.fit(features, validation[LABEL].astype(int))
-    folder = Path(client.download_artifacts(_run_id(_production(settings)), ARTIFACT_DIR, str(settings.home)))
+    folder = Path(
+        client.download_artifacts(
+            _run_id(production_model_version(settings)), ARTIFACT_DIR, str(settings.home)
+        )
+    )
     (folder / MODEL_FILE).write_bytes(export_onnx(other, features))
     client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_DIR)
 
 
 def _corrupt_export(settings: Settings, version: ModelVersion, client: MlflowClient, run_id: str) -> None:
     """Log under `run_id` an export whose model file is not ONNX at all."""
-    folder = Path(client.download_artifacts(_run_id(_production(settings)), ARTIFACT_DIR, str(settings.home)))
+    folder = Path(
+        client.download_artifacts(
+            _run_id(production_model_version(settings)), ARTIFACT_DIR, str(settings.home)
+        )
+    )
     (folder / MODEL_FILE).write_bytes(b"not an onnx model")
     client.log_artifacts(run_id, str(folder), artifact_path=ARTIFACT_DIR)
 
@@ -199,8 +194,8 @@ def test_server_falls_back_to_sklearn(
     """A version of the same model whose run has no usable export is served by the scikit-learn pipeline
     (when ONNX is the first runtime tried: the forest kernel needs only the export's parity sample)."""
     settings = fresh_embedded_settings.model_copy(update={"runtime": "onnx"})
-    client = _client(settings)
-    production = _production(settings)
+    client = registry_client(settings)
+    production = production_model_version(settings)
     run = client.create_run(client.get_run(_run_id(production)).info.experiment_id)
     # The validation metrics training logs: without them the server refuses the version (no provenance).
     for key, value in client.get_run(_run_id(production)).data.metrics.items():
