@@ -17,6 +17,7 @@ import logging
 import pickle
 import re
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -205,18 +206,28 @@ def _forest(version: ModelVersion, pipeline: object, layout: FeatureLayout) -> F
         return None
 
 
+_LOADING = threading.Lock()
+"""Held for a whole load. The production and shadow watchers load on threads of their own, and Python 3.11's
+AST builder keeps its recursion depth per interpreter, not per thread (CPython gh-106905): numpy parses every
+array header with `ast.literal_eval`, so two loads interleaved there fail with a spurious SystemError. A load
+is CPU-bound under the GIL, so taking turns costs the second one little."""
+
+
 def load_model(
     settings: Settings, client: MlflowClient, store: FeatureStore, version: ModelVersion
 ) -> tuple[ScoringArtifact, LoadedModel]:
-    """`build_artifact`, then the model built from it as a worker builds it, smoke-tested."""
-    artifact = build_artifact(settings, client, store, version)
-    try:
-        loaded = LoadedModel.from_artifact(artifact, settings)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"the scoring artifact does not load: {type(exc).__name__}: {exc}", _SMOKE_FAILED
-        ) from exc
-    _smoke_test(loaded, artifact)
+    """`build_artifact`, then the model built from it as a worker builds it, smoke-tested.
+
+    One load at a time per process: see `_LOADING`."""
+    with _LOADING:
+        artifact = build_artifact(settings, client, store, version)
+        try:
+            loaded = LoadedModel.from_artifact(artifact, settings)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"the scoring artifact does not load: {type(exc).__name__}: {exc}", _SMOKE_FAILED
+            ) from exc
+        _smoke_test(loaded, artifact)
     return artifact, loaded
 
 

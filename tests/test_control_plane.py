@@ -12,6 +12,8 @@ import dataclasses
 import re
 import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -195,3 +197,55 @@ def test_the_supervisor_answers_the_health_port_off_the_workers(
 
     assert draining == "NOT_SERVING"
     assert f"health, plaintext, on 127.0.0.1:{health_port}, answered by the supervisor" in log.read_text()
+
+
+def test_two_watchers_loading_at_once_both_load(embedded_settings: Settings) -> None:
+    """The production and the shadow watcher load on threads of their own, often at once (at start-up).
+
+    Python 3.11's AST builder keeps its recursion depth per interpreter, not per thread (CPython gh-106905),
+    and numpy reads every array header with `ast.literal_eval`: two loads interleaved inside it fail with a
+    spurious SystemError, which refused a shadow for five minutes in CI. A switch interval of a microsecond
+    makes the interleaving all but certain without the control plane's loading lock."""
+    settings = embedded_settings
+    client = MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+    version = client.get_model_version_by_alias(settings.model_name, "production")
+    store = open_store(settings)
+    results: list[ScoringArtifact | BaseException] = []
+
+    def load() -> None:
+        try:
+            results.append(load_model(settings, client, store, version)[0])
+        except BaseException as exc:
+            results.append(exc)
+
+    loading = [threading.Thread(target=load) for _ in range(2)]
+    litter = threading.Thread(target=_litter, args=(loading,))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in [*loading, litter]:
+            thread.start()
+        for thread in [*loading, litter]:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert [result for result in results if not isinstance(result, ScoringArtifact)] == []
+    assert len(results) == 2
+    assert results[0] == results[1]
+
+
+class _Cycle:
+    """Garbage only the cycle collector frees, whose finalizer runs Python code: a collection that starts
+    inside the AST builder then hands the interpreter to another thread there, as the control plane's own
+    garbage (generators, sockets, temporary files) does."""
+
+    def __init__(self) -> None:
+        self.itself = self
+
+    def __del__(self) -> None:
+        sum(range(100))
+
+
+def _litter(threads: list[threading.Thread]) -> None:
+    while any(thread.is_alive() for thread in threads):
+        _Cycle()
