@@ -187,7 +187,8 @@ def create_server(
         from streamflow.server.model_watcher import ModelWatcher
         from streamflow.server.shadow_evidence import single_process_shadow
 
-        predictor = Predictor(settings, ModelWatcher(settings), single_process_shadow(settings))
+        watcher = ModelWatcher(settings)
+        predictor = Predictor(settings, watcher, single_process_shadow(settings, watcher))
     event_loop = EventLoopThread()
     batch_pool = futures.ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="batch")
     predict_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
@@ -339,9 +340,8 @@ def serve(settings: Settings) -> int:
                 settings.auth_tokens_file, False
             )  # a bad tokens file: one clear error
             tls.check(settings)  # likewise unusable TLS files
-            control = ControlPlane(
-                settings, ModelWatcher(settings, serving=False), shadow_watcher(settings)
-            )  # and a malformed model URI (either)
+            watcher = ModelWatcher(settings, serving=False)  # and a malformed model URI, served or shadow
+            control = ControlPlane(settings, watcher, shadow_watcher(settings, watcher))
             inherited = () if buckets is None else (buckets.fileno(),)
             if settings.prediction_log:
                 # The supervisor writes the log; workers send it their records (server/prediction_sink.py).

@@ -56,11 +56,19 @@ MAX_BACKOFF_S = 60.0
 class ModelWatcher(ModelSource):
     """Owns the served model: polls the registry every `settings.poll_interval_s` on its own thread."""
 
-    def __init__(self, settings: Settings, serving: bool = True, shadow: bool = False) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        serving: bool = True,
+        shadow: bool = False,
+        after: ModelWatcher | None = None,
+    ) -> None:
         """`serving`: this process scores with the model, so it reports it in `streamflow_model_info` (not
         so a control plane, whose workers report theirs). `shadow`: it follows the shadow model
         (server/shadow.py), and logs as `streamflow.server.model_watcher.shadow`, so that its loads are not
-        read as the served model's."""
+        read as the served model's. `after`: the first poll waits for that watcher's first, since models
+        load one at a time (model_loader) and a shadow's load must not hold up the served model's at
+        start-up."""
         super().__init__()
         self._log = logging.getLogger(f"{__name__}.shadow") if shadow else log
         self._model = "shadow" if shadow else "served"  # its loads' label in streamflow_model_reloads_total
@@ -87,6 +95,8 @@ class ModelWatcher(ModelSource):
         self._unreachable = False
         self._failures = 0
         self._stop = threading.Event()
+        self._polled = threading.Event()  # set after the first poll, loaded or not
+        self._after = after
 
     @property
     def artifact(self) -> ScoringArtifact | None:
@@ -118,8 +128,12 @@ class ModelWatcher(ModelSource):
 
     def _run(self, delay: float) -> None:
         try:
+            after = self._after
+            while after is not None and not after._polled.wait(0.1) and not self._stop.is_set():
+                pass
             while not self._stop.wait(delay):
                 delay = self._guarded_poll()
+                self._polled.set()
         except BaseException:
             # Only what no poll guard catches (a library's SystemExit, say) gets here; it ends this thread
             # either way, and the old model must not serve unwatched, so a new thread takes over.

@@ -33,17 +33,18 @@ from streamflow.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def shadow_watcher(settings: Settings) -> ModelWatcher | None:
-    """A watcher following `settings.shadow_model_uri` as the served URI is followed; None without one."""
+def shadow_watcher(settings: Settings, served: ModelWatcher) -> ModelWatcher | None:
+    """A watcher following `settings.shadow_model_uri` as `served` follows the served URI, polling first
+    after it; None without one."""
     if not settings.shadow_model_uri:
         return None
     shadow = settings.model_copy(update={"model_uri": settings.shadow_model_uri})
-    return ModelWatcher(shadow, serving=False, shadow=True)
+    return ModelWatcher(shadow, serving=False, shadow=True, after=served)
 
 
-def single_process_shadow(settings: Settings) -> ShadowScorer | None:
+def single_process_shadow(settings: Settings, served: ModelWatcher) -> ShadowScorer | None:
     """The shadow of a single-process server: its own watcher, scorer and evidence recorder."""
-    watcher = shadow_watcher(settings)
+    watcher = shadow_watcher(settings, served)
     if watcher is None:
         return None
     scorer = ShadowScorer(

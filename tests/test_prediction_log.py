@@ -46,8 +46,10 @@ from streamflow.training.demo_data import table_path
 from streamflow.training.drift import drift
 from streamflow.training.evaluation import evaluate
 from streamflow.training.served import OUTCOMES_TABLE, load_outcomes
+from tests.fixtures.metrics import eventually
 from tests.fixtures.processes import START_TIMEOUT_S, read_line
 from tests.fixtures.production import ProductionStack, fresh_database
+from tests.fixtures.serving import every_worker
 
 STREAMFLOW = Path(sys.executable).parent / "streamflow"
 CALLS = 24
@@ -100,6 +102,9 @@ def _serve_and_call(settings: Settings, env: dict[str, str], log_path: Path) -> 
         line = read_line(process.stdout, START_TIMEOUT_S)
         assert ("with 2 workers" if workers == 2 else "listening on") in line, log_path.read_text()[-3000:]
         address = line.split("listening on ", 1)[1].split()[0]
+        # The shadow loads after the served model: a call before it would go unshadowed.
+        if "STREAMFLOW_SHADOW_MODEL_URI" in env:
+            eventually(lambda: every_worker(address, _has_shadow), "the shadow loads on every worker")
         served: dict[str, pb.Prediction] = {}
         users = _current_users(settings, CALLS + BATCH)
         for user in users[:CALLS]:
@@ -117,6 +122,10 @@ def _serve_and_call(settings: Settings, env: dict[str, str], log_path: Path) -> 
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _has_shadow(info: pb.ModelInfoResponse) -> bool:
+    return info.shadow.HasField("model")
 
 
 def _predict(address: str, user: str) -> pb.Prediction:

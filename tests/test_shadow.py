@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
-import grpc
 import mlflow
 import numpy as np
 import pandas as pd
@@ -39,6 +38,7 @@ from streamflow.server.onnx_runtime import PROBABILITIES_OUTPUT, OnnxModel
 from streamflow.server.prediction_log import PredictionLog, Record, RecordQueue
 from streamflow.server.predictor import Predictor
 from streamflow.server.shadow import DELTA_BUCKETS, SHADOW_DROPPED, ShadowModel, ShadowScorer
+from streamflow.server.shadow_evidence import shadow_watcher
 from streamflow.serving.v1 import prediction_service_pb2 as pb
 from streamflow.settings import Settings
 from streamflow.training.demo_data import table_path
@@ -46,7 +46,7 @@ from streamflow.training.registry import EvidenceRequired, PromotionRefused, pro
 from streamflow.training.train import mlflow_client, train
 from tests.fixtures.metrics import free_port, scrape
 from tests.fixtures.processes import STREAMFLOW, serve_env, serving_process
-from tests.fixtures.serving import prediction_stub, server_settings, start_server
+from tests.fixtures.serving import every_worker, prediction_stub, server_settings, start_server
 from tests.fixtures.training import relocate_home
 
 VERSION_1 = "models:/streamflow_churn/1"
@@ -219,19 +219,6 @@ def two_worker_env(settings: Settings, shadow_uri: str, metrics_port: int, tmp: 
         STREAMFLOW_SHADOW_MODEL_URI=shadow_uri,
         TMPDIR=str(tmp),
     )
-
-
-def every_worker(address: str, holds: Callable[[pb.ModelInfoResponse], bool]) -> bool:
-    """Whether `holds` of the ModelInfo answered on 20 fresh connections: the kernel spreads them over the
-    workers, so each of two answers some (all but 2 in 2**19 times)."""
-    for _ in range(20):
-        with prediction_stub(address) as stub:
-            try:
-                if not holds(stub.ModelInfo(pb.ModelInfoRequest())):
-                    return False
-            except grpc.RpcError:
-                return False  # no model yet
-    return True
 
 
 def test_a_refused_shadow_under_two_workers_is_reported_by_each_and_changes_no_answer(
@@ -530,3 +517,26 @@ def test_a_sample_below_one_queues_about_that_share_of_the_users_and_logs_the_re
                 queued += sum(slot is not None for slot in slots)
         assert low <= queued <= high, (sample, queued)
         assert scorer.totals().dropped == 0
+
+
+def test_the_served_model_loads_before_the_shadow_at_start_up(
+    embedded_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Models load one at a time; the shadow watcher, started first here, waits for the served watcher's
+    first poll, so the served model never waits for the shadow's load."""
+    settings = embedded_settings.model_copy(update={"shadow_model_uri": VERSION_1})
+    served = ModelWatcher(settings)
+    shadow = shadow_watcher(settings, served)
+    assert shadow is not None
+    caplog.set_level(logging.INFO, logger="streamflow.server.model_watcher")
+    shadow.start()
+    try:
+        time.sleep(0.5)  # without the wait, the shadow resolves its version and starts loading by now
+        assert shadow.current is None
+        served.start()
+        eventually(lambda: served.current is not None and shadow.current is not None, "both models load")
+    finally:
+        shadow.stop()
+        served.stop()
+    loading = [r.name for r in caplog.records if r.getMessage().startswith("loading streamflow_churn")]
+    assert loading == ["streamflow.server.model_watcher", "streamflow.server.model_watcher.shadow"]
