@@ -42,7 +42,7 @@ class _FeastUnchecked:
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if fullname == "feast" and "feast" not in sys.modules:
+        if fullname == "feast":  # asked only while it is not imported (sys.modules answers after)
             try:
                 import typeguard
             except ImportError:  # Feast requires it: then Feast's own import fails, and says why
