@@ -164,8 +164,14 @@ def test_promotion_and_rollback_swap_the_model_while_calls_keep_succeeding(
         first = model_info(stub)
         trained = train(settings, date(2024, 2, 29))
         promote(settings, trained.version, "Production", force=True)
+        # promote moves the stage, then the aliases: the load may have resolved the version between the two
+        # writes, and the next poll reports the alias.
         wait_for(
-            lambda: model_info(stub).model.version == str(trained.version), "the promoted version serves"
+            lambda: (
+                ((info := model_info(stub)).model.version, _state(info))
+                == (str(trained.version), ("Production", ["production"]))
+            ),
+            "the promoted version serves, in Production with its alias",
         )
         promoted = model_info(stub)
         wait_for(lambda: str(trained.version) in loop.versions, "a Predict answered by the promoted version")
