@@ -1,17 +1,18 @@
 """Coalesces concurrent Predict calls into one scoring call, so a busy worker scores many users at once.
 
-Scoring runs on one thread of its own, one batch at a time: while a batch is being scored, the Predicts that
-arrive meanwhile wait, and the next batch takes them all. Nobody waits for a batch to fill: a call that finds
-the thread idle is scored at once, alone. Under load the batches grow by themselves, and one feature read and
-one model run for 10 users cost far less than 10 of each (a forest scored row after row walks cold trees; a
-batch walks each tree once). At concurrency 32 this about doubled a worker's Predicts/s.
+One batch is scored at a time: the Predicts that arrive while a batch is being scored wait, and the next batch
+takes them all. Nobody waits for a batch to fill: a call that finds no batch being scored is scored at once,
+alone. One feature read and one model run for 10 users cost far less than 10 of each (a forest scored row
+after row walks cold trees; a batch walks each tree once).
 
-A lone call on a quiet server skips the thread: handing it over and back (two wake-ups, the GIL passed
-twice) cost more than scoring one user holds the loop. It is scored right on the loop while no batch of
-several has formed for `COALESCED_HOLD_S` (a server under load keeps its batches: a loop busy scoring takes
-no calls meanwhile, so none could pile up) and the last scoring succeeded within `INLINE_BUDGET_S` (an online
-store that is down or slow is waited for on the thread, so health and other calls keep answering: at most
-the first read of an outage holds the loop, for up to the store's timeout).
+Batches are scored right on the event loop while scoring is fast: handing a batch to a thread and back (two
+wake-ups, the GIL passed twice) costs more than the scoring holds the loop. At concurrency 8 and 32 that gave
+about 8% more Predicts/s than a scoring thread (2026-12-02, 4 alternating runs each). Calls that arrive while
+the loop scores wait in grpc's queue and join the next batch, though at concurrency 32 on 2 workers most
+find none being scored: 1.12 users per batch on the loop, 1.24 with the thread. A scoring slower than
+`INLINE_BUDGET_S`, or one that failed, sends the batches to a thread of their own until one is fast again: an
+online store that is down or slow is waited for there, so health and other calls keep answering (at most the
+first read of an outage holds the loop, for up to the store's timeout).
 
 Each call still gets its own answer: its prediction, or the error Predict would have raised for that user
 alone. An error of the whole read (no model loaded, the online store down) reaches every call of the batch; an
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -34,11 +34,9 @@ from streamflow.server import metrics, tracing
 from streamflow.server.errors import FeatureError, ServingError
 from streamflow.server.predictor import check_user_id
 
-COALESCED_HOLD_S = 1.0
-"""After a batch of several users, lone calls still go to the thread for this long."""
 INLINE_BUDGET_S = 0.02
-"""A scoring slower than this (or one that failed) sends lone calls to the thread until one is fast again: a
-slow or unreachable online store, not a busy machine (one user scores in about 0.1 ms)."""
+"""A scoring slower than this (or one that failed) sends batches to the thread until one is fast again: a slow
+or unreachable online store, not a busy machine (one user scores in about 0.1 ms)."""
 
 Answer = TypeVar("Answer")
 """What a scored user becomes: a `Prediction`, or the server's response message built on the scoring thread
@@ -56,18 +54,15 @@ class PredictBatcher(Generic[Answer]):
         score: Callable[[Sequence[str]], Sequence[Answer | FeatureError]],
         pool: Executor,
         max_batch_size: int,
-        coalesced_hold_s: float = COALESCED_HOLD_S,
         inline_budget_s: float = INLINE_BUDGET_S,
     ) -> None:
         self._score = score
-        self._pool = pool  # a single thread: batches never overlap, so calls pile up for the next one
+        self._pool = pool  # a single thread: batches never overlap, on the loop or off it
         self._max_batch_size = max_batch_size
-        self._coalesced_hold_s = coalesced_hold_s
         self._inline_budget_s = inline_budget_s
         # Each caller's user, its answer to come, and its server span (None when tracing is off).
         self._pending: list[tuple[str, asyncio.Future[Answer], SpanContext | None]] = []
         self._draining: asyncio.Task[None] | None = None
-        self._coalesced_at = -math.inf  # loop time of the last batch of several users
         self._inline_ok = True  # the last scoring succeeded within the budget
 
     async def predict(self, user_id: str) -> Answer:
@@ -105,10 +100,7 @@ class PredictBatcher(Generic[Answer]):
 
     async def _answers(self, user_ids: list[str]) -> list[Answer | BaseException]:
         """Each id's answer, or the exception (a `FeatureError` among them) its caller is to get."""
-        loop = asyncio.get_running_loop()
-        if len(user_ids) > 1:
-            self._coalesced_at = loop.time()
-        inline = self._inline_ok and loop.time() - self._coalesced_at >= self._coalesced_hold_s
+        inline = self._inline_ok
         self._inline_ok = False  # until this scoring proves fast
         answers: Sequence[Answer | FeatureError]
         try:
@@ -121,6 +113,7 @@ class PredictBatcher(Generic[Answer]):
                 def score(ids: Sequence[str]) -> tuple[Sequence[Answer | FeatureError], float]:
                     return context.run(self._timed_score, ids)
 
+                loop = asyncio.get_running_loop()
                 answers, seconds = await loop.run_in_executor(self._pool, score, user_ids)
             self._inline_ok = seconds < self._inline_budget_s
             return list(answers)
