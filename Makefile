@@ -28,7 +28,8 @@ lint: install
 # The suite runs in TEST_PROCESSES processes, a test file in one process (its module fixtures built once).
 # One process took 21 min, 3 processes 10 to 12 min here (2026-12-01); 4 took 9 min 56 s once, and 14 min 34 s
 # in a fresh clone with a test timing out. A fresh clone's whole `make test` used 24 CPU-minutes in 18.5
-# minutes on 2026-12-02: the 2 cores, not waits, bound it now, so more processes would not help.
+# minutes on a slow hour of 2026-12-02 and 13.6 in 9.6 minutes on a quiet one: the 2 cores, not waits, bound
+# it now, so more processes would not help.
 TEST_PROCESSES ?= 3
 # buf checks the contract as a fresh clone has it (tests/test_contract.py proves each check can fail); promtool
 # (Debian's `prometheus`) checks the alert rules in tests/test_operator_configs.py.
