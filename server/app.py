@@ -2,9 +2,9 @@
 
 The server is grpc's asyncio server on an event loop of its own thread. grpc's sync server handed each call
 to a thread pool whose threads then queued for the GIL at every hand-off and every GIL release (SQLite,
-ONNX), so one worker answered fewer Predicts/s at concurrency 8 than at 1. Here the loop mostly moves
-messages: Predicts are scored in coalesced batches on one thread (server/batcher.py; a lone one on a quiet
-server on the loop itself, which costs less than the hand-off), BatchPredicts on a small pool
+ONNX), so one worker answered fewer Predicts/s at concurrency 8 than at 1. Here Predicts are scored in
+coalesced batches on the loop itself while scoring is fast, which costs less than a hand-off to a thread, and
+on a thread of their own while it is slow (server/batcher.py); BatchPredicts run on a small pool
 (`settings.threads`), so health checks and ModelInfo keep answering while 1,000-user batches run.
 
 `create_server` starts a server (port 0 picks a free port, as tests do) and returns a handle that stops the

@@ -39,8 +39,8 @@ INLINE_BUDGET_S = 0.02
 or unreachable online store, not a busy machine (one user scores in about 0.1 ms)."""
 
 Answer = TypeVar("Answer")
-"""What a scored user becomes: a `Prediction`, or the server's response message built on the scoring thread
-so the event loop only moves bytes."""
+"""What a scored user becomes: a `Prediction`, or the server's response message, built in the same step as
+the scoring."""
 
 
 class PredictBatcher(Generic[Answer]):

@@ -137,8 +137,8 @@ class Settings(BaseSettings):
     Unset: on in the embedded profile, off in the production profile (see `reflection_on`)."""
 
     threads: int = Field(default=2, ge=1)
-    """Threads of one server process that score BatchPredict calls; Predict calls are scored on a thread of
-    their own, coalesced when they arrive together (a lone one on a quiet server on the event loop); ModelInfo
+    """Threads of one server process that score BatchPredict calls; Predict calls are scored on the event
+    loop, coalesced when they arrive together (on a thread of their own while scoring is slow); ModelInfo
     and health answer on the event loop. Batches contend for the GIL, so more threads only queue them
     differently."""
 
