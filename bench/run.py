@@ -37,7 +37,7 @@ import grpc
 import pandas as pd
 from grpc_health.v1 import health_pb2
 
-from bench import h2load, http_json, observability, prediction_log, scale, security, shadow, skew
+from bench import h2load, http_json, inside, observability, prediction_log, scale, security, shadow, skew
 from bench.explain import measure_cost as explain_cost
 from bench.explain import render as render_explain
 from bench.floor import feast_sdk_call, feature_frame, floor_call, load_served_model, time_calls
@@ -72,6 +72,8 @@ METRICS = (
     Metric("rps1", "Predict calls/s, concurrency 1", False),
     Metric("rps8", "Predict calls/s, concurrency 8", False),
     Metric("rps32", "Predict calls/s, concurrency 32", False),
+    Metric("inside1", "time inside the server per call, concurrency 1 (ms, mean)", True),
+    Metric("inside32", "time inside the server per call, concurrency 32 (ms, mean)", True),
     Metric("batch100", "BatchPredict 100 users p50 (ms)", True),
     Metric("batch1000", "BatchPredict 1,000 users p50 (ms)", True),
     Metric("rss_total", "memory of all processes, PSS (MB)", True),
@@ -93,6 +95,8 @@ class Column:
     failed: int = 0
     worker_rss_mb: dict[int, float] = field(default_factory=dict)
     """Each worker's RSS by pid, read after the BatchPredict 1,000-user load (StreamFlow only)."""
+    parts_ms: dict[str, float] = field(default_factory=dict)
+    """Mean ms of each part of `inside.PARTS` within the calls of the concurrency-1 load (StreamFlow only)."""
 
 
 def demo_users(settings: Settings) -> list[str]:
@@ -134,9 +138,13 @@ def measure_service(
     duration: float,
     rounds: int,
     what: str = "Predict",
+    metrics_port: int | None = None,
+    method: str = "Predict",
 ) -> Column:
     """Drive one running service with h2load, `rounds` runs of each load, and keep each figure's median (a
-    shared machine's speed drifts within minutes); memory is read after each run and the largest kept."""
+    shared machine's speed drifts within minutes); memory is read after each run and the largest kept. With
+    the `metrics_port` of a StreamFlow server, the mean time `method`'s calls spent inside it at concurrency 1
+    and 32 is read from its histograms (bench/inside.py)."""
     column = Column(service.name)
 
     def measured(endpoint: h2load.Endpoint, concurrency: int) -> list[h2load.LoadResult]:
@@ -152,8 +160,18 @@ def measure_service(
 
     for concurrency in (1, 8, 32):
         print(f"  {service.name}: {what} at concurrency {concurrency}", flush=True)
+        before = inside.read(metrics_port) if metrics_port else {}
         results = measured(predict, concurrency)
         column.values[f"rps{concurrency}"] = median(r.throughput for r in results)
+        if metrics_port and concurrency in (1, 32):
+            after = inside.read(metrics_port)
+            handler_ms = inside.mean_ms(before, after, inside.HANDLING, method)
+            if handler_ms is not None:
+                column.values[f"inside{concurrency}"] = handler_ms
+            if concurrency == 1:
+                for part, histogram in inside.PARTS.items():
+                    if (part_ms := inside.mean_ms(before, after, histogram)) is not None:
+                        column.parts_ms[part] = part_ms
         if concurrency == 1:
             column.values.update(
                 p50=median(r.percentile(50) for r in results), p99=median(r.percentile(99) for r in results)
@@ -197,11 +215,16 @@ def bench_streamflow(
 ) -> tuple[Column, Column]:
     """StreamFlow's figures, and the bare call's (a health Check) measured the same way on the same server:
     the floor of the stack, against which Predict's own cost reads."""
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     service = start(
         "StreamFlow gRPC",
         [str(BIN / "streamflow"), "serve"],
-        {**env, "STREAMFLOW_HOST": "127.0.0.1", "STREAMFLOW_PORT": str(port)},
+        {
+            **env,
+            "STREAMFLOW_HOST": "127.0.0.1",
+            "STREAMFLOW_PORT": str(port),
+            "STREAMFLOW_METRICS_PORT": str(metrics_port),
+        },
         grpc_serving,
         port,
         log,
@@ -218,7 +241,7 @@ def bench_streamflow(
             n: endpoint("BatchPredict", pb.BatchPredictRequest(user_ids=users[:n]).SerializeToString())
             for n in BATCH_SIZES
         }
-        ours = measure_service(service, predict, batches, duration, rounds)
+        ours = measure_service(service, predict, batches, duration, rounds, metrics_port=metrics_port)
         ours.worker_rss_mb = service.worker_rss_mb()  # the 1,000-user batches were the last load
         ours.values["rss_after_batches"] = max(ours.worker_rss_mb.values())
         check = h2load.Endpoint(
@@ -226,7 +249,9 @@ def bench_streamflow(
             h2load.grpc_frame(health_pb2.HealthCheckRequest().SerializeToString()),
             h2load.GRPC_HEADERS,
         )
-        bare = measure_service(service, check, {}, duration, rounds, what="health Check")
+        bare = measure_service(
+            service, check, {}, duration, rounds, "health Check", metrics_port, method="Check"
+        )
         bare.name = "bare call (health Check, same server)"
         for key in ("rss_total", "rss_worker"):  # the same processes: their memory is StreamFlow's column
             bare.values.pop(key)
@@ -365,6 +390,21 @@ def worker_rss_line(column: Column) -> str:
     )
 
 
+def inside_line(ours: Column, bare: Column) -> str:
+    """Where a Predict's time inside the server went at concurrency 1, beside a health Check's."""
+    handler, check = ours.values.get("inside1"), bare.values.get("inside1")
+    if handler is None or check is None:
+        return ""
+    parts = ", ".join(f"{part} {ms:.3f} ms" for part, ms in ours.parts_ms.items())
+    rest = handler - sum(ours.parts_ms.values())
+    return (
+        "\nInside the server at concurrency 1 (its own histograms, means): a Predict"
+        f" {handler:.3f} ms ({parts}, the rest of its handler {rest:.3f} ms: decoding, the batcher, the"
+        f" answer, the prediction log, metrics), a health Check {check:.3f} ms. Everything else in a call's"
+        " latency, the client's, the kernel's and grpc's own work around the handler, the two pay alike.\n"
+    )
+
+
 def predict_table(
     env: dict[str, str], settings: Settings, users: list[str], duration: float, rounds: int
 ) -> str:
@@ -388,7 +428,7 @@ def predict_table(
             + f" | {cost_over(mine, bare.values.get(metric.key), metric.lower_is_better)}"
             + f" | {cost_over(mine, floor.values.get(metric.key), metric.lower_is_better)} |"
         )
-    return "\n".join(lines) + "\n" + worker_rss_line(ours)
+    return "\n".join(lines) + "\n" + inside_line(ours, bare) + worker_rss_line(ours)
 
 
 def watching_table(env: dict[str, str], user_id: str, duration: float, rounds: int) -> str:
@@ -534,6 +574,7 @@ def main() -> None:
     scaled = scale.run_scale(HOME, RESULTS, args.duration, args.rounds)
     table = (
         render([ours, bare, floor, sdk, seed, mlflow_serve], header)
+        + inside_line(ours, bare)
         + worker_rss_line(ours)
         + watching
         + secured

@@ -25,6 +25,7 @@ import redis
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 from prometheus_client.mmap_dict import MmapedDict
 
+from bench import inside
 from streamflow.feature_repo.definitions import VIEW_SPECS
 from streamflow.server.errors import FeatureStoreUnavailable
 from streamflow.server.metrics import (
@@ -90,6 +91,7 @@ def test_counts_from_every_worker_add_up_and_survive_a_worker_restart(
 ) -> None:
     with metrics_server(fresh_embedded_settings, tmp_path / "serve.log") as served:
         before = served.scrape()
+        sums_before = inside.read(served.metrics_port)  # the benchmark's reading of the same histograms
         # ModelInfo answers tell the workers apart: the calls below did reach both. The kernel spreads new
         # connections by a hash, so a few more calls are made when the first 20 happened to miss one.
         workers_seen: set[str] = set()
@@ -117,6 +119,7 @@ def test_counts_from_every_worker_add_up_and_survive_a_worker_restart(
         )
 
         after = served.scrape()
+        sums_after = inside.read(served.metrics_port)
         assert handled(after, "ModelInfo", "OK") - handled(before, "ModelInfo", "OK") == model_infos
         assert handled(after, "Predict", "OK") - handled(before, "Predict", "OK") == 30
         assert handled(after, "Predict", "NOT_FOUND") - handled(before, "Predict", "NOT_FOUND") == 10
@@ -145,6 +148,14 @@ def test_counts_from_every_worker_add_up_and_survive_a_worker_restart(
         assert delta["streamflow_feature_read_seconds_count"] >= 1  # one per scoring call, coalesced or not
         assert delta["streamflow_inference_seconds_count"] >= 1
         assert after.value("streamflow_model_reloads_total", outcome="loaded") == 1  # the control plane, once
+
+        # The benchmark's means read the same calls: all 45 Predicts, a scoring per coalesced batch.
+        key = (inside.HANDLING, "Predict")
+        assert sums_after[key][1] - sums_before.get(key, (0.0, 0.0))[1] == 45
+        assert (inside.mean_ms(sums_before, sums_after, inside.HANDLING, "Predict") or 0) > 0
+        for histogram in inside.PARTS.values():
+            assert (inside.mean_ms(sums_before, sums_after, histogram) or 0) > 0
+        assert inside.mean_ms(sums_before, sums_after, inside.HANDLING, "Watch") is None  # no such call
 
         # A worker killed: its counts stay in the sums, its model-info series goes, the restart is counted.
         victim = next(iter(live_models(after)))
