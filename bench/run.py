@@ -14,7 +14,9 @@ Each load runs three times and the table keeps the median of each figure. Nothin
 prints one table, also written to
 bench/results/latest.md and bench/RESULTS.md.
 
-Below the table: each StreamFlow worker's RSS after the BatchPredict 1,000-user load (issue 13's 200 MB), then
+The rows of time inside the server, and the line under the table that splits a Predict's into its feature
+read, inference and the rest, come from the server's own histograms (bench/inside.py). Below that: each
+StreamFlow worker's RSS after the BatchPredict 1,000-user load (issue 13's 200 MB), then
 the watching, security and HTTP tables, then the 1M-user row (bench/scale.py: a production-profile stack of
 its own; `--scale-only` runs it alone).
 """
