@@ -186,7 +186,7 @@ def production_artifact(settings: Settings) -> ScoringArtifact:
     checked as the server builds it."""
     from mlflow.tracking import MlflowClient
 
-    from streamflow.feature_repo.store import open_store
+    from streamflow.feature_repo.store import opened_store
     from streamflow.server.model_loader import ModelTarget, build_artifact
 
     target = ModelTarget.parse(settings.model_uri)
@@ -194,7 +194,8 @@ def production_artifact(settings: Settings) -> ScoringArtifact:
     version = target.resolve(client)
     if version is None:
         raise StreamflowError(f"{settings.model_uri} names no model version; train and promote one first.")
-    artifact = build_artifact(settings, client, open_store(settings), version)
+    with opened_store(settings) as store:
+        artifact = build_artifact(settings, client, store, version)
     if isinstance(artifact.model, Path):
         artifact = ScoringArtifact(**{**vars(artifact), "model": artifact.model_bytes()})
     return artifact
@@ -216,15 +217,15 @@ def snapshot_features(
 ) -> pd.DataFrame:
     """`user_id`, the FeatureService's features of each user of `population` as Feast's point-in-time join
     gives them at `as_of` 00:00 UTC, and `STALE_REFUSAL` (see the module), ordered by user_id."""
-    from streamflow.feature_repo.store import open_store
+    from streamflow.feature_repo.store import opened_store
     from streamflow.training.demo_data import snapshot_timestamp
 
     entities = population.assign(event_timestamp=snapshot_timestamp(as_of))
-    store = open_store(settings, compute)
     started = time.monotonic()
-    frame = store.get_historical_features(
-        entity_df=entities, features=store.get_feature_service(FEATURE_SERVICE_NAME)
-    ).to_df()
+    with opened_store(settings, compute) as store:
+        frame = store.get_historical_features(
+            entity_df=entities, features=store.get_feature_service(FEATURE_SERVICE_NAME)
+        ).to_df()
     seconds = time.monotonic() - started
     log.info("features of %d users at %s read in %.1f s (%s)", len(frame), as_of, seconds, compute)
     frame = frame.drop(columns=["event_timestamp", TIMESTAMP_FIELD], errors="ignore")

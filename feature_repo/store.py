@@ -6,8 +6,10 @@ definitions at any home folder. The production profile's RepoConfig lives in ``f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -70,13 +72,33 @@ def open_store(settings: Settings, compute: Compute = Compute.LOCAL) -> FeatureS
     return FeatureStore(repo_path=str(settings.feature_repo), config=config)
 
 
+@contextlib.contextmanager
+def opened_store(settings: Settings, compute: Compute = Compute.LOCAL) -> Iterator[FeatureStore]:
+    """`open_store` for one step, closed after it (`close_store`)."""
+    store = open_store(settings, compute)
+    try:
+        yield store
+    finally:
+        close_store(store)
+
+
+def close_store(store: FeatureStore) -> None:
+    """Close the connections of the production profile's SQL registry. Feast has no way to close them and
+    leaves them to the garbage collector, which closes each with a ResourceWarning, whenever it gets to it,
+    holding a PostgreSQL connection until then. The store can still be used: the pool connects again."""
+    registry = getattr(store, "_registry", None)  # Feast makes it on first use: never just to close it
+    for engine in {getattr(registry, name, None) for name in ("write_engine", "read_engine")}:
+        if engine is not None:  # a file registry has none
+            engine.dispose()
+
+
 def apply(settings: Settings) -> None:
     """Register the `user` entity, the four feature views and the FeatureService; idempotent."""
     started = time.monotonic()
     views = build_views(settings)
-    store = open_store(settings)
-    log.info("applying %d views and %s to project %s", len(views), FEATURE_SERVICE_NAME, store.project)
-    store.apply([user, *views, build_feature_service(views)])
+    with opened_store(settings) as store:
+        log.info("applying %d views and %s to project %s", len(views), FEATURE_SERVICE_NAME, store.project)
+        store.apply([user, *views, build_feature_service(views)])
     log.info("applied in %.1f s", time.monotonic() - started)
 
 
@@ -86,13 +108,13 @@ def materialize(settings: Settings, data_fingerprint: str | None = None) -> None
     `data_fingerprint`, when given, is recorded in the registry so `is_materialized` can tell later that the
     online store already holds exactly this data.
     """
-    with ray_session(Compute(settings.compute)):
-        _materialize(settings, data_fingerprint)
+    compute = Compute(settings.compute)
+    with ray_session(compute), opened_store(settings, compute) as store:
+        _materialize(store, settings, data_fingerprint)
 
 
-def _materialize(settings: Settings, data_fingerprint: str | None) -> None:
+def _materialize(store: FeatureStore, settings: Settings, data_fingerprint: str | None) -> None:
     started = time.monotonic()
-    store = open_store(settings, Compute(settings.compute))
     start, end = materialization_window()
     registered = {view.name for view in store.list_feature_views()}
     views = [view.name for view in build_views(settings)]
@@ -189,13 +211,13 @@ def _definition(view: FeatureView) -> tuple[object, ...]:
 
 def is_materialized(settings: Settings, data_fingerprint: str) -> bool:
     """Whether the registry holds the current definitions and the online store this data."""
-    store = open_store(settings)
     views = build_views(settings)
     try:
-        if store.get_project(store.project).tags.get(MATERIALIZED_TAG) != data_fingerprint:
-            return False
-        registered = [store.get_feature_view(view.name) for view in views]
-        service = store.get_feature_service(FEATURE_SERVICE_NAME)
+        with opened_store(settings) as store:
+            if store.get_project(store.project).tags.get(MATERIALIZED_TAG) != data_fingerprint:
+                return False
+            registered = [store.get_feature_view(view.name) for view in views]
+            service = store.get_feature_service(FEATURE_SERVICE_NAME)
     except FeastObjectNotFoundException:
         return False
     return [_definition(view) for view in registered] == [_definition(view) for view in views] and (

@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from streamflow.errors import StreamflowError
-from streamflow.feature_repo.store import open_store
+from streamflow.feature_repo.store import close_store, open_store
 from streamflow.server import metrics
 from streamflow.server.domain import ReloadFailure
 from streamflow.server.heap import settle_after_load
@@ -113,7 +113,7 @@ class ModelWatcher(ModelSource):
         self._start_thread(0.0)
 
     def stop(self) -> None:
-        """Stop polling; waits for a load in progress to finish."""
+        """Stop polling; waits for a load in progress to finish, then closes the Feast store's connections."""
         self._stop.set()
         thread = self._thread
         while thread is not None and thread is not threading.current_thread():
@@ -121,6 +121,8 @@ class ModelWatcher(ModelSource):
             if thread is self._thread:
                 break
             thread = self._thread  # it started a replacement before it saw the stop
+        if self._store is not None:
+            close_store(self._store)
 
     def _start_thread(self, delay: float) -> None:
         self._thread = threading.Thread(target=self._run, args=(delay,), name="model-watcher", daemon=True)

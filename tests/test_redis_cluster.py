@@ -119,7 +119,8 @@ class ClusterServed:
 def on_cluster(settings: Settings, cluster: LocalRedisCluster, **overrides: Any) -> Settings:
     """`settings` with the cluster as online store, its features materialized into it through Feast."""
     clustered = settings.model_copy(update={"redis_url": cluster.url, "redis_cluster": True, **overrides})
-    store.open_store(clustered).materialize(*store.materialization_window())
+    with store.opened_store(clustered) as feast:
+        feast.materialize(*store.materialization_window())
     return clustered
 
 
@@ -164,61 +165,61 @@ def test_the_bulk_reader_reads_what_feast_reads_from_every_master_in_one_round_t
     cluster_served: ClusterServed, sends: list[tuple[str, int]]
 ) -> None:
     cluster = cluster_served.cluster
-    feast = store.open_store(cluster_served.settings)
-    users = [*demo_users(cluster_served.settings), UNKNOWN_USER, demo_users(cluster_served.settings)[0]]
-    keys = {user_id: redis_key(feast, user_id) for user_id in users}
-    masters = {user_id: cluster.port_of(key) for user_id, key in keys.items()}
-    # The hashes really are spread over the three masters, each on the master its slot says.
-    assert set(masters.values()) == set(cluster.ports)
-    assert all(cluster.node(masters[u]).exists(keys[u]) for u in users if u != UNKNOWN_USER)
-    layout = feature_layout(feast, FEATURE_SERVICE_NAME)
-    rows = online_rows(layout.store, layout.views)
-    rows.read(users)  # connects to each master (slot table, handshake): once per client, not per read
-    sends.clear()
+    with store.opened_store(cluster_served.settings) as feast:
+        users = [*demo_users(cluster_served.settings), UNKNOWN_USER, demo_users(cluster_served.settings)[0]]
+        keys = {user_id: redis_key(feast, user_id) for user_id in users}
+        masters = {user_id: cluster.port_of(key) for user_id, key in keys.items()}
+        # The hashes really are spread over the three masters, each on the master its slot says.
+        assert set(masters.values()) == set(cluster.ports)
+        assert all(cluster.node(masters[u]).exists(keys[u]) for u in users if u != UNKNOWN_USER)
+        layout = feature_layout(feast, FEATURE_SERVICE_NAME)
+        rows = online_rows(layout.store, layout.views)
+        rows.read(users)  # connects to each master (slot table, handshake): once per client, not per read
+        sends.clear()
 
-    cells = rows.read(users)
+        cells = rows.read(users)
 
-    assert sorted(sends) == sorted(("127.0.0.1", port) for port in cluster.ports)
-    sdk = feast.get_online_features(
-        features=feast.get_feature_service(FEATURE_SERVICE_NAME), entity_rows={JOIN_KEY: users}
-    ).proto
-    column = {name: i for i, name in enumerate(sdk.metadata.feature_names.val)}
-    assert len(cells) == len(users)
-    for row, (user_id, user_cells) in enumerate(zip(users, cells, strict=True)):
-        assert len(user_cells) == len(layout.schema)
-        for feature, (value, event_time) in zip(layout.schema, user_cells, strict=True):
-            vector = sdk.results[column[feature.name]]
-            assert value.SerializeToString() == vector.values[row].SerializeToString(), (user_id, feature)
-            assert event_time == vector.event_timestamps[row].ToDatetime(tzinfo=UTC), (user_id, feature)
-    # Not a comparison of nulls: every known user has values, the unknown one none.
-    assert all(
-        any(value.WhichOneof("val") for value, _ in user_cells) == (user_id != UNKNOWN_USER)
-        for user_id, user_cells in zip(users, cells, strict=True)
-    )
+        assert sorted(sends) == sorted(("127.0.0.1", port) for port in cluster.ports)
+        sdk = feast.get_online_features(
+            features=feast.get_feature_service(FEATURE_SERVICE_NAME), entity_rows={JOIN_KEY: users}
+        ).proto
+        column = {name: i for i, name in enumerate(sdk.metadata.feature_names.val)}
+        assert len(cells) == len(users)
+        for row, (user_id, user_cells) in enumerate(zip(users, cells, strict=True)):
+            assert len(user_cells) == len(layout.schema)
+            for feature, (value, event_time) in zip(layout.schema, user_cells, strict=True):
+                vector = sdk.results[column[feature.name]]
+                assert value.SerializeToString() == vector.values[row].SerializeToString(), (user_id, feature)
+                assert event_time == vector.event_timestamps[row].ToDatetime(tzinfo=UTC), (user_id, feature)
+        # Not a comparison of nulls: every known user has values, the unknown one none.
+        assert all(
+            any(value.WhichOneof("val") for value, _ in user_cells) == (user_id != UNKNOWN_USER)
+            for user_id, user_cells in zip(users, cells, strict=True)
+        )
 
 
 def test_feast_and_the_server_reach_the_cluster_with_the_timeout_and_no_retries(
     cluster_served: ClusterServed,
 ) -> None:
     settings = cluster_served.settings.model_copy(update={"online_store_timeout_s": 0.25})
-    feast = store.open_store(settings)
-    online = feast._get_provider().online_store
-    assert isinstance(online, RedisOnlineStore)
-    feast_client = online._get_client(feast.config.online_store)
-    layout = feature_layout(feast, FEATURE_SERVICE_NAME).store
-    server_client = HashReader(
-        layout.redis_nodes, cluster=layout.redis_cluster, options=dict(layout.redis_options)
-    ).client()
+    with store.opened_store(settings) as feast:
+        online = feast._get_provider().online_store
+        assert isinstance(online, RedisOnlineStore)
+        feast_client = online._get_client(feast.config.online_store)
+        layout = feature_layout(feast, FEATURE_SERVICE_NAME).store
+        server_client = HashReader(
+            layout.redis_nodes, cluster=layout.redis_cluster, options=dict(layout.redis_options)
+        ).client()
 
-    for client in (feast_client, server_client):
-        assert isinstance(client, redis.cluster.RedisCluster)
-        assert client.retry.get_retries() == 0
-        masters = client.get_primaries()
-        assert sorted(int(node.port) for node in masters) == sorted(cluster_served.cluster.ports)
-        for node in masters:
-            kwargs = client.get_redis_connection(node).connection_pool.connection_kwargs
-            assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.25, 0.25)
-            assert kwargs["retry"].get_retries() == 0
+        for client in (feast_client, server_client):
+            assert isinstance(client, redis.cluster.RedisCluster)
+            assert client.retry.get_retries() == 0
+            masters = client.get_primaries()
+            assert sorted(int(node.port) for node in masters) == sorted(cluster_served.cluster.ports)
+            for node in masters:
+                kwargs = client.get_redis_connection(node).connection_pool.connection_kwargs
+                assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.25, 0.25)
+                assert kwargs["retry"].get_retries() == 0
 
 
 def test_served_calls_over_the_cluster_answer_as_over_one_redis(
@@ -283,10 +284,12 @@ def own_cluster(production_stack: ProductionStack, tmp_path: Path) -> Iterator[O
         settings = on_cluster(
             production_stack.settings, cluster, online_store_probe_interval_s=PROBE_INTERVAL_S
         )
-        feast = store.open_store(settings)
-        masters = {user_id: cluster.port_of(redis_key(feast, user_id)) for user_id in demo_users(settings)}
-        with start_server(settings) as running:
-            yield OwnCluster(cluster, running, masters)
+        with store.opened_store(settings) as feast:
+            masters = {
+                user_id: cluster.port_of(redis_key(feast, user_id)) for user_id in demo_users(settings)
+            }
+            with start_server(settings) as running:
+                yield OwnCluster(cluster, running, masters)
 
 
 def test_a_killed_master_makes_reads_unavailable_not_a_crash_or_a_hang(own_cluster: OwnCluster) -> None:

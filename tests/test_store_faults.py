@@ -119,12 +119,12 @@ def redis_client(feast: FeatureStore) -> redis.Redis:
 
 
 def write_corrupt_rows(settings: Settings) -> None:
-    feast = store.open_store(settings)
-    copy_user(feast, WRONG_TYPE, months_active=Value(string_val=WRONG_VALUE))
-    copy_user(feast, GARBLED)
-    garble(feast, GARBLED, USAGE_VIEW, "watch_hours_30d")
-    copy_user(feast, UNDATED)
-    garble(feast, UNDATED, PAYMENTS_VIEW, None)
+    with store.opened_store(settings) as feast:
+        copy_user(feast, WRONG_TYPE, months_active=Value(string_val=WRONG_VALUE))
+        copy_user(feast, GARBLED)
+        garble(feast, GARBLED, USAGE_VIEW, "watch_hours_30d")
+        copy_user(feast, UNDATED)
+        garble(feast, UNDATED, PAYMENTS_VIEW, None)
 
 
 def assert_corrupt_rows_fail_alone(address: str, store_type: str) -> None:
@@ -206,7 +206,8 @@ def redis_served(
     with start_private_redis(tmp_path_factory.mktemp("redis")) as private:
         # The same registry and offline store, materialized into the private Redis.
         settings = production_stack.settings.model_copy(update={"redis_url": private.url})
-        store.open_store(settings).materialize(*store.materialization_window())
+        with store.opened_store(settings) as feast:
+            feast.materialize(*store.materialization_window())
         write_corrupt_rows(settings)
         with start_server(settings) as running:
             yield RedisServed(private, running, settings)
@@ -217,9 +218,10 @@ def test_a_corrupt_redis_row_fails_only_its_user(redis_served: RedisServed) -> N
 
 
 def test_the_production_store_bounds_redis_reads_by_the_setting(redis_served: RedisServed) -> None:
-    feast = store.open_store(redis_served.settings.model_copy(update={"online_store_timeout_s": 0.25}))
-    client = redis_client(feast)
-    kwargs = client.connection_pool.connection_kwargs
+    with store.opened_store(
+        redis_served.settings.model_copy(update={"online_store_timeout_s": 0.25})
+    ) as feast:
+        kwargs = redis_client(feast).connection_pool.connection_kwargs
 
     assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.25, 0.25)
 

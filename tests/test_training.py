@@ -10,6 +10,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from feast.infra.registry.sql import SqlRegistry
+from sqlalchemy.pool import QueuePool
 
 from streamflow.errors import StreamflowError
 from streamflow.feature_repo import store
@@ -149,3 +151,16 @@ def test_postgres_training_set_equals_the_embedded_one(
     assert str(error.value) == (
         "There is no snapshot dated 2024-03-31; the snapshots are dated: 2024-01-31, 2024-02-29."
     )
+
+
+def test_a_step_closes_the_sql_registry_connections_feast_leaves_open(production_settings: Settings) -> None:
+    """Feast's SQL registry pools PostgreSQL connections and has no way to close them: a step (`opened_store`)
+    closes them as it ends, where Feast leaves them open until the garbage collector closes them, each with a
+    ResourceWarning, in a process that goes on (a test run, `score-all` in a notebook)."""
+    with store.opened_store(production_settings) as opened:
+        registry = opened.registry  # made on first use, with its tables: one connection, back in the pool
+        assert isinstance(registry, SqlRegistry)
+        pool = registry.write_engine.pool
+        assert isinstance(pool, QueuePool)
+        assert pool.checkedin() == 1
+    assert pool.checkedin() == 0

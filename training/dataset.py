@@ -25,7 +25,7 @@ from streamflow.feature_repo.definitions import (
     TIMESTAMP_FIELD,
     VIEW_SPECS,
 )
-from streamflow.feature_repo.store import open_store
+from streamflow.feature_repo.store import opened_store
 from streamflow.settings import Profile, Settings
 from streamflow.training.demo_data import snapshot_timestamp, table_path
 from streamflow.training.fingerprint import frame_fingerprint
@@ -141,8 +141,7 @@ def training_set(settings: Settings, as_of: date) -> pd.DataFrame:
 
     compute = Compute(settings.compute)
     log.info("point-in-time join of %d users at %s through Feast (%s)", len(entities), as_of, compute)
-    with ray_session(compute):
-        store = open_store(settings, compute)
+    with ray_session(compute), opened_store(settings, compute) as store:
         # The label rides along in the entity frame: Feast returns the entity frame's columns untouched.
         frame = store.get_historical_features(
             entity_df=entities, features=store.get_feature_service(FEATURE_SERVICE_NAME)
