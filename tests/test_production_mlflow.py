@@ -15,12 +15,16 @@ from typing import Any
 
 import psutil
 import pytest
+from feast.infra.registry.sql import SqlRegistry
+from sqlalchemy.pool import QueuePool
 
 from streamflow import mlflow_server, postgres
 from streamflow.errors import StreamflowError
 from streamflow.feature_repo.definitions import FEATURE_SERVICE_NAME
+from streamflow.server.model_watcher import ModelWatcher
 from streamflow.settings import Settings
 from streamflow.training.bootstrap import bootstrap
+from tests.fixtures.metrics import eventually
 from tests.fixtures.production import MlflowService, ProductionStack, free_port
 
 pytestmark = pytest.mark.production
@@ -142,3 +146,20 @@ def test_an_unreachable_backend_database_is_one_clear_error(tmp_path: Path) -> N
     )
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow-server" / "server.pid").exists()
+
+
+def test_a_stopped_watcher_leaves_no_registry_connection_open(production_stack: ProductionStack) -> None:
+    """The watcher's Feast store lives as long as the watcher; stopping it closes the SQL registry's pooled
+    connections, which Feast would leave to the garbage collector (`close_store`)."""
+    watcher = ModelWatcher(production_stack.settings)
+    watcher.start()
+    try:
+        eventually(lambda: watcher.current is not None, "the watcher loads the Production model")
+        registry = watcher._feature_store().registry  # the one it resolved the model's FeatureService with
+        assert isinstance(registry, SqlRegistry)
+        pool = registry.write_engine.pool
+        assert isinstance(pool, QueuePool)
+        assert pool.checkedin() >= 1
+    finally:
+        watcher.stop()
+    assert pool.checkedin() == 0
