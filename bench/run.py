@@ -141,13 +141,13 @@ def measure_service(
     rounds: int,
     what: str = "Predict",
     metrics_port: int | None = None,
-    method: str = "Predict",
 ) -> Column:
     """Drive one running service with h2load, `rounds` runs of each load, and keep each figure's median (a
     shared machine's speed drifts within minutes); memory is read after each run and the largest kept. With
-    the `metrics_port` of a StreamFlow server, the mean time `method`'s calls spent inside it at concurrency 1
-    and 32 is read from its histograms (bench/inside.py)."""
+    the `metrics_port` of a StreamFlow server, the mean time the calls of `predict`'s method spent inside it
+    at concurrency 1 and 32 is read from its histograms (bench/inside.py)."""
     column = Column(service.name)
+    method = predict.url.rsplit("/", 1)[-1]  # the gRPC method's name, as the histograms label it
 
     def measured(endpoint: h2load.Endpoint, concurrency: int) -> list[h2load.LoadResult]:
         results = []
@@ -162,10 +162,10 @@ def measure_service(
 
     for concurrency in (1, 8, 32):
         print(f"  {service.name}: {what} at concurrency {concurrency}", flush=True)
-        before = inside.read(metrics_port) if metrics_port else {}
+        before = inside.read(metrics_port) if metrics_port and concurrency in (1, 32) else None
         results = measured(predict, concurrency)
         column.values[f"rps{concurrency}"] = median(r.throughput for r in results)
-        if metrics_port and concurrency in (1, 32):
+        if before is not None and metrics_port:
             after = inside.read(metrics_port)
             handler_ms = inside.mean_ms(before, after, inside.HANDLING, method)
             if handler_ms is not None:
@@ -251,9 +251,7 @@ def bench_streamflow(
             h2load.grpc_frame(health_pb2.HealthCheckRequest().SerializeToString()),
             h2load.GRPC_HEADERS,
         )
-        bare = measure_service(
-            service, check, {}, duration, rounds, "health Check", metrics_port, method="Check"
-        )
+        bare = measure_service(service, check, {}, duration, rounds, "health Check", metrics_port)
         bare.name = "bare call (health Check, same server)"
         for key in ("rss_total", "rss_worker"):  # the same processes: their memory is StreamFlow's column
             bare.values.pop(key)
